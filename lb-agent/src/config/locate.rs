@@ -1,0 +1,125 @@
+//! Positions of YAML nodes by path (`listeners[0].port`), so validation that runs after serde
+//! can still point at the offending line and column. Paths use serde_yaml's spelling.
+
+use std::collections::HashMap;
+
+use yaml_rust2::{
+    parser::{Event, MarkedEventReceiver, Parser},
+    scanner::Marker,
+};
+
+/// 1-based line and column of a node's first character.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Positions(HashMap<String, Position>);
+
+impl Positions {
+    /// Indexes every node of `text`. A document that does not parse yields an empty index
+    /// (serde_yaml reports the syntax error with its own position first).
+    pub fn index(text: &str) -> Self {
+        let mut builder = Builder::default();
+        let mut parser = Parser::new_from_str(text);
+        if parser.load(&mut builder, false).is_err() {
+            return Self::default();
+        }
+        Self(builder.positions)
+    }
+
+    /// The position of `path`, or of its nearest indexed ancestor, or 1:1.
+    pub fn of(&self, path: &str) -> Position {
+        let mut p = path;
+        loop {
+            if let Some(pos) = self.0.get(p) {
+                return *pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => return Position { line: 1, column: 1 },
+            }
+        }
+    }
+}
+
+enum Frame {
+    /// A mapping: the path of the mapping, and the key whose value comes next (None: a key).
+    Map {
+        path: String,
+        key: Option<String>,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
+}
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    positions: HashMap<String, Position>,
+}
+
+impl Builder {
+    /// The path of the node that starts now, or None when the event is a mapping key.
+    fn next_path(&mut self) -> Option<String> {
+        match self.stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Seq { path, next }) => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                Some(p)
+            }
+            Some(Frame::Map { path, key }) => key.take().map(|k| {
+                if path.is_empty() {
+                    k
+                } else {
+                    format!("{path}.{k}")
+                }
+            }),
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        // yaml-rust2 markers: 1-based line, 0-based column.
+        let pos = Position {
+            line: mark.line(),
+            column: mark.col() + 1,
+        };
+        match ev {
+            Event::Scalar(value, ..) => match self.next_path() {
+                Some(path) => {
+                    self.positions.insert(path, pos);
+                }
+                None => {
+                    if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
+                        *key = Some(value);
+                    }
+                }
+            },
+            Event::Alias(_) => {
+                if let Some(path) = self.next_path() {
+                    self.positions.insert(path, pos);
+                }
+            }
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                // A complex key (rare) gets no path of its own; its contents are skipped.
+                let path = self.next_path().unwrap_or_else(|| "?".into());
+                self.positions.entry(path.clone()).or_insert(pos);
+                self.stack.push(match ev {
+                    Event::SequenceStart(..) => Frame::Seq { path, next: 0 },
+                    _ => Frame::Map { path, key: None },
+                });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,241 @@
+use super::*;
+
+const EXAMPLE: &str = "\
+agent:
+  interfaces: [lb-ext, lb-int]     # XDP attaches to each (one-arm: a single interface)
+  xdp_mode: auto                   # native | generic | auto (native, falling back to generic)
+snat:                              # FullNAT local addresses: the source the backends see
+  addresses: [10.91.2.1]
+  ports: 20000-60000
+listeners:
+  - name: web
+    protocol: tcp
+    vip: 10.91.0.100
+    port: 80
+    pool: web
+pools:
+  - name: web
+    backends:
+      - { address: 10.91.2.11, port: 8080, weight: 1 }
+      - { address: 10.91.2.12, port: 8080, weight: 1 }
+";
+
+fn host() -> Host {
+    Host {
+        addresses: Some(vec![
+            "10.91.2.1".parse().unwrap(),
+            "fd00:91:2::1".parse().unwrap(),
+        ]),
+        interfaces: Some(vec!["lo".into(), "lb-ext".into(), "lb-int".into()]),
+    }
+}
+
+fn err(text: &str) -> String {
+    parse("lb.yaml", text, &host()).unwrap_err().to_string()
+}
+
+#[test]
+fn the_issue_example_parses() {
+    let c = parse("lb.yaml", EXAMPLE, &host()).unwrap();
+    assert_eq!(c.agent.interfaces, ["lb-ext", "lb-int"]);
+    assert_eq!(c.agent.xdp_mode, XdpMode::Auto);
+    let snat = c.snat.unwrap();
+    assert_eq!(
+        snat.ports,
+        PortRange {
+            min: 20000,
+            max: 60000
+        }
+    );
+    assert_eq!(c.listeners[0].port, Port(80));
+    assert_eq!(c.listeners[0].protocol, Protocol::Tcp);
+    assert_eq!(
+        c.pools[0].backends[1].address,
+        "10.91.2.12".parse::<IpAddr>().unwrap()
+    );
+}
+
+#[test]
+fn defaults_apply_when_fields_are_left_out() {
+    let text = EXAMPLE
+        .replace("  xdp_mode: auto                   # native | generic | auto (native, falling back to generic)\n", "")
+        .replace("  ports: 20000-60000\n", "")
+        .replace(", weight: 1 }", " }");
+    let c = parse("lb.yaml", &text, &host()).unwrap();
+    assert_eq!(c.agent.xdp_mode, XdpMode::Auto);
+    assert_eq!(c.snat.unwrap().ports, PortRange::default());
+    assert!(c.pools[0].backends.iter().all(|b| b.weight == 1));
+}
+
+#[test]
+fn an_out_of_range_port_names_file_line_column_and_path() {
+    let text = EXAMPLE.replace("    port: 80\n", "    port: 65536\n");
+    assert_eq!(
+        err(&text),
+        "lb.yaml:11:11: listeners[0].port: 65536 is not a valid port"
+    );
+    let text = EXAMPLE.replace("    port: 80\n", "    port: 0\n");
+    assert_eq!(
+        err(&text),
+        "lb.yaml:11:11: listeners[0].port: 0 is not a valid port"
+    );
+}
+
+#[test]
+fn unknown_fields_are_errors() {
+    let text = EXAMPLE.replace("    pool: web\n", "    pool: web\n    colour: blue\n");
+    let e = err(&text);
+    assert!(
+        e.starts_with("lb.yaml:13:13: listeners[0].colour: unknown field `colour`"),
+        "{e}"
+    );
+    let text = EXAMPLE.replace("agent:\n", "agnet: {}\nagent:\n");
+    assert!(
+        err(&text).contains("unknown field `agnet`"),
+        "{}",
+        err(&text)
+    );
+}
+
+#[test]
+fn duplicate_listener_names_are_errors() {
+    let text = EXAMPLE.replace(
+        "pools:\n",
+        "  - { name: web, protocol: tcp, vip: 10.91.0.101, port: 80, pool: web }\npools:\n",
+    );
+    assert_eq!(
+        err(&text),
+        "lb.yaml:13:13: listeners[1].name: duplicate listener name `web` (also listeners[0])"
+    );
+}
+
+#[test]
+fn duplicate_vip_port_protocol_triples_are_errors() {
+    let text = EXAMPLE.replace(
+        "pools:\n",
+        "  - { name: web2, protocol: tcp, vip: 10.91.0.100, port: 80, pool: web }\npools:\n",
+    );
+    assert_eq!(
+        err(&text),
+        "lb.yaml:13:58: listeners[1].port: 10.91.0.100:80/tcp is already used by listener `web`"
+    );
+    // The same VIP and port over UDP is a different listener.
+    let text = EXAMPLE.replace(
+        "pools:\n",
+        "  - { name: dns, protocol: udp, vip: 10.91.0.100, port: 80, pool: web }\npools:\n",
+    );
+    parse("lb.yaml", &text, &host()).unwrap();
+}
+
+#[test]
+fn a_listener_naming_a_missing_pool_is_an_error() {
+    let text = EXAMPLE.replace("    pool: web\n", "    pool: api\n");
+    assert_eq!(
+        err(&text),
+        "lb.yaml:12:11: listeners[0].pool: pool `api` does not exist"
+    );
+}
+
+#[test]
+fn a_backend_without_an_address_is_an_error() {
+    let text = EXAMPLE.replace("{ address: 10.91.2.12, port: 8080", "{ port: 8080");
+    let e = err(&text);
+    assert!(
+        e.starts_with("lb.yaml:17:9: pools[0].backends[1]: missing field `address`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_pool_without_backends_is_an_error() {
+    let text = format!("{}  - name: empty\n    backends: []\n", EXAMPLE);
+    assert_eq!(
+        err(&text),
+        "lb.yaml:19:15: pools[1].backends: pool `empty` has no backends"
+    );
+}
+
+#[test]
+fn a_snat_address_not_on_this_host_is_an_error() {
+    let text = EXAMPLE.replace(
+        "addresses: [10.91.2.1]",
+        "addresses: [10.91.2.1, 10.91.2.9]",
+    );
+    assert_eq!(
+        err(&text),
+        "lb.yaml:5:26: snat.addresses[1]: 10.91.2.9 is not an address of this host"
+    );
+}
+
+#[test]
+fn a_missing_interface_is_an_error() {
+    let text = EXAMPLE.replace("[lb-ext, lb-int]", "[lb-ext, eth9]");
+    assert_eq!(
+        err(&text),
+        "lb.yaml:2:24: agent.interfaces[1]: interface `eth9` does not exist on this host"
+    );
+}
+
+#[test]
+fn bad_values_are_errors_with_positions() {
+    let e = err(&EXAMPLE.replace("ports: 20000-60000", "ports: 60000-20000"));
+    assert_eq!(
+        e,
+        "lb.yaml:6:10: snat.ports: port range 60000-20000 is empty (MIN is above MAX)"
+    );
+    let e = err(&EXAMPLE.replace("ports: 20000-60000", "ports: lots"));
+    assert!(
+        e.starts_with("lb.yaml:6:10: snat.ports: `lots` is not a port range"),
+        "{e}"
+    );
+    let e = err(&EXAMPLE.replace("vip: 10.91.0.100", "vip: 10.91.0.300"));
+    assert!(
+        e.starts_with("lb.yaml:10:10: listeners[0].vip: invalid IP address syntax"),
+        "{e}"
+    );
+    let e = err(&EXAMPLE.replace("protocol: tcp", "protocol: sctp"));
+    assert!(
+        e.starts_with("lb.yaml:9:15: listeners[0].protocol: unknown variant `sctp`"),
+        "{e}"
+    );
+    let e = err(&EXAMPLE.replace("xdp_mode: auto", "xdp_mode: turbo"));
+    assert!(
+        e.starts_with("lb.yaml:3:13: agent.xdp_mode: unknown variant `turbo`"),
+        "{e}"
+    );
+    let e = err(&EXAMPLE.replace(
+        "port: 8080, weight: 1 }\n      - {",
+        "port: 8080, weight: -1 }\n      - {",
+    ));
+    assert!(
+        e.starts_with("lb.yaml:16:52: pools[0].backends[0].weight: weight -1 is out of range"),
+        "{e}"
+    );
+}
+
+#[test]
+fn families_must_match_between_listener_backends_and_snat() {
+    let text = EXAMPLE.replace("10.91.2.12, port", "fd00:91:2::12, port");
+    assert_eq!(
+        err(&text),
+        "lb.yaml:17:20: pools[0].backends[1].address: IPv6 backend fd00:91:2::12 cannot serve IPv4 \
+         listener `web` (no 6-to-4 translation at L4)"
+    );
+    let text = EXAMPLE
+        .replace("vip: 10.91.0.100", "vip: fd00:91::100")
+        .replace("10.91.2.11", "fd00:91:2::11")
+        .replace("10.91.2.12", "fd00:91:2::12");
+    assert_eq!(
+        err(&text),
+        "lb.yaml:5:14: snat.addresses: IPv6 listener `web` needs an IPv6 SNAT address"
+    );
+}
+
+#[test]
+fn syntax_errors_and_empty_files_are_reported_with_a_position() {
+    let e = err("agent: [unclosed\n");
+    assert!(e.starts_with("lb.yaml:"), "{e}");
+    assert!(!e.contains(" at line "), "{e}");
+    let e = err("");
+    assert!(e.starts_with("lb.yaml:1:1: "), "{e}");
+}

@@ -1,0 +1,248 @@
+//! The loaded XDP program and typed handles to its maps.
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{xdp::XdpLinkId, ProgramError, Xdp, XdpMode},
+    Ebpf, EbpfError,
+};
+use lb_common::{
+    counters::{Counter, ListenerStats},
+    flow::AddrBe,
+    maps::{self, ring_base},
+    Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
+};
+use tracing::{info, warn};
+
+use crate::{config, plan::Plan};
+
+/// The object `build.rs` produced (empty when built with `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("this lb-agent was built without its XDP program (AYA_BUILD_SKIP)")]
+    NotBuilt,
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("the XDP object has no {0}")]
+    Missing(&'static str),
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("attaching XDP to {iface} in {mode} mode: {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    backends: Array<MapData, Backend>,
+    ring: Array<MapData, u32>,
+    snat_addrs: Array<MapData, AddrBe>,
+    global: Array<MapData, GlobalConfig>,
+    counters: PerCpuArray<MapData, u64>,
+    listener_stats: PerCpuArray<MapData, ListenerStats>,
+    conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    links: Vec<(String, XdpLinkId)>,
+}
+
+/// Per-listener totals over all CPUs.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub counters: Vec<(Counter, u64)>,
+    pub listeners: Vec<ListenerStats>,
+}
+
+impl Dataplane {
+    /// Loads the embedded object into the kernel (maps created, program verified, nothing
+    /// attached yet).
+    pub fn load() -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NotBuilt);
+        }
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROG_LB)
+            .ok_or(DataplaneError::Missing(maps::PROG_LB))?
+            .try_into()?;
+        prog.load()?;
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
+        let vips = HashMap::try_from(take(maps::VIPS)?).map_err(map_err(maps::VIPS))?;
+        let backends = Array::try_from(take(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
+        let ring = Array::try_from(take(maps::RING)?).map_err(map_err(maps::RING))?;
+        let snat_addrs =
+            Array::try_from(take(maps::SNAT_ADDRS)?).map_err(map_err(maps::SNAT_ADDRS))?;
+        let global = Array::try_from(take(maps::GLOBAL)?).map_err(map_err(maps::GLOBAL))?;
+        let counters =
+            PerCpuArray::try_from(take(maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
+        let listener_stats = PerCpuArray::try_from(take(maps::LISTENER_STATS)?)
+            .map_err(map_err(maps::LISTENER_STATS))?;
+        let conntrack =
+            HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
+        Ok(Self {
+            ebpf,
+            vips,
+            backends,
+            ring,
+            snat_addrs,
+            global,
+            counters,
+            listener_stats,
+            conntrack,
+            links: Vec::new(),
+        })
+    }
+
+    /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self) -> &mut Xdp {
+        // Checked to exist and be XDP in `load`.
+        self.ebpf
+            .program_mut(maps::PROG_LB)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .expect("lb_xdp was loaded as an XDP program")
+    }
+
+    /// Attaches to `iface`; `auto` tries native (driver) mode and falls back to generic.
+    /// Returns the mode used.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: config::XdpMode,
+    ) -> Result<&'static str, DataplaneError> {
+        let tries: &[(XdpMode, &'static str)] = match mode {
+            config::XdpMode::Native => &[(XdpMode::Driver, "native")],
+            config::XdpMode::Generic => &[(XdpMode::Skb, "generic")],
+            config::XdpMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        };
+        let mut last = None;
+        for &(flags, name) in tries {
+            match self.program().attach(iface, flags) {
+                Ok(link) => {
+                    info!(iface, mode = name, "XDP attached");
+                    self.links.push((iface.to_string(), link));
+                    return Ok(name);
+                }
+                Err(e) => {
+                    if tries.len() > 1 {
+                        warn!(iface, mode = name, error = %e, "XDP attach failed, trying the next mode");
+                    }
+                    last = Some(DataplaneError::Attach {
+                        iface: iface.into(),
+                        mode: name,
+                        source: e,
+                    });
+                }
+            }
+        }
+        Err(last.expect("at least one mode was tried"))
+    }
+
+    /// Detaches from every interface (also done when the dataplane is dropped).
+    pub fn detach_all(&mut self) {
+        for (iface, link) in std::mem::take(&mut self.links) {
+            match self.program().detach(link) {
+                Ok(()) => info!(iface, "XDP detached"),
+                Err(e) => warn!(iface, error = %e, "XDP detach failed"),
+            }
+        }
+    }
+
+    /// Writes `plan` into the maps. Each listener's Maglev table goes into the half of its
+    /// double buffer that packets are not reading, then the VIP entry flips to it.
+    pub fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        for (i, a) in plan.snat_addrs.iter().enumerate() {
+            self.snat_addrs
+                .set(i as u32, a, 0)
+                .map_err(map_err(maps::SNAT_ADDRS))?;
+        }
+        self.global
+            .set(0, plan.global, 0)
+            .map_err(map_err(maps::GLOBAL))?;
+        for (id, b) in plan.backends.iter().enumerate() {
+            self.backends
+                .set(id as u32, b.slot, 0)
+                .map_err(map_err(maps::BACKENDS))?;
+        }
+        for (id, l) in plan.listeners.iter().enumerate() {
+            let id = id as u32;
+            let half = match self.vips.get(&l.key, 0) {
+                Ok(old) if old.listener_id == id => old.ring_half ^ 1,
+                _ => 0,
+            };
+            // Slots past ring_size are never read, so a shrinking table needs no clearing.
+            let base = ring_base(id, half);
+            for (slot, backend) in l.ring.iter().enumerate() {
+                self.ring
+                    .set(base + slot as u32, backend, 0)
+                    .map_err(map_err(maps::RING))?;
+            }
+            let meta = VipMeta {
+                listener_id: id,
+                ring_size: l.ring.len() as u32,
+                ring_half: half,
+                flags: 0,
+            };
+            self.vips
+                .insert(l.key, meta, 0)
+                .map_err(map_err(maps::VIPS))?;
+        }
+        let stale: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !plan.listeners.iter().any(|l| l.key == *k))
+            .collect();
+        for k in stale {
+            self.vips.remove(&k).map_err(map_err(maps::VIPS))?;
+        }
+        Ok(())
+    }
+
+    /// Counter totals over all CPUs.
+    pub fn snapshot(&self, listeners: usize) -> Result<Snapshot, DataplaneError> {
+        let mut s = Snapshot::default();
+        for c in Counter::ALL {
+            let v = self
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(map_err(maps::COUNTERS))?;
+            s.counters.push((c, v.iter().sum()));
+        }
+        for id in 0..listeners as u32 {
+            let v = self
+                .listener_stats
+                .get(&id, 0)
+                .map_err(map_err(maps::LISTENER_STATS))?;
+            let mut total = ListenerStats::default();
+            v.iter().for_each(|x| total.add(x));
+            s.listeners.push(total);
+        }
+        Ok(s)
+    }
+
+    /// Conntrack entries (both directions), for tests and diagnostics.
+    pub fn conntrack_entries(&self) -> Vec<(FlowKey, ConnEntry)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}

@@ -1,0 +1,8 @@
+//! lb-agent: loads the XDP FullNAT program, turns a YAML topology into its map contents and
+//! keeps them there.
+pub mod config;
+pub mod dataplane;
+pub mod maglev;
+pub mod netif;
+pub mod plan;
+pub mod stats;

@@ -1,0 +1,97 @@
+//! `lb-agent run | check`: the command line. Everything else lives in the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lb_agent::{config, dataplane::Dataplane, netif, plan, stats};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(version, about = "XDP L4 FullNAT load balancer agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the XDP program, fill its maps from the config and run until SIGINT/SIGTERM, then
+    /// detach and clean up.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file (syntax, fields, cross-references, addresses of this host).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { config } => config::load(&config)
+            .map(|_| {
+                println!("{}: ok", config.display());
+            })
+            .map_err(anyhow::Error::from),
+        Command::Run { config } => run(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Config errors are one line already (file:line:column: path: message).
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = config::load(&path)?;
+    let plan = plan::build(&cfg);
+    let mut dp = Dataplane::load().context("loading the XDP program")?;
+    dp.apply(&plan).context("filling the maps")?;
+    for iface in &cfg.agent.interfaces {
+        netif::prepare_interface(iface).with_context(|| format!("preparing {iface}"))?;
+    }
+    if let Some(snat) = &cfg.snat {
+        netif::reserve_ports(snat.ports).context("reserving the SNAT port range")?;
+    }
+    let local = config::Host::current()?.addresses.unwrap_or_default();
+    let vips: Vec<_> = cfg.listeners.iter().map(|l| l.vip).collect();
+    let _vips = netif::VipAddresses::add(&vips, &local, &cfg.agent.interfaces[0])?;
+    for iface in &cfg.agent.interfaces {
+        dp.attach(iface, cfg.agent.xdp_mode)?;
+    }
+    info!(config = %path.display(), listeners = plan.listeners.len(), backends = plan.backends.len(), "running");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = int.recv() => info!("SIGINT"),
+        }
+        anyhow::Ok(())
+    })?;
+
+    dp.detach_all();
+    match dp.snapshot(plan.listeners.len()) {
+        Ok(s) => print!("{}", stats::render(&s, &plan)),
+        Err(e) => error!(error = %e, "reading counters"),
+    }
+    Ok(())
+}

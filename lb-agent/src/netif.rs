@@ -1,0 +1,144 @@
+//! Host network settings the fast path relies on.
+//!
+//! - Forwarding on every XDP interface: `bpf_fib_lookup` refuses to route for a device with
+//!   forwarding off, and packets whose next hop is unresolved are handed to the kernel's own
+//!   forwarding (which resolves it).
+//! - `accept_local` and no reverse-path filter on those interfaces: those handed-over packets
+//!   carry a local source (the SNAT address or the VIP).
+//! - VIPs as local addresses (IPv4 on `lo`, IPv6 on the first XDP interface, since the kernel
+//!   only answers neighbour solicitations for addresses on the receiving interface), so the LB
+//!   answers ARP/ND for them. Only addresses this agent added are removed again.
+//! - The SNAT port range in `ip_local_reserved_ports`, so the kernel never hands one of those
+//!   ports to a local socket (health probes, the L7 proxy) on the same address.
+
+use std::{net::IpAddr, path::Path, process::Command};
+
+use tracing::{info, warn};
+
+use crate::config::PortRange;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetifError {
+    #[error("writing {path}: {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`ip {args}` failed: {stderr}")]
+    Ip { args: String, stderr: String },
+    #[error("running `ip`: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), NetifError> {
+    std::fs::write(path, value).map_err(|source| NetifError::Sysctl {
+        path: path.into(),
+        source,
+    })
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Enables forwarding and accept_local and disables rp_filter on `iface`.
+pub fn prepare_interface(iface: &str) -> Result<(), NetifError> {
+    let v4 = format!("/proc/sys/net/ipv4/conf/{iface}");
+    write_sysctl(&format!("{v4}/forwarding"), "1")?;
+    write_sysctl(&format!("{v4}/accept_local"), "1")?;
+    write_sysctl(&format!("{v4}/rp_filter"), "0")?;
+    let v6 = format!("/proc/sys/net/ipv6/conf/{iface}/forwarding");
+    if Path::new(&v6).exists() {
+        write_sysctl(&v6, "1")?;
+    }
+    // The effective rp_filter is the larger of `all` and the interface's own.
+    if read_sysctl("/proc/sys/net/ipv4/conf/all/rp_filter")
+        .as_deref()
+        .is_some_and(|v| v != "0")
+    {
+        warn!(
+            iface,
+            "net.ipv4.conf.all.rp_filter is on: replies handed to the kernel may be dropped"
+        );
+    }
+    Ok(())
+}
+
+/// Adds `range` to `net.ipv4.ip_local_reserved_ports` (which also covers IPv6 sockets).
+pub fn reserve_ports(range: PortRange) -> Result<(), NetifError> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let current = read_sysctl(PATH).unwrap_or_default();
+    let entry = range.to_string();
+    if current.split(',').any(|r| r == entry) {
+        return Ok(());
+    }
+    let value = if current.is_empty() {
+        entry
+    } else {
+        format!("{current},{entry}")
+    };
+    write_sysctl(PATH, &value)
+}
+
+fn ip(args: &[&str]) -> Result<(), NetifError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(NetifError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetifError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// VIP addresses this agent added; removed again on drop.
+#[derive(Debug, Default)]
+pub struct VipAddresses {
+    added: Vec<(String, String)>,
+}
+
+impl VipAddresses {
+    /// Makes every VIP a local address unless it already is one.
+    pub fn add(vips: &[IpAddr], local: &[IpAddr], v6_iface: &str) -> Result<Self, NetifError> {
+        let mut this = Self::default();
+        for vip in vips {
+            if local.contains(vip)
+                || this
+                    .added
+                    .iter()
+                    .any(|(a, _)| a.starts_with(&format!("{vip}/")))
+            {
+                continue;
+            }
+            let (cidr, dev) = match vip {
+                IpAddr::V4(_) => (format!("{vip}/32"), "lo".to_string()),
+                IpAddr::V6(_) => (format!("{vip}/128"), v6_iface.to_string()),
+            };
+            let mut args = vec!["addr", "add", &cidr, "dev", &dev];
+            if vip.is_ipv6() {
+                args.push("nodad");
+            }
+            ip(&args)?;
+            info!(%vip, dev, "VIP address added");
+            this.added.push((cidr, dev));
+        }
+        Ok(this)
+    }
+}
+
+impl Drop for VipAddresses {
+    fn drop(&mut self) {
+        for (cidr, dev) in self.added.drain(..) {
+            if let Err(e) = ip(&["addr", "del", &cidr, "dev", &dev]) {
+                warn!(error = %e, "removing VIP address");
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Human-readable counter tables.
+
+use std::fmt::Write as _;
+
+use crate::{dataplane::Snapshot, plan::Plan};
+
+/// The global counters, then one line per listener.
+pub fn render(s: &Snapshot, plan: &Plan) -> String {
+    let mut out = String::from("counters:\n");
+    for (c, v) in &s.counters {
+        let _ = writeln!(out, "  {:<22} {v}", c.name());
+    }
+    let _ = writeln!(
+        out,
+        "listeners:\n  {:<16} {:>10} {:>12} {:>10} {:>12} {:>10}",
+        "name", "pkts_in", "bytes_in", "pkts_out", "bytes_out", "new_flows"
+    );
+    for (l, st) in plan.listeners.iter().zip(&s.listeners) {
+        let _ = writeln!(
+            out,
+            "  {:<16} {:>10} {:>12} {:>10} {:>12} {:>10}",
+            l.name, st.packets_in, st.bytes_in, st.packets_out, st.bytes_out, st.new_flows
+        );
+    }
+    out
+}

@@ -1,0 +1,89 @@
+//! Flow, VIP and backend keys/values.
+
+/// Address family tags used in keys (not `AF_*`, which differ between ABIs).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A 16-byte address in network byte order; IPv4 uses word 0 only.
+pub type AddrBe = [u32; 4];
+
+/// The 5-tuple of a packet as it arrives. Key of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_be: AddrBe,
+    pub dst_be: AddrBe,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// VIP:port:protocol. Key of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr_be: AddrBe,
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// What the datapath needs to know about one L4 listener. Value of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into the per-listener counters and the Maglev ring slices.
+    pub listener_id: u32,
+    /// Length of the live Maglev table (a prime); 0 means no backend can take new flows.
+    pub ring_size: u32,
+    /// Which of the listener's two ring slices is live (0 or 1): the agent fills the other one
+    /// and then flips this, so a packet never sees a half-written table.
+    pub ring_half: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
+
+/// One backend, by global id. Value of `BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr_be: AddrBe,
+    pub port_be: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+
+/// Datapath-wide settings. The single element of `GLOBAL`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// SNAT (local) addresses live in `SNAT_ADDRS[v4_start..v4_start + v4_count]` and likewise
+    /// for IPv6.
+    pub snat_v4_start: u32,
+    pub snat_v4_count: u32,
+    pub snat_v6_start: u32,
+    pub snat_v6_count: u32,
+    /// Inclusive SNAT source-port range, host byte order.
+    pub port_min: u16,
+    pub port_max: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::GlobalConfig {}
+}

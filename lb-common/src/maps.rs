@@ -1,0 +1,32 @@
+//! Map names and capacities. The eBPF statics are named exactly like these constants (the
+//! `#[map]` macro only takes literals), and the agent always looks maps up through them.
+
+pub const VIPS: &str = "VIPS";
+pub const BACKENDS: &str = "BACKENDS";
+pub const RING: &str = "RING";
+pub const CONNTRACK: &str = "CONNTRACK";
+pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
+pub const GLOBAL: &str = "GLOBAL";
+pub const COUNTERS: &str = "COUNTERS";
+pub const LISTENER_STATS: &str = "LISTENER_STATS";
+
+/// The XDP program's name in the object.
+pub const PROG_LB: &str = "lb_xdp";
+
+pub const MAX_LISTENERS: u32 = 32;
+pub const MAX_BACKENDS: u32 = 4096;
+pub const MAX_SNAT_ADDRS: u32 = 64;
+/// Largest Maglev table per listener (a prime); each listener owns two slices of this size.
+pub const MAX_RING: u32 = 65537;
+pub const RING_ENTRIES: u32 = MAX_LISTENERS * 2 * MAX_RING;
+/// Two entries per flow.
+pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
+
+/// `RING` value for a slot with no backend.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// First index of a listener's ring slice.
+#[inline(always)]
+pub const fn ring_base(listener_id: u32, half: u32) -> u32 {
+    (listener_id * 2 + (half & 1)) * MAX_RING
+}

@@ -1,0 +1,65 @@
+//! XDP L4 FullNAT fast path.
+//!
+//! Pipeline (each stage returns `Result<_, Verdict>`, `Err` being an early verdict):
+//! `parse` → `conntrack` lookup (either direction) → on a miss, `sched` (VIP lookup, Maglev
+//! pick) and `conntrack::create` (SNAT port, both entries) → `nat` rewrite → `fwd` (FIB lookup,
+//! MACs, XDP_TX or redirect). Every verdict is counted by reason in `stats`; nothing is logged.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod fwd;
+mod maps;
+mod nat;
+mod parse;
+mod sched;
+mod stats;
+mod verdict;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use lb_common::{conn::DIR_ORIGINAL, counters::Counter, flow::PROTO_TCP};
+use verdict::Verdict;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let v = match pipeline(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count(Counter::RxPackets);
+    stats::count(v.reason);
+    v.action
+}
+
+#[inline(always)]
+fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let pkt = parse::packet(ctx)?;
+    let entry = match conntrack::lookup(&pkt.flow) {
+        Some(entry) => conntrack::touch(entry, &pkt),
+        None => {
+            let vip = sched::vip_lookup(&pkt.flow)?;
+            if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {
+                // Mid-stream packet for a flow we do not know (expired, or forged): never send it
+                // to a backend that has no such connection.
+                return Err(Verdict::drop(Counter::DropNoConntrack));
+            }
+            let backend_id = sched::pick_backend(vip, &pkt.flow)?;
+            let entry = conntrack::create(&pkt, vip.listener_id, backend_id)?;
+            stats::new_flow(vip.listener_id);
+            entry
+        }
+    };
+    nat::rewrite(ctx, &pkt, &entry)?;
+    stats::listener_bytes(entry.listener_id, entry.dir == DIR_ORIGINAL, pkt.len);
+    fwd::forward(ctx, &pkt, &entry)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: nothing here can panic, and the verifier rejects loops.
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,41 @@
+//! Map definitions. Statics are named exactly like the `lb_common::maps` constants the agent
+//! uses to find them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    counters::{ListenerStats, COUNTER_COUNT},
+    flow::AddrBe,
+    maps::{CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_LISTENERS, MAX_SNAT_ADDRS, RING_ENTRIES},
+    Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
+};
+
+#[map]
+pub static VIPS: aya_ebpf::maps::HashMap<VipKey, VipMeta> =
+    aya_ebpf::maps::HashMap::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static RING: Array<u32> = Array::with_max_entries(RING_ENTRIES, 0);
+
+/// Shared (not per-CPU): a reply may arrive on another CPU than the request.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
+
+#[map]
+pub static SNAT_ADDRS: Array<AddrBe> = Array::with_max_entries(MAX_SNAT_ADDRS, 0);
+
+#[map]
+pub static GLOBAL: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map]
+pub static LISTENER_STATS: PerCpuArray<ListenerStats> =
+    PerCpuArray::with_max_entries(MAX_LISTENERS, 0);

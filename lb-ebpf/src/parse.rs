@@ -1,0 +1,179 @@
+//! Header parsing: the only place that computes packet offsets.
+//!
+//! Rules (each counted): non-IP frames, and IP packets carrying anything but TCP or UDP (IPv6
+//! extension headers included), pass to the kernel untouched; IPv4 fragments pass
+//! (`PassFragment`; the kernel reassembles them); IP or L4 headers that are truncated or
+//! inconsistent (version, IHL < 5, total length beyond the frame, TCP data offset < 5) are
+//! dropped as `DropMalformed`: the kernel would drop them too. IPv4 options are honoured
+//! through IHL.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    counters::Counter,
+    flow::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+    FlowKey,
+};
+
+use crate::verdict::Verdict;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto_be: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len_be: u16,
+    pub id_be: u16,
+    pub frag_off_be: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub ver_tc_flow: u32,
+    pub payload_len_be: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub saddr_be: [u32; 4],
+    pub daddr_be: [u32; 4],
+}
+
+/// Ports sit at the same offsets in TCP and UDP.
+#[repr(C)]
+pub struct Ports {
+    pub src_be: u16,
+    pub dst_be: u16,
+}
+
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+/// Offset of the checksum field inside the L4 header.
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+
+pub struct Packet {
+    pub flow: FlowKey,
+    pub l3_off: usize,
+    pub l4_off: usize,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// Frame length, for byte counters.
+    pub len: u64,
+    /// IP total length (header included), host order, for the FIB's MTU check.
+    pub ip_len: u16,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) == TCP_FLAG_SYN
+    }
+}
+
+/// Bounds-checked pointer into the frame. The check against `data_end` is what the verifier
+/// needs before any access.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
+    let pass = Verdict::pass(Counter::Pass);
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(pass)?;
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let mut flow = FlowKey::default();
+    // SAFETY: ptr_at checked the bounds of each header read below.
+    let (l4_off, ip_len) = match unsafe { (*eth).proto_be } {
+        ETH_P_IP_BE => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_HLEN).ok_or(pass)?;
+            let ip = unsafe { &*ip };
+            let ihl = (ip.ver_ihl & 0x0f) as usize;
+            let tot_len = u16::from_be(ip.tot_len_be);
+            if ip.ver_ihl >> 4 != 4
+                || ihl < 5
+                || (tot_len as u64) < (ihl as u64) * 4
+                || ETH_HLEN as u64 + tot_len as u64 > len
+            {
+                return Err(Verdict::drop(Counter::DropMalformed));
+            }
+            // MF set or a non-zero offset: a fragment (ports only in the first one).
+            if u16::from_be(ip.frag_off_be) & 0x3fff != 0 {
+                return Err(Verdict::pass(Counter::PassFragment));
+            }
+            flow.family = FAMILY_V4;
+            flow.proto = ip.proto;
+            flow.src_be[0] = ip.saddr_be;
+            flow.dst_be[0] = ip.daddr_be;
+            (ETH_HLEN + ihl * 4, tot_len)
+        }
+        ETH_P_IPV6_BE => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_HLEN).ok_or(pass)?;
+            let ip = unsafe { &*ip };
+            let tot_len = u16::from_be(ip.payload_len_be) as u64 + size_of::<Ipv6Hdr>() as u64;
+            if u32::from_be(ip.ver_tc_flow) >> 28 != 6 || ETH_HLEN as u64 + tot_len > len {
+                return Err(Verdict::drop(Counter::DropMalformed));
+            }
+            flow.family = FAMILY_V6;
+            flow.proto = ip.next_hdr;
+            flow.src_be = ip.saddr_be;
+            flow.dst_be = ip.daddr_be;
+            (ETH_HLEN + size_of::<Ipv6Hdr>(), tot_len as u16)
+        }
+        _ => return Err(pass),
+    };
+    let mut tcp_flags = 0;
+    match flow.proto {
+        PROTO_TCP => {
+            // Flags at byte 13, data offset in the high nibble of byte 12.
+            let hdr: *const [u8; TCP_HLEN] =
+                ptr_at(ctx, l4_off).ok_or(Verdict::drop(Counter::DropMalformed))?;
+            let hdr = unsafe { &*hdr };
+            if hdr[12] >> 4 < 5 {
+                return Err(Verdict::drop(Counter::DropMalformed));
+            }
+            tcp_flags = hdr[13];
+        }
+        PROTO_UDP => {
+            ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off).ok_or(Verdict::drop(Counter::DropMalformed))?;
+        }
+        _ => return Err(pass),
+    }
+    let ports: *const Ports = ptr_at(ctx, l4_off).ok_or(pass)?;
+    // SAFETY: bounds checked just above (and by the L4 header check).
+    unsafe {
+        flow.sport_be = (*ports).src_be;
+        flow.dport_be = (*ports).dst_be;
+    }
+    Ok(Packet {
+        flow,
+        l3_off: ETH_HLEN,
+        l4_off,
+        tcp_flags,
+        len,
+        ip_len,
+    })
+}

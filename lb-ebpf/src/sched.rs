@@ -1,0 +1,45 @@
+//! Listener lookup and backend choice. The agent builds the Maglev tables; this side only
+//! indexes them with the flow hash.
+
+use lb_common::{
+    counters::Counter,
+    hash::flow_hash,
+    maps::{ring_base, NO_BACKEND},
+    FlowKey, VipKey, VipMeta,
+};
+
+use crate::{
+    maps::{RING, VIPS},
+    verdict::Verdict,
+};
+
+/// The listener for the packet's destination, copied so a concurrent agent update cannot change
+/// it halfway through the packet. Not a VIP: pass to the kernel untouched.
+#[inline(always)]
+pub fn vip_lookup(flow: &FlowKey) -> Result<VipMeta, Verdict> {
+    let key = VipKey {
+        addr_be: flow.dst_be,
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: VipMeta is plain data; the copy is taken at once.
+    unsafe { VIPS.get(&key) }
+        .copied()
+        .ok_or(Verdict::pass(Counter::Pass))
+}
+
+/// Backend id for a new flow from the listener's live Maglev table.
+#[inline(always)]
+pub fn pick_backend(vip: VipMeta, flow: &FlowKey) -> Result<u32, Verdict> {
+    let none = Verdict::drop(Counter::DropNoBackend);
+    if vip.ring_size == 0 {
+        return Err(none);
+    }
+    let slot = ring_base(vip.listener_id, vip.ring_half)
+        + flow_hash(flow).checked_rem(vip.ring_size).unwrap_or(0);
+    match RING.get(slot) {
+        Some(&id) if id != NO_BACKEND => Ok(id),
+        _ => Err(none),
+    }
+}

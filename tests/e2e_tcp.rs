@@ -1,0 +1,55 @@
+//! End to end: real TCP connections from a client namespace through the XDP FullNAT path to
+//! three backends. Needs root; run with `cargo xtask test`.
+
+use std::collections::BTreeMap;
+
+use lb_tests::{topology::SNAT, Topology};
+
+#[test]
+fn three_hundred_tcp_connections_are_balanced_over_three_backends() {
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(8080);
+    let agent = topo.start_agent(&topo.config(8080));
+
+    let answers = topo.connect_many("10.91.0.100:80".parse().unwrap(), 300);
+    let mut per_backend = BTreeMap::new();
+    for (i, a) in answers.iter().enumerate() {
+        // `fetch_line` already checked that the client's peer is the VIP.
+        let line = a
+            .as_ref()
+            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        let (name, peer) = line.split_once(' ').expect("`name peer` answer");
+        assert_eq!(
+            peer, SNAT,
+            "backend {name} saw {peer}, not the SNAT address"
+        );
+        *per_backend.entry(name.to_string()).or_insert(0) += 1;
+    }
+    println!("connections per backend: {per_backend:?}");
+    assert_eq!(
+        per_backend.len(),
+        3,
+        "every backend serves some: {per_backend:?}"
+    );
+
+    let stats = agent.stop_cleanly();
+    println!("{stats}");
+    let web = stats
+        .lines()
+        .find(|l| l.trim_start().starts_with("web "))
+        .expect("listener line");
+    let new_flows: u64 = web.split_whitespace().last().unwrap().parse().unwrap();
+    assert_eq!(new_flows, 300, "{web}");
+
+    // The agent cleaned up after itself: XDP detached, VIP address removed.
+    let link = topo.lb.output(&["ip", "link", "show", "lb-ext"]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "XDP still attached"
+    );
+    let lo = topo.lb.output(&["ip", "addr", "show", "lo"]);
+    assert!(
+        !String::from_utf8_lossy(&lo.stdout).contains("10.91.0.100"),
+        "VIP left on lo"
+    );
+}

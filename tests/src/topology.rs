@@ -1,0 +1,366 @@
+//! The standard test topology, the one `examples/demo.yaml` describes:
+//!
+//! ```text
+//!  client ns            lb ns                          switch ns (br0)      backend ns × N
+//!  eth0 10.91.0.2 ── lb-ext 10.91.0.1                    ├── eth0 10.91.2.11, .12, …
+//!                     lb-int 10.91.2.1 (SNAT) ───────── br0
+//!                     lo: VIP 10.91.0.100 (added by the agent)
+//! ```
+//! IPv6 runs alongside: fd00:91:0::/64 outside, fd00:91:2::/64 inside, same host numbers.
+//! GRO is on at every veth end: veth only polls frames sent to it by XDP_TX/redirect when the
+//! receiving end has GRO (or an XDP program). TX checksum offload is off where traffic enters
+//! the LB: with it, veth hands over CHECKSUM_PARTIAL frames whose TCP checksum field holds only
+//! the pseudo-header sum, which XDP cannot see as such (a real NIC delivers full checksums).
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+pub const VIP: &str = "10.91.0.100";
+pub const VIP6: &str = "fd00:91::100";
+pub const CLIENT: &str = "10.91.0.2";
+pub const SNAT: &str = "10.91.2.1";
+pub const SNAT6: &str = "fd00:91:2::1";
+
+pub struct Topology {
+    pub client: Netns,
+    pub lb: Netns,
+    pub switch: Netns,
+    pub backends: Vec<Netns>,
+}
+
+/// IPv4 address of backend `i` (0-based).
+pub fn backend_addr(i: usize) -> String {
+    format!("10.91.2.{}", 11 + i)
+}
+
+pub fn backend_addr6(i: usize) -> String {
+    format!("fd00:91:2::{}", 11 + i)
+}
+
+fn gro_on(ns: &Netns, dev: &str) {
+    ns.run(&["ethtool", "-K", dev, "gro", "on"]);
+}
+
+/// A host interface sending through the LB: full checksums on the wire.
+fn host_iface(ns: &Netns, dev: &str) {
+    ns.run(&["ethtool", "-K", dev, "gro", "on", "tx", "off"]);
+}
+
+impl Topology {
+    pub fn new(backends: usize) -> Self {
+        let t = Topology {
+            client: Netns::new("cli"),
+            lb: Netns::new("lb"),
+            switch: Netns::new("sw"),
+            backends: (0..backends)
+                .map(|i| Netns::new(&format!("be{i}")))
+                .collect(),
+        };
+        let (c, lb, sw) = (&t.client, &t.lb, &t.switch);
+        // Created inside the namespaces, so interface names never clash between tests.
+        lb.ip(&[
+            "link", "add", "lb-ext", "type", "veth", "peer", "name", "eth0", "netns", &c.name,
+        ]);
+        lb.ip(&[
+            "link", "add", "lb-int", "type", "veth", "peer", "name", "to-lb", "netns", &sw.name,
+        ]);
+        sw.ip(&["link", "add", "br0", "type", "bridge"]);
+        sw.ip(&["link", "set", "br0", "up"]);
+        sw.ip(&["link", "set", "to-lb", "master", "br0", "up"]);
+        gro_on(sw, "to-lb");
+
+        c.ip(&["addr", "add", "10.91.0.2/24", "dev", "eth0"]);
+        c.ip(&["addr", "add", "fd00:91::2/64", "dev", "eth0", "nodad"]);
+        c.ip(&["link", "set", "eth0", "up"]);
+        host_iface(c, "eth0");
+
+        lb.ip(&["addr", "add", "10.91.0.1/24", "dev", "lb-ext"]);
+        lb.ip(&["addr", "add", "fd00:91::1/64", "dev", "lb-ext", "nodad"]);
+        lb.ip(&["addr", "add", "10.91.2.1/24", "dev", "lb-int"]);
+        lb.ip(&["addr", "add", "fd00:91:2::1/64", "dev", "lb-int", "nodad"]);
+        for dev in ["lb-ext", "lb-int"] {
+            lb.ip(&["link", "set", dev, "up"]);
+            gro_on(lb, dev);
+        }
+
+        for (i, be) in t.backends.iter().enumerate() {
+            let port = format!("be{i}");
+            sw.ip(&[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &be.name,
+            ]);
+            sw.ip(&["link", "set", &port, "master", "br0", "up"]);
+            gro_on(sw, &port);
+            be.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", backend_addr(i)),
+                "dev",
+                "eth0",
+            ]);
+            be.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", backend_addr6(i)),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            be.ip(&["link", "set", "eth0", "up"]);
+            host_iface(be, "eth0");
+        }
+        t
+    }
+
+    /// The config of `examples/demo.yaml` for `n` backends on `port` (all weight 1).
+    pub fn config(&self, backend_port: u16) -> String {
+        let mut s = format!(
+            "agent:\n  interfaces: [lb-ext, lb-int]\n  xdp_mode: native\n\
+             snat:\n  addresses: [{SNAT}]\n  ports: 20000-60000\n\
+             listeners:\n  - name: web\n    protocol: tcp\n    vip: {VIP}\n    port: 80\n    pool: web\n\
+             pools:\n  - name: web\n    backends:\n"
+        );
+        for i in 0..self.backends.len() {
+            s += &format!(
+                "      - {{ address: {}, port: {backend_port}, weight: 1 }}\n",
+                backend_addr(i)
+            );
+        }
+        s
+    }
+
+    /// Starts `lb-agent run` in the LB namespace and waits until it has attached.
+    pub fn start_agent(&self, config: &str) -> Agent {
+        Agent::start(&self.lb, config)
+    }
+
+    /// A TCP server in every backend answering each connection with `"<name> <peer address>\n"`
+    /// (names `backend-1`, `backend-2`, …).
+    pub fn serve_names(&self, port: u16) -> Vec<NameServer> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| NameServer::start(ns, port, format!("backend-{}", i + 1)))
+            .collect()
+    }
+
+    /// Opens `n` TCP connections from the client to `addr` and returns each answer line (or the
+    /// error). Sequential: every connection is a new flow through the LB.
+    pub fn connect_many(&self, addr: SocketAddr, n: usize) -> Vec<Result<String, String>> {
+        self.client
+            .scoped(|| (0..n).map(|_| fetch_line(addr)).collect())
+    }
+}
+
+/// Connects, reads one line, checks the peer is `addr`.
+pub fn fetch_line(addr: SocketAddr) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let peer = s.peer_addr().map_err(|e| e.to_string())?;
+    if peer != addr {
+        return Err(format!("peer is {peer}, not {addr}"));
+    }
+    let mut line = String::new();
+    BufReader::new(&mut s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim_end().to_string())
+}
+
+/// A name-answering TCP server on a thread inside a namespace; stops on drop.
+pub struct NameServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NameServer {
+    pub fn start(ns: &Netns, port: u16, name: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let ns_name = ns.name.clone();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let entered = crate::netns::enter(&ns_name);
+            let l = TcpListener::bind(("::", port)).expect("bind backend");
+            l.set_nonblocking(true).expect("nonblocking");
+            drop(entered);
+            ready_tx.send(()).expect("ready");
+            while !flag.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        let ip = match peer.ip() {
+                            IpAddr::V6(v6) => v6
+                                .to_ipv4_mapped()
+                                .map(IpAddr::V4)
+                                .unwrap_or(IpAddr::V6(v6)),
+                            v4 => v4,
+                        };
+                        let _ = s.set_nonblocking(false);
+                        let _ = writeln!(s, "{name} {ip}");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("backend server started");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for NameServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `lb-agent run` as a child process in a namespace; SIGTERM (then SIGKILL) on drop.
+pub struct Agent {
+    child: Option<Child>,
+    config_path: PathBuf,
+    stderr: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+/// The agent binary: `LB_AGENT_BIN`, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("LB_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent")
+        })
+}
+
+impl Agent {
+    pub fn start(ns: &Netns, config: &str) -> Self {
+        let config_path = std::env::temp_dir().join(format!("{}.yaml", ns.name));
+        std::fs::write(&config_path, config).expect("write config");
+        let bin = agent_bin();
+        assert!(
+            bin.exists(),
+            "{} not built (cargo xtask build, or set LB_AGENT_BIN)",
+            bin.display()
+        );
+        let mut child = ns
+            .command(bin.to_str().expect("utf-8 path"))
+            .args(["run", "--config", config_path.to_str().expect("utf-8 path")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lb-agent");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            config_path,
+            stderr: rx,
+            log: Vec::new(),
+        };
+        agent.wait_for("running", Duration::from_secs(30));
+        agent
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log on timeout or exit.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.stderr.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.log.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        panic!("lb-agent never logged `{needle}`:\n{}", self.log.join("\n"));
+    }
+
+    /// SIGTERM, wait, and return what the agent printed on stdout (its counters).
+    pub fn stop(mut self) -> String {
+        self.terminate().0
+    }
+
+    fn terminate(&mut self) -> (String, bool) {
+        let Some(mut child) = self.child.take() else {
+            return (String::new(), true);
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut clean = true;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    clean &= status.success();
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    clean = false;
+                    break;
+                }
+            }
+        }
+        let mut out = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        while let Ok(line) = self.stderr.try_recv() {
+            self.log.push(line);
+        }
+        (out, clean)
+    }
+
+    /// Stops the agent and asserts it exited cleanly; returns its stdout.
+    pub fn stop_cleanly(mut self) -> String {
+        let (out, clean) = self.terminate();
+        assert!(
+            clean,
+            "lb-agent did not exit cleanly:\n{}",
+            self.log.join("\n")
+        );
+        out
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.terminate();
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}

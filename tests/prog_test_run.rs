@@ -8,6 +8,7 @@
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use lb_agent::{config, dataplane::Dataplane, plan};
+use lb_common::counters::Counter;
 use lb_tests::Netns;
 
 const XDP_DROP: u32 = 1;

@@ -67,6 +67,16 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerStats>,
 }
 
+impl Snapshot {
+    /// The total of one global counter.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.counters
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or(0, |(_, v)| *v)
+    }
+}
+
 impl Dataplane {
     /// Loads the embedded object into the kernel (maps created, program verified, nothing
     /// attached yet).

@@ -63,6 +63,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     for iface in &cfg.agent.interfaces {
         netif::prepare_interface(iface).with_context(|| format!("preparing {iface}"))?;
     }
+    if cfg.listeners.iter().any(|l| l.vip.is_ipv6()) {
+        netif::enable_ipv6_forwarding()?;
+    }
     if let Some(snat) = &cfg.snat {
         netif::reserve_ports(snat.ports).context("reserving the SNAT port range")?;
     }

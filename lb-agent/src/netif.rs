@@ -1,6 +1,6 @@
 //! Host network settings the fast path relies on.
 //!
-//! - Forwarding on every XDP interface: `bpf_fib_lookup` refuses to route for a device with
+//! - Forwarding on every XDP interface (and IPv6 forwarding host-wide when IPv6 is served): `bpf_fib_lookup` refuses to route for a device with
 //!   forwarding off, and packets whose next hop is unresolved are handed to the kernel's own
 //!   forwarding (which resolves it).
 //! - `accept_local` and no reverse-path filter on those interfaces: those handed-over packets
@@ -63,6 +63,17 @@ pub fn prepare_interface(iface: &str) -> Result<(), NetifError> {
             iface,
             "net.ipv4.conf.all.rp_filter is on: replies handed to the kernel may be dropped"
         );
+    }
+    Ok(())
+}
+
+/// Enables IPv6 forwarding host-wide: unlike IPv4, the kernel only forwards IPv6 (the fallback
+/// for packets whose next hop is unresolved) when `all.forwarding` is on.
+pub fn enable_ipv6_forwarding() -> Result<(), NetifError> {
+    const PATH: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if read_sysctl(PATH).as_deref() != Some("1") {
+        write_sysctl(PATH, "1")?;
+        info!("net.ipv6.conf.all.forwarding enabled (IPv6 listeners)");
     }
     Ok(())
 }

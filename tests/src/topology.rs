@@ -14,7 +14,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     process::{Child, Stdio},
     sync::{
@@ -140,13 +140,41 @@ impl Topology {
         s
     }
 
+    /// TCP and UDP listeners over IPv4 and IPv6 (`web`, `dns`, `web6`, `dns6`), all to the
+    /// backends' `backend_port`.
+    pub fn config_dual_stack(&self, backend_port: u16) -> String {
+        let mut s = format!(
+            "agent:\n  interfaces: [lb-ext, lb-int]\n\
+             snat:\n  addresses: [{SNAT}, {SNAT6}]\n\
+             listeners:\n\
+             \x20 - {{ name: web, protocol: tcp, vip: {VIP}, port: 80, pool: v4 }}\n\
+             \x20 - {{ name: dns, protocol: udp, vip: {VIP}, port: 53, pool: v4 }}\n\
+             \x20 - {{ name: web6, protocol: tcp, vip: \"{VIP6}\", port: 80, pool: v6 }}\n\
+             \x20 - {{ name: dns6, protocol: udp, vip: \"{VIP6}\", port: 53, pool: v6 }}\n\
+             pools:\n"
+        );
+        for (pool, addr) in [
+            ("v4", backend_addr as fn(usize) -> String),
+            ("v6", backend_addr6),
+        ] {
+            s += &format!("  - name: {pool}\n    backends:\n");
+            for i in 0..self.backends.len() {
+                s += &format!(
+                    "      - {{ address: \"{}\", port: {backend_port} }}\n",
+                    addr(i)
+                );
+            }
+        }
+        s
+    }
+
     /// Starts `lb-agent run` in the LB namespace and waits until it has attached.
     pub fn start_agent(&self, config: &str) -> Agent {
         Agent::start(&self.lb, config)
     }
 
-    /// A TCP server in every backend answering each connection with `"<name> <peer address>\n"`
-    /// (names `backend-1`, `backend-2`, …).
+    /// A TCP and UDP server in every backend answering each connection or datagram with
+    /// `"<name> <peer address>\n"` (names `backend-1`, `backend-2`, …).
     pub fn serve_names(&self, port: u16) -> Vec<NameServer> {
         self.backends
             .iter()
@@ -160,6 +188,50 @@ impl Topology {
     pub fn connect_many(&self, addr: SocketAddr, n: usize) -> Vec<Result<String, String>> {
         self.client
             .scoped(|| (0..n).map(|_| fetch_line(addr)).collect())
+    }
+
+    /// Sends one datagram from each of `n` new sockets (so `n` flows) to `addr` and returns
+    /// each answer.
+    pub fn udp_many(&self, addr: SocketAddr, n: usize) -> Vec<Result<String, String>> {
+        self.client
+            .scoped(|| (0..n).map(|_| udp_exchange(addr)).collect())
+    }
+}
+
+/// Sends a datagram, waits for the answer (retrying a few times: UDP may lose the first one
+/// while the LB resolves a neighbour), checks it came from `addr`.
+pub fn udp_exchange(addr: SocketAddr) -> Result<String, String> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("addr");
+    let s = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    for _ in 0..6 {
+        s.send_to(b"who?", addr).map_err(|e| e.to_string())?;
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            if from != addr {
+                return Err(format!("answer from {from}, not {addr}"));
+            }
+            return Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string());
+        }
+    }
+    Err(format!("no UDP answer from {addr}"))
+}
+
+/// IPv4 peers of a dual-stack socket show as ::ffff:a.b.c.d.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
     }
 }
 
@@ -180,7 +252,7 @@ pub fn fetch_line(addr: SocketAddr) -> Result<String, String> {
     Ok(line.trim_end().to_string())
 }
 
-/// A name-answering TCP server on a thread inside a namespace; stops on drop.
+/// A name-answering TCP and UDP server on a thread inside a namespace; stops on drop.
 pub struct NameServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -196,22 +268,25 @@ impl NameServer {
             let entered = crate::netns::enter(&ns_name);
             let l = TcpListener::bind(("::", port)).expect("bind backend");
             l.set_nonblocking(true).expect("nonblocking");
+            let u = UdpSocket::bind(("::", port)).expect("bind backend (udp)");
+            u.set_nonblocking(true).expect("nonblocking");
             drop(entered);
+            let mut buf = [0u8; 2048];
             ready_tx.send(()).expect("ready");
             while !flag.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut s, peer)) => {
-                        let ip = match peer.ip() {
-                            IpAddr::V6(v6) => v6
-                                .to_ipv4_mapped()
-                                .map(IpAddr::V4)
-                                .unwrap_or(IpAddr::V6(v6)),
-                            v4 => v4,
-                        };
-                        let _ = s.set_nonblocking(false);
-                        let _ = writeln!(s, "{name} {ip}");
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                let mut idle = true;
+                if let Ok((mut s, peer)) = l.accept() {
+                    let _ = s.set_nonblocking(false);
+                    let _ = writeln!(s, "{name} {}", unmapped(peer.ip()));
+                    idle = false;
+                }
+                if let Ok((_, peer)) = u.recv_from(&mut buf) {
+                    let answer = format!("{name} {}\n", unmapped(peer.ip()));
+                    let _ = u.send_to(answer.as_bytes(), peer);
+                    idle = false;
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
         });

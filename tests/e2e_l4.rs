@@ -1,4 +1,4 @@
-//! End to end: real TCP connections from a client namespace through the XDP FullNAT path to
+//! End to end: real TCP and UDP traffic from a client namespace through the XDP FullNAT path to
 //! three backends. Needs root; run with `cargo xtask test`.
 
 use std::collections::BTreeMap;
@@ -52,4 +52,44 @@ fn three_hundred_tcp_connections_are_balanced_over_three_backends() {
         !String::from_utf8_lossy(&lo.stdout).contains("10.91.0.100"),
         "VIP left on lo"
     );
+}
+
+#[test]
+fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend_through_the_snat_address() {
+    use lb_tests::topology::SNAT6;
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(8080);
+    let agent = topo.start_agent(&topo.config_dual_stack(8080));
+
+    let cases = [
+        ("tcp/ipv4", "10.91.0.100:80", SNAT, false),
+        ("udp/ipv4", "10.91.0.100:53", SNAT, true),
+        ("tcp/ipv6", "[fd00:91::100]:80", SNAT6, false),
+        ("udp/ipv6", "[fd00:91::100]:53", SNAT6, true),
+    ];
+    for (what, vip, snat, udp) in cases {
+        let vip = vip.parse().unwrap();
+        let answers = if udp {
+            topo.udp_many(vip, 60)
+        } else {
+            topo.connect_many(vip, 60)
+        };
+        let mut per_backend = BTreeMap::new();
+        for (i, a) in answers.iter().enumerate() {
+            let line = a
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{what} flow {i} failed: {e}"));
+            let (name, peer) = line.split_once(' ').expect("`name peer` answer");
+            assert_eq!(peer, snat, "{what}: backend {name} saw {peer}");
+            *per_backend.entry(name.to_string()).or_insert(0) += 1;
+        }
+        println!("{what}: flows per backend: {per_backend:?}");
+        assert_eq!(
+            per_backend.len(),
+            3,
+            "{what}: every backend serves some: {per_backend:?}"
+        );
+    }
+    let stats = agent.stop_cleanly();
+    println!("{stats}");
 }

@@ -93,3 +93,37 @@ fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend_through_the_snat_address()
     let stats = agent.stop_cleanly();
     println!("{stats}");
 }
+
+#[test]
+fn a_one_arm_lb_sends_both_directions_back_out_of_its_single_interface() {
+    let topo = Topology::one_arm(3);
+    let _servers = topo.serve_names(8080);
+    // Generic mode: in this harness, frames XDP_TX'd in native mode by a veth whose peer is a
+    // bridge port never reach the bridge (a veth delivery quirk, not the program: the same
+    // program forwards natively between two interfaces in the tests above).
+    let config = topo
+        .config(8080)
+        .replace("[lb-ext, lb-int]", "[lb-arm]")
+        .replace("xdp_mode: native", "xdp_mode: generic");
+    let agent = topo.start_agent(&config);
+
+    let answers = topo.connect_many("10.91.0.100:80".parse().unwrap(), 90);
+    let mut per_backend = BTreeMap::new();
+    for (i, a) in answers.iter().enumerate() {
+        let line = a
+            .as_ref()
+            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        let (name, peer) = line.split_once(' ').expect("`name peer` answer");
+        assert_eq!(peer, SNAT);
+        *per_backend.entry(name.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+    let stats = agent.stop_cleanly();
+    let forwarded: u64 = stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("forwarded"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("forwarded counter");
+    // Every packet of 90 connections except the few handed to the kernel while ARP resolved.
+    assert!(forwarded >= 90 * 4, "forwarded {forwarded}\n{stats}");
+}

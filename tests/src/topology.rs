@@ -59,15 +59,9 @@ fn host_iface(ns: &Netns, dev: &str) {
 }
 
 impl Topology {
+    /// Two-arm: the client reaches the LB on `lb-ext`, backends sit behind `lb-int`.
     pub fn new(backends: usize) -> Self {
-        let t = Topology {
-            client: Netns::new("cli"),
-            lb: Netns::new("lb"),
-            switch: Netns::new("sw"),
-            backends: (0..backends)
-                .map(|i| Netns::new(&format!("be{i}")))
-                .collect(),
-        };
+        let t = Self::namespaces(backends);
         let (c, lb, sw) = (&t.client, &t.lb, &t.switch);
         // Created inside the namespaces, so interface names never clash between tests.
         lb.ip(&[
@@ -76,8 +70,6 @@ impl Topology {
         lb.ip(&[
             "link", "add", "lb-int", "type", "veth", "peer", "name", "to-lb", "netns", &sw.name,
         ]);
-        sw.ip(&["link", "add", "br0", "type", "bridge"]);
-        sw.ip(&["link", "set", "br0", "up"]);
         sw.ip(&["link", "set", "to-lb", "master", "br0", "up"]);
         gro_on(sw, "to-lb");
 
@@ -94,8 +86,55 @@ impl Topology {
             lb.ip(&["link", "set", dev, "up"]);
             gro_on(lb, dev);
         }
+        t.wire_backends();
+        t
+    }
 
-        for (i, be) in t.backends.iter().enumerate() {
+    /// One-arm: client, LB (`lb-arm` only) and backends share one segment (10.91.2.0/24); the
+    /// client routes the VIP via the LB, and the LB sends everything back out with XDP_TX.
+    pub fn one_arm(backends: usize) -> Self {
+        let t = Self::namespaces(backends);
+        let (c, lb, sw) = (&t.client, &t.lb, &t.switch);
+        lb.ip(&[
+            "link", "add", "lb-arm", "type", "veth", "peer", "name", "to-lb", "netns", &sw.name,
+        ]);
+        sw.ip(&[
+            "link", "add", "to-cli", "type", "veth", "peer", "name", "eth0", "netns", &c.name,
+        ]);
+        for port in ["to-lb", "to-cli"] {
+            sw.ip(&["link", "set", port, "master", "br0", "up"]);
+            gro_on(sw, port);
+        }
+        c.ip(&["addr", "add", "10.91.2.2/24", "dev", "eth0"]);
+        c.ip(&["link", "set", "eth0", "up"]);
+        c.ip(&["route", "add", "10.91.0.0/24", "via", SNAT]);
+        host_iface(c, "eth0");
+        lb.ip(&["addr", "add", "10.91.2.1/24", "dev", "lb-arm"]);
+        lb.ip(&["link", "set", "lb-arm", "up"]);
+        gro_on(lb, "lb-arm");
+        t.wire_backends();
+        t
+    }
+
+    /// The namespaces and the switch's bridge, nothing wired yet.
+    fn namespaces(backends: usize) -> Self {
+        let t = Topology {
+            client: Netns::new("cli"),
+            lb: Netns::new("lb"),
+            switch: Netns::new("sw"),
+            backends: (0..backends)
+                .map(|i| Netns::new(&format!("be{i}")))
+                .collect(),
+        };
+        t.switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        t.switch.ip(&["link", "set", "br0", "up"]);
+        t
+    }
+
+    /// Each backend on its own switch port.
+    fn wire_backends(&self) {
+        let sw = &self.switch;
+        for (i, be) in self.backends.iter().enumerate() {
             let port = format!("be{i}");
             sw.ip(&[
                 "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &be.name,
@@ -120,7 +159,6 @@ impl Topology {
             be.ip(&["link", "set", "eth0", "up"]);
             host_iface(be, "eth0");
         }
-        t
     }
 
     /// The config of `examples/demo.yaml` for `n` backends on `port` (all weight 1).

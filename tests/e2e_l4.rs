@@ -1,9 +1,10 @@
 //! End to end: real TCP and UDP traffic from a client namespace through the XDP FullNAT path to
 //! three backends. Needs root; run with `cargo xtask test`.
 
-use std::collections::BTreeMap;
-
-use lb_tests::{topology::SNAT, Topology};
+use lb_tests::{
+    topology::{tally, SNAT, SNAT6},
+    Topology,
+};
 
 #[test]
 fn three_hundred_tcp_connections_are_balanced_over_three_backends() {
@@ -11,21 +12,9 @@ fn three_hundred_tcp_connections_are_balanced_over_three_backends() {
     let _servers = topo.serve_names(8080);
     let agent = topo.start_agent(&topo.config(8080));
 
+    // `fetch_line` checks that the client's peer is the VIP.
     let answers = topo.connect_many("10.91.0.100:80".parse().unwrap(), 300);
-    let mut per_backend = BTreeMap::new();
-    for (i, a) in answers.iter().enumerate() {
-        // `fetch_line` already checked that the client's peer is the VIP.
-        let line = a
-            .as_ref()
-            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
-        let (name, peer) = line.split_once(' ').expect("`name peer` answer");
-        assert_eq!(
-            peer, SNAT,
-            "backend {name} saw {peer}, not the SNAT address"
-        );
-        *per_backend.entry(name.to_string()).or_insert(0) += 1;
-    }
-    println!("connections per backend: {per_backend:?}");
+    let per_backend = tally("tcp", &answers, SNAT);
     assert_eq!(
         per_backend.len(),
         3,
@@ -56,7 +45,6 @@ fn three_hundred_tcp_connections_are_balanced_over_three_backends() {
 
 #[test]
 fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend_through_the_snat_address() {
-    use lb_tests::topology::SNAT6;
     let topo = Topology::new(3);
     let _servers = topo.serve_names(8080);
     let agent = topo.start_agent(&topo.config_dual_stack(8080));
@@ -74,24 +62,14 @@ fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend_through_the_snat_address()
         } else {
             topo.connect_many(vip, 60)
         };
-        let mut per_backend = BTreeMap::new();
-        for (i, a) in answers.iter().enumerate() {
-            let line = a
-                .as_ref()
-                .unwrap_or_else(|e| panic!("{what} flow {i} failed: {e}"));
-            let (name, peer) = line.split_once(' ').expect("`name peer` answer");
-            assert_eq!(peer, snat, "{what}: backend {name} saw {peer}");
-            *per_backend.entry(name.to_string()).or_insert(0) += 1;
-        }
-        println!("{what}: flows per backend: {per_backend:?}");
+        let per_backend = tally(what, &answers, snat);
         assert_eq!(
             per_backend.len(),
             3,
             "{what}: every backend serves some: {per_backend:?}"
         );
     }
-    let stats = agent.stop_cleanly();
-    println!("{stats}");
+    println!("{}", agent.stop_cleanly());
 }
 
 #[test]
@@ -108,15 +86,7 @@ fn a_one_arm_lb_sends_both_directions_back_out_of_its_single_interface() {
     let agent = topo.start_agent(&config);
 
     let answers = topo.connect_many("10.91.0.100:80".parse().unwrap(), 90);
-    let mut per_backend = BTreeMap::new();
-    for (i, a) in answers.iter().enumerate() {
-        let line = a
-            .as_ref()
-            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
-        let (name, peer) = line.split_once(' ').expect("`name peer` answer");
-        assert_eq!(peer, SNAT);
-        *per_backend.entry(name.to_string()).or_insert(0) += 1;
-    }
+    let per_backend = tally("one-arm tcp", &answers, SNAT);
     assert_eq!(per_backend.len(), 3, "{per_backend:?}");
     let stats = agent.stop_cleanly();
     let forwarded: u64 = stats

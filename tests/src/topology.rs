@@ -13,6 +13,7 @@
 //! the pseudo-header sum, which XDP cannot see as such (a real NIC delivers full checksums).
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
@@ -271,6 +272,26 @@ fn unmapped(ip: IpAddr) -> IpAddr {
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
+}
+
+/// Counts answers per backend name, asserting every flow succeeded and every backend saw
+/// `peer` (the SNAT address) as the client. `what` labels panics.
+pub fn tally(
+    what: &str,
+    answers: &[Result<String, String>],
+    peer: &str,
+) -> BTreeMap<String, usize> {
+    let mut per_backend = BTreeMap::new();
+    for (i, a) in answers.iter().enumerate() {
+        let line = a
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{what}: flow {i} failed: {e}"));
+        let (name, seen) = line.split_once(' ').expect("`name peer` answer");
+        assert_eq!(seen, peer, "{what}: backend {name} saw {seen}, not {peer}");
+        *per_backend.entry(name.to_string()).or_insert(0) += 1;
+    }
+    println!("{what}: flows per backend: {per_backend:?}");
+    per_backend
 }
 
 /// Connects, reads one line, checks the peer is `addr`.

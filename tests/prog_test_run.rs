@@ -315,14 +315,7 @@ fn a_mid_stream_packet_without_conntrack_is_dropped() {
         let mut f = Fixture::new(CONFIG);
         let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
         assert_eq!(action, XDP_DROP);
-        let s = f.dp.snapshot(1).unwrap();
-        let drops = s
-            .counters
-            .iter()
-            .find(|(c, _)| c.name() == "drop_no_conntrack")
-            .unwrap()
-            .1;
-        assert_eq!(drops, 1);
+        assert_eq!(f.dp.snapshot(1).unwrap().get(Counter::DropNoConntrack), 1);
     });
 }
 
@@ -335,14 +328,7 @@ fn truncated_headers_are_dropped_as_malformed() {
         // Cut inside the TCP header, with the IP total length still claiming the full packet.
         let (action, _) = f.run(&syn[..14 + 20 + 10], f.ext);
         assert_eq!(action, XDP_DROP);
-        let s = f.dp.snapshot(1).unwrap();
-        let bad = s
-            .counters
-            .iter()
-            .find(|(c, _)| c.name() == "drop_malformed")
-            .unwrap()
-            .1;
-        assert_eq!(bad, 1);
+        assert_eq!(f.dp.snapshot(1).unwrap().get(Counter::DropMalformed), 1);
         assert!(f.dp.conntrack_entries().is_empty());
     });
 }

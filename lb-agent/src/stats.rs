@@ -7,6 +7,8 @@ use crate::{dataplane::Snapshot, plan::Plan};
 /// The global counters, then one line per listener.
 pub fn render(s: &Snapshot, plan: &Plan) -> String {
     let mut out = String::from("counters:\n");
+    let rx: u64 = s.counters.iter().map(|(_, v)| v).sum();
+    let _ = writeln!(out, "  {:<22} {rx}", "rx_packets");
     for (c, v) in &s.counters {
         let _ = writeln!(out, "  {:<22} {v}", c.name());
     }

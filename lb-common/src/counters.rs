@@ -1,13 +1,12 @@
 //! Per-CPU counters: global ones in `COUNTERS` (indexed by [`Counter`]) and per-listener ones in
-//! `LISTENER_STATS`.
+//! `LISTENER_STATS`. Every packet bumps exactly one [`Counter`] (its verdict's reason), so the
+//! number of packets seen is their sum and costs no update of its own.
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Every packet the program saw.
-    RxPackets = 0,
     /// Passed to the kernel untouched (not for a VIP, not a tracked reply).
-    Pass,
+    Pass = 0,
     /// Rewritten and sent with XDP_TX or redirect.
     Forwarded,
     /// Rewritten and handed to the kernel's forwarding: next hop's MAC not resolved yet, or the
@@ -30,8 +29,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
-        Counter::RxPackets,
+    pub const ALL: [Counter; 10] = [
         Counter::Pass,
         Counter::Forwarded,
         Counter::FwdKernel,
@@ -46,7 +44,6 @@ impl Counter {
 
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::RxPackets => "rx_packets",
             Counter::Pass => "pass",
             Counter::Forwarded => "forwarded",
             Counter::FwdKernel => "fwd_kernel",

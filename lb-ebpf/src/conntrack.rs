@@ -32,7 +32,7 @@ pub fn lookup(flow: &FlowKey) -> Option<*mut ConnEntry> {
 
 /// Copies an entry out for this packet, refreshing its timestamp.
 #[inline(always)]
-pub fn touch(entry: *mut ConnEntry, _pkt: &Packet) -> ConnEntry {
+pub fn touch(entry: *mut ConnEntry) -> ConnEntry {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
     let e = unsafe { &mut *entry };
     let now = unsafe { bpf_ktime_get_ns() };

@@ -25,7 +25,6 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = match pipeline(&ctx) {
         Ok(v) | Err(v) => v,
     };
-    stats::count(Counter::RxPackets);
     stats::count(v.reason);
     v.action
 }
@@ -34,7 +33,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
     let entry = match conntrack::lookup(&pkt.flow) {
-        Some(entry) => conntrack::touch(entry, &pkt),
+        Some(entry) => conntrack::touch(entry),
         None => {
             let vip = sched::vip_lookup(&pkt.flow)?;
             if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {

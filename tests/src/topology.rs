@@ -54,6 +54,20 @@ fn gro_on(ns: &Netns, dev: &str) {
     ns.run(&["ethtool", "-K", dev, "gro", "on"]);
 }
 
+/// A veth pair with one end in each namespace. Created from inside them, so interface names
+/// never clash between concurrent tests.
+fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
+    a.ip(&[
+        "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", &b.name,
+    ]);
+}
+
+/// Enslaves `port` to the switch's bridge and brings it up.
+fn bridge_port(sw: &Netns, port: &str) {
+    sw.ip(&["link", "set", port, "master", "br0", "up"]);
+    gro_on(sw, port);
+}
+
 /// A host interface sending through the LB: full checksums on the wire.
 fn host_iface(ns: &Netns, dev: &str) {
     ns.run(&["ethtool", "-K", dev, "gro", "on", "tx", "off"]);
@@ -64,15 +78,9 @@ impl Topology {
     pub fn new(backends: usize) -> Self {
         let t = Self::namespaces(backends);
         let (c, lb, sw) = (&t.client, &t.lb, &t.switch);
-        // Created inside the namespaces, so interface names never clash between tests.
-        lb.ip(&[
-            "link", "add", "lb-ext", "type", "veth", "peer", "name", "eth0", "netns", &c.name,
-        ]);
-        lb.ip(&[
-            "link", "add", "lb-int", "type", "veth", "peer", "name", "to-lb", "netns", &sw.name,
-        ]);
-        sw.ip(&["link", "set", "to-lb", "master", "br0", "up"]);
-        gro_on(sw, "to-lb");
+        veth(lb, "lb-ext", c, "eth0");
+        veth(lb, "lb-int", sw, "to-lb");
+        bridge_port(sw, "to-lb");
 
         c.ip(&["addr", "add", "10.91.0.2/24", "dev", "eth0"]);
         c.ip(&["addr", "add", "fd00:91::2/64", "dev", "eth0", "nodad"]);
@@ -96,16 +104,10 @@ impl Topology {
     pub fn one_arm(backends: usize) -> Self {
         let t = Self::namespaces(backends);
         let (c, lb, sw) = (&t.client, &t.lb, &t.switch);
-        lb.ip(&[
-            "link", "add", "lb-arm", "type", "veth", "peer", "name", "to-lb", "netns", &sw.name,
-        ]);
-        sw.ip(&[
-            "link", "add", "to-cli", "type", "veth", "peer", "name", "eth0", "netns", &c.name,
-        ]);
-        for port in ["to-lb", "to-cli"] {
-            sw.ip(&["link", "set", port, "master", "br0", "up"]);
-            gro_on(sw, port);
-        }
+        veth(lb, "lb-arm", sw, "to-lb");
+        veth(sw, "to-cli", c, "eth0");
+        bridge_port(sw, "to-lb");
+        bridge_port(sw, "to-cli");
         c.ip(&["addr", "add", "10.91.2.2/24", "dev", "eth0"]);
         c.ip(&["link", "set", "eth0", "up"]);
         c.ip(&["route", "add", "10.91.0.0/24", "via", SNAT]);
@@ -137,11 +139,8 @@ impl Topology {
         let sw = &self.switch;
         for (i, be) in self.backends.iter().enumerate() {
             let port = format!("be{i}");
-            sw.ip(&[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &be.name,
-            ]);
-            sw.ip(&["link", "set", &port, "master", "br0", "up"]);
-            gro_on(sw, &port);
+            veth(sw, &port, be, "eth0");
+            bridge_port(sw, &port);
             be.ip(&[
                 "addr",
                 "add",

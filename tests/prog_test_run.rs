@@ -332,3 +332,75 @@ fn truncated_headers_are_dropped_as_malformed() {
         assert!(f.dp.conntrack_entries().is_empty());
     });
 }
+
+/// The backend a SYN from `client` is sent to, or the action when it is not redirected.
+fn syn_backend(f: &mut Fixture, client: ([u8; 4], u16)) -> Result<[u8; 4], u32> {
+    let (action, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "S"), f.ext);
+    if action != XDP_REDIRECT {
+        return Err(action);
+    }
+    Ok(parse_checked(&out).dst.0)
+}
+
+#[test]
+fn acl_deny_wins_over_allow_and_refused_clients_are_dropped_and_counted() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let config = CONFIG.replace(
+            "pool: web }",
+            "pool: web, acl: { allow: [10.91.0.0/24], deny: [10.91.0.66/32] } }",
+        );
+        let mut f = Fixture::new(&config);
+        assert!(
+            syn_backend(&mut f, ([10, 91, 0, 2], 40000)).is_ok(),
+            "allowed client"
+        );
+        assert_eq!(
+            syn_backend(&mut f, ([10, 91, 0, 66], 40000)),
+            Err(XDP_DROP),
+            "denied inside allow"
+        );
+        assert_eq!(
+            syn_backend(&mut f, ([10, 92, 0, 2], 40000)),
+            Err(XDP_DROP),
+            "not in allow list"
+        );
+        assert_eq!(f.dp.snapshot(1).unwrap().get(Counter::DropAcl), 2);
+        assert_eq!(
+            f.dp.conntrack_entries().len(),
+            2,
+            "only the allowed flow is tracked"
+        );
+
+        // Re-applying without the ACL admits everyone again (stale prefixes are removed).
+        let host = config::Host::current().unwrap();
+        let open = config::parse("fixture.yaml", CONFIG, &host).unwrap();
+        f.dp.apply(&plan::build(&open)).unwrap();
+        assert!(syn_backend(&mut f, ([10, 92, 0, 2], 40001)).is_ok());
+    });
+}
+
+#[test]
+fn source_ip_scheduling_sends_every_flow_of_a_client_to_one_backend() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f =
+            Fixture::new(&CONFIG.replace("pool: web }", "pool: web, scheduler: source_ip }"));
+        for client in [[10, 91, 0, 2], [10, 91, 0, 3], [10, 91, 0, 4]] {
+            let first = syn_backend(&mut f, (client, 30000)).unwrap();
+            for port in 30001..30040 {
+                assert_eq!(
+                    syn_backend(&mut f, (client, port)).unwrap(),
+                    first,
+                    "{client:?}:{port}"
+                );
+            }
+        }
+        // Maglev on the 5-tuple spreads one client's flows over the backends.
+        let mut f = Fixture::new(CONFIG);
+        let seen: std::collections::BTreeSet<_> = (30000..30040)
+            .map(|p| syn_backend(&mut f, ([10, 91, 0, 2], p)).unwrap())
+            .collect();
+        assert_eq!(seen.len(), 3);
+    });
+}

@@ -14,6 +14,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use serde::{de, Deserialize, Deserializer};
@@ -107,6 +108,73 @@ pub struct Listener {
     pub vip: IpAddr,
     pub port: Port,
     pub pool: String,
+    /// How new flows pick a backend (established flows never move).
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// Maglev table size: a prime up to 65537.
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    /// How long an established flow may be idle before its state is dropped. Default: TCP
+    /// 900 s, UDP 300 s (the vendors' values).
+    #[serde(default, deserialize_with = "duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Client address filter; `deny` wins over `allow`; an empty `allow` admits everyone.
+    #[serde(default)]
+    pub acl: Acl,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// Weighted Maglev consistent hashing on the 5-tuple.
+    #[default]
+    Maglev,
+    /// Consistent hashing on the client address only: one client, one backend while it is up
+    /// (the vendors' source-IP algorithm and L4 session persistence).
+    SourceIp,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Acl {
+    #[serde(default)]
+    pub allow: Vec<ipnetwork::IpNetwork>,
+    #[serde(default)]
+    pub deny: Vec<ipnetwork::IpNetwork>,
+}
+
+fn default_table_size() -> u32 {
+    lb_common::maps::MAX_RING
+}
+
+/// A duration as `90s`, `15m`, `1h 30m` (humantime), or a bare number of seconds.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    let parsed = match Raw::deserialize(d)? {
+        Raw::Seconds(s) => Duration::from_secs(s),
+        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+            de::Error::custom(format!("`{t}` is not a duration ({e}); e.g. 900s or 15m"))
+        })?,
+    };
+    if parsed.is_zero() {
+        return Err(de::Error::custom("a duration must be above zero"));
+    }
+    Ok(Some(parsed))
+}
+
+impl Listener {
+    /// `idle_timeout`, or the protocol's default.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout.unwrap_or(match self.protocol {
+            Protocol::Tcp => Duration::from_secs(900),
+            Protocol::Udp => Duration::from_secs(300),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
@@ -393,6 +461,26 @@ impl Config {
                     ),
                 ));
             }
+            if !is_prime(l.table_size) || l.table_size > lb_common::maps::MAX_RING {
+                return Err((
+                    format!("listeners[{i}].table_size"),
+                    format!(
+                        "{} is not a prime up to {}",
+                        l.table_size,
+                        lb_common::maps::MAX_RING
+                    ),
+                ));
+            }
+            for (kind, list) in [("allow", &l.acl.allow), ("deny", &l.acl.deny)] {
+                for (j, net) in list.iter().enumerate() {
+                    if net.is_ipv4() != l.vip.is_ipv4() {
+                        return Err((
+                            format!("listeners[{i}].acl.{kind}[{j}]"),
+                            format!("{net} is not of the {} listener's family", family(l.vip)),
+                        ));
+                    }
+                }
+            }
             let Some((p, pool)) = pools.get(l.pool.as_str()) else {
                 return Err((
                     format!("listeners[{i}].pool"),
@@ -460,6 +548,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn is_prime(n: u32) -> bool {
+    let n = n as u64;
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
 
 fn family(a: IpAddr) -> &'static str {

@@ -1,7 +1,7 @@
 //! The loaded XDP program and typed handles to its maps.
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{xdp::XdpLinkId, ProgramError, Xdp, XdpMode},
     Ebpf, EbpfError,
 };
@@ -9,7 +9,7 @@ use lb_common::{
     counters::{Counter, ListenerStats},
     flow::AddrBe,
     maps::{self, ring_base},
-    Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
+    AclKey, Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
 };
 use tracing::{info, warn};
 
@@ -57,6 +57,8 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     listener_stats: PerCpuArray<MapData, ListenerStats>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    acl_allow: LpmTrie<MapData, AclKey, u8>,
+    acl_deny: LpmTrie<MapData, AclKey, u8>,
     links: Vec<(String, XdpLinkId)>,
 }
 
@@ -104,6 +106,9 @@ impl Dataplane {
             .map_err(map_err(maps::LISTENER_STATS))?;
         let conntrack =
             HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
+        let acl_allow =
+            LpmTrie::try_from(take(maps::ACL_ALLOW)?).map_err(map_err(maps::ACL_ALLOW))?;
+        let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;
         Ok(Self {
             ebpf,
             vips,
@@ -114,6 +119,8 @@ impl Dataplane {
             counters,
             listener_stats,
             conntrack,
+            acl_allow,
+            acl_deny,
             links: Vec::new(),
         })
     }
@@ -205,12 +212,22 @@ impl Dataplane {
                 listener_id: id,
                 ring_size: l.ring.len() as u32,
                 ring_half: half,
-                flags: 0,
+                flags: l.flags,
             };
             self.vips
                 .insert(l.key, meta, 0)
                 .map_err(map_err(maps::VIPS))?;
         }
+        sync_acl(
+            &mut self.acl_allow,
+            maps::ACL_ALLOW,
+            plan.listeners.iter().map(|l| &l.allow),
+        )?;
+        sync_acl(
+            &mut self.acl_deny,
+            maps::ACL_DENY,
+            plan.listeners.iter().map(|l| &l.deny),
+        )?;
         let stale: Vec<VipKey> = self
             .vips
             .keys()
@@ -249,6 +266,44 @@ impl Dataplane {
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, ConnEntry)> {
         self.conntrack.iter().filter_map(Result::ok).collect()
     }
+}
+
+/// Makes an ACL trie hold exactly the plan's prefixes (indexed by listener id): new ones are
+/// inserted before stale ones go, so a list never passes through empty.
+fn sync_acl<'a>(
+    trie: &mut LpmTrie<MapData, AclKey, u8>,
+    name: &'static str,
+    lists: impl Iterator<Item = &'a Vec<(u32, AddrBe)>>,
+) -> Result<(), DataplaneError> {
+    let mut wanted = Vec::new();
+    for (id, list) in lists.enumerate() {
+        for &(prefix, addr_be) in list {
+            wanted.push((
+                32 + prefix,
+                AclKey {
+                    listener_id: id as u32,
+                    addr_be,
+                },
+            ));
+        }
+    }
+    for (len, data) in &wanted {
+        trie.insert(&Key::new(*len, *data), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    let stale: Vec<Key<AclKey>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| {
+            !wanted
+                .iter()
+                .any(|(len, data)| k.prefix_len() == *len && k.data() == *data)
+        })
+        .collect();
+    for k in stale {
+        trie.remove(&k).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 impl Drop for Dataplane {

@@ -4,12 +4,15 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    flow::{AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+    flow::{
+        AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ACL_ALLOW, VIP_F_ACL_DENY,
+        VIP_F_SOURCE_IP,
+    },
     Backend, GlobalConfig, VipKey,
 };
 
 use crate::{
-    config::{Config, Protocol},
+    config::{Config, Protocol, Scheduler},
     maglev,
 };
 
@@ -36,8 +39,13 @@ pub struct BackendPlan {
 pub struct ListenerPlan {
     pub name: String,
     pub key: VipKey,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
     /// Maglev table of backend ids; empty when no backend takes new flows.
     pub ring: Vec<u32>,
+    /// ACL prefixes: (prefix length in bits, address) for the allow and deny tries.
+    pub allow: Vec<(u32, AddrBe)>,
+    pub deny: Vec<(u32, AddrBe)>,
 }
 
 /// A 16-byte, network-order address as the datapath keys it.
@@ -110,14 +118,33 @@ pub fn build(config: &Config) -> Plan {
                 .iter()
                 .find(|(name, ..)| *name == l.pool)
                 .map(|(_, first, members)| {
-                    maglev::build(members, maglev::DEFAULT_TABLE_SIZE)
+                    maglev::build(members, l.table_size)
                         .into_iter()
                         .map(|i| first + i)
                         .collect()
                 })
                 .unwrap_or_default();
+            let prefixes = |nets: &[ipnetwork::IpNetwork]| -> Vec<(u32, AddrBe)> {
+                nets.iter()
+                    .map(|n| (n.prefix() as u32, addr_be(n.network())))
+                    .collect()
+            };
+            let (allow, deny) = (prefixes(&l.acl.allow), prefixes(&l.acl.deny));
+            let mut flags = 0;
+            if l.scheduler == Scheduler::SourceIp {
+                flags |= VIP_F_SOURCE_IP;
+            }
+            if !allow.is_empty() {
+                flags |= VIP_F_ACL_ALLOW;
+            }
+            if !deny.is_empty() {
+                flags |= VIP_F_ACL_DENY;
+            }
             ListenerPlan {
                 name: l.name.clone(),
+                flags,
+                allow,
+                deny,
                 key: VipKey {
                     addr_be: addr_be(l.vip),
                     port_be: l.port.0.to_be(),

@@ -26,10 +26,12 @@ pub enum Counter {
     DropConntrackFull,
     /// IPv4 fragments and other packets passed by rule.
     PassFragment,
+    /// A new flow from a client the listener's ACL refuses.
+    DropAcl,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Pass,
         Counter::Forwarded,
         Counter::FwdKernel,
@@ -40,6 +42,7 @@ impl Counter {
         Counter::DropMalformed,
         Counter::DropConntrackFull,
         Counter::PassFragment,
+        Counter::DropAcl,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -54,6 +57,7 @@ impl Counter {
             Counter::DropMalformed => "drop_malformed",
             Counter::DropConntrackFull => "drop_conntrack_full",
             Counter::PassFragment => "pass_fragment",
+            Counter::DropAcl => "drop_acl",
         }
     }
 }

@@ -46,8 +46,27 @@ pub struct VipMeta {
     /// Which of the listener's two ring slices is live (0 or 1): the agent fills the other one
     /// and then flips this, so a packet never sees a half-written table.
     pub ring_half: u32,
+    /// `VIP_F_*` bits.
     pub flags: u32,
 }
+
+/// Hash only the client address (source-IP scheduling).
+pub const VIP_F_SOURCE_IP: u32 = 1 << 0;
+/// The listener has an allow list: clients must match it.
+pub const VIP_F_ACL_ALLOW: u32 = 1 << 1;
+/// The listener has a deny list.
+pub const VIP_F_ACL_DENY: u32 = 1 << 2;
+
+/// Data part of an ACL LPM-trie key: the listener id (always fully matched, so its byte
+/// order does not matter) followed by the client address in network order. The prefix length
+/// of a key is `32 + address prefix length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AclKey {
+    pub listener_id: u32,
+    pub addr_be: AddrBe,
+}
+const _: () = assert!(core::mem::size_of::<AclKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);
 
 /// One backend, by global id. Value of `BACKENDS`.
@@ -86,4 +105,5 @@ mod pod {
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::GlobalConfig {}
+    unsafe impl aya::Pod for super::AclKey {}
 }

@@ -9,6 +9,8 @@ pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
 pub const GLOBAL: &str = "GLOBAL";
 pub const COUNTERS: &str = "COUNTERS";
 pub const LISTENER_STATS: &str = "LISTENER_STATS";
+pub const ACL_ALLOW: &str = "ACL_ALLOW";
+pub const ACL_DENY: &str = "ACL_DENY";
 
 /// The XDP program's name in the object.
 pub const PROG_LB: &str = "lb_xdp";
@@ -19,6 +21,8 @@ pub const MAX_SNAT_ADDRS: u32 = 64;
 /// Largest Maglev table per listener (a prime); each listener owns two slices of this size.
 pub const MAX_RING: u32 = 65537;
 pub const RING_ENTRIES: u32 = MAX_LISTENERS * 2 * MAX_RING;
+/// ACL prefixes over all listeners, per list.
+pub const MAX_ACL_ENTRIES: u32 = 16384;
 /// Two entries per flow.
 pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
 

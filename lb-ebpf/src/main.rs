@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod acl;
 mod conntrack;
 mod fwd;
 mod maps;
@@ -41,6 +42,7 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
                 // to a backend that has no such connection.
                 return Err(Verdict::drop(Counter::DropNoConntrack));
             }
+            acl::check(&vip, &pkt.flow)?;
             let backend_id = sched::pick_backend(vip, &pkt.flow)?;
             let entry = conntrack::create(&pkt, vip.listener_id, backend_id)?;
             stats::new_flow(vip.listener_id);

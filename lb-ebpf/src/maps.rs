@@ -3,13 +3,16 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     counters::{ListenerStats, COUNTER_COUNT},
     flow::AddrBe,
-    maps::{CONNTRACK_ENTRIES, MAX_BACKENDS, MAX_LISTENERS, MAX_SNAT_ADDRS, RING_ENTRIES},
-    Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
+    maps::{
+        CONNTRACK_ENTRIES, MAX_ACL_ENTRIES, MAX_BACKENDS, MAX_LISTENERS, MAX_SNAT_ADDRS,
+        RING_ENTRIES,
+    },
+    AclKey, Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
 };
 
 #[map]
@@ -39,3 +42,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 #[map]
 pub static LISTENER_STATS: PerCpuArray<ListenerStats> =
     PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+
+/// aya-ebpf adds the BPF_F_NO_PREALLOC that LPM tries require.
+#[map]
+pub static ACL_ALLOW: LpmTrie<AclKey, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+#[map]
+pub static ACL_DENY: LpmTrie<AclKey, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);

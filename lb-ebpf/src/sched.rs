@@ -3,7 +3,8 @@
 
 use lb_common::{
     counters::Counter,
-    hash::flow_hash,
+    flow::VIP_F_SOURCE_IP,
+    hash::{addr_hash, flow_hash},
     maps::{ring_base, NO_BACKEND},
     FlowKey, VipKey, VipMeta,
 };
@@ -29,15 +30,21 @@ pub fn vip_lookup(flow: &FlowKey) -> Result<VipMeta, Verdict> {
         .ok_or(Verdict::pass(Counter::Pass))
 }
 
-/// Backend id for a new flow from the listener's live Maglev table.
+/// Backend id for a new flow from the listener's live Maglev table, keyed by the 5-tuple or,
+/// for source-IP scheduling, by the client address alone.
 #[inline(always)]
 pub fn pick_backend(vip: VipMeta, flow: &FlowKey) -> Result<u32, Verdict> {
     let none = Verdict::drop(Counter::DropNoBackend);
     if vip.ring_size == 0 {
         return Err(none);
     }
-    let slot = ring_base(vip.listener_id, vip.ring_half)
-        + flow_hash(flow).checked_rem(vip.ring_size).unwrap_or(0);
+    let hash = if vip.flags & VIP_F_SOURCE_IP != 0 {
+        addr_hash(&flow.src_be)
+    } else {
+        flow_hash(flow)
+    };
+    let slot =
+        ring_base(vip.listener_id, vip.ring_half) + hash.checked_rem(vip.ring_size).unwrap_or(0);
     match RING.get(slot) {
         Some(&id) if id != NO_BACKEND => Ok(id),
         _ => Err(none),

@@ -239,3 +239,73 @@ fn syntax_errors_and_empty_files_are_reported_with_a_position() {
     let e = err("");
     assert!(e.starts_with("lb.yaml:1:1: "), "{e}");
 }
+
+#[test]
+fn l4_listener_options_parse_with_defaults() {
+    let c = parse("lb.yaml", EXAMPLE, &host()).unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.scheduler, Scheduler::Maglev);
+    assert_eq!(l.table_size, 65537);
+    assert_eq!(l.idle_timeout(), Duration::from_secs(900));
+    assert_eq!(l.acl, Acl::default());
+
+    let text = EXAMPLE.replace(
+        "    pool: web\n",
+        "    pool: web\n    scheduler: source_ip\n    table_size: 251\n    idle_timeout: 2m\n    \
+         acl: { allow: [10.0.0.0/8], deny: [10.1.0.0/16, 10.2.3.4/32] }\n",
+    );
+    let c = parse("lb.yaml", &text, &host()).unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.scheduler, Scheduler::SourceIp);
+    assert_eq!(l.table_size, 251);
+    assert_eq!(l.idle_timeout(), Duration::from_secs(120));
+    assert_eq!(l.acl.allow, ["10.0.0.0/8".parse().unwrap()]);
+    assert_eq!(l.acl.deny.len(), 2);
+
+    let udp = EXAMPLE.replace("protocol: tcp", "protocol: udp");
+    let c = parse("lb.yaml", &udp, &host()).unwrap();
+    assert_eq!(c.listeners[0].idle_timeout(), Duration::from_secs(300));
+    let secs = EXAMPLE.replace("    pool: web\n", "    pool: web\n    idle_timeout: 45\n");
+    assert_eq!(
+        parse("lb.yaml", &secs, &host()).unwrap().listeners[0].idle_timeout(),
+        Duration::from_secs(45)
+    );
+}
+
+#[test]
+fn l4_listener_options_are_validated() {
+    let with =
+        |extra: &str| err(&EXAMPLE.replace("    pool: web\n", &format!("    pool: web\n{extra}")));
+    assert_eq!(
+        with("    table_size: 1000\n"),
+        "lb.yaml:13:17: listeners[0].table_size: 1000 is not a prime up to 65537"
+    );
+    assert_eq!(
+        with("    table_size: 65539\n"),
+        "lb.yaml:13:17: listeners[0].table_size: 65539 is not a prime up to 65537"
+    );
+    let e = with("    idle_timeout: soon\n");
+    assert!(
+        e.starts_with("lb.yaml:13:19: listeners[0].idle_timeout: `soon` is not a duration"),
+        "{e}"
+    );
+    let e = with("    idle_timeout: 0s\n");
+    assert!(
+        e.starts_with("lb.yaml:13:19: listeners[0].idle_timeout: a duration must be above zero"),
+        "{e}"
+    );
+    let e = with("    scheduler: random\n");
+    assert!(
+        e.starts_with("lb.yaml:13:16: listeners[0].scheduler: unknown variant `random`"),
+        "{e}"
+    );
+    assert_eq!(
+        with("    acl: { deny: [\"fd00::/8\"] }\n"),
+        "lb.yaml:13:19: listeners[0].acl.deny[0]: fd00::/8 is not of the IPv4 listener's family"
+    );
+    let e = with("    acl: { allow: [10.0.0.0/33] }\n");
+    assert!(
+        e.starts_with("lb.yaml:13:20: listeners[0].acl.allow[0]: "),
+        "{e}"
+    );
+}

@@ -7,7 +7,7 @@
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
-use lb_agent::{config, dataplane::Dataplane, plan};
+use lb_agent::{config, dataplane::Dataplane, gc, plan};
 use lb_common::counters::Counter;
 use lb_tests::Netns;
 
@@ -40,6 +40,7 @@ pools:
 /// A namespace shaped like the LB's, with the program loaded and configured.
 struct Fixture {
     dp: Dataplane,
+    plan: plan::Plan,
     ext: u32,
     int: u32,
 }
@@ -112,10 +113,12 @@ impl Fixture {
         let host = config::Host::current().unwrap();
         let cfg = config::parse("fixture.yaml", text, &host).unwrap();
         let mut dp = Dataplane::load().unwrap();
-        dp.apply(&plan::build(&cfg)).unwrap();
+        let plan = plan::build(&cfg);
+        dp.apply(&plan).unwrap();
         let idx = |n: &str| nix::net::if_::if_nametoindex(n).unwrap();
         Fixture {
             dp,
+            plan,
             ext: idx("lb-ext"),
             int: idx("lb-int"),
         }
@@ -402,5 +405,131 @@ fn source_ip_scheduling_sends_every_flow_of_a_client_to_one_backend() {
             .map(|p| syn_backend(&mut f, ([10, 91, 0, 2], p)).unwrap())
             .collect();
         assert_eq!(seen.len(), 3);
+    });
+}
+
+impl Fixture {
+    /// The states of all conntrack entries, sorted.
+    fn states(&self) -> Vec<u8> {
+        let mut v: Vec<u8> = self
+            .dp
+            .conntrack_entries()
+            .iter()
+            .map(|(_, e)| e.state)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A sweep as if `secs` seconds had passed.
+    fn gc_after(&mut self, secs: u64) -> gc::Report {
+        self.dp
+            .gc(&self.plan, gc::monotonic_ns() + secs * 1_000_000_000)
+            .unwrap()
+    }
+}
+
+#[test]
+fn tcp_states_follow_handshake_fin_and_rst_in_both_entries() {
+    use lb_common::conn::{
+        STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN_RECV, STATE_SYN_SENT,
+    };
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+        let fwd = parse_checked(&out);
+        let (backend, snat) = (fwd.dst, fwd.src);
+        let from_backend = |f: &mut Fixture, flags| {
+            let (action, _) = f.run(
+                &tcp_frame(BACKEND_MACS[0], LB_INT_MAC, backend, snat, flags),
+                f.int,
+            );
+            assert_eq!(action, XDP_REDIRECT);
+        };
+        let from_client = |f: &mut Fixture, flags| {
+            let (action, _) = f.run(
+                &tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, flags),
+                f.ext,
+            );
+            assert_eq!(action, XDP_REDIRECT);
+        };
+        assert_eq!(f.states(), [STATE_SYN_SENT; 2]);
+        from_backend(&mut f, "SA");
+        assert_eq!(f.states(), [STATE_SYN_RECV; 2]);
+        from_client(&mut f, "A");
+        assert_eq!(f.states(), [STATE_ESTABLISHED; 2]);
+        from_backend(&mut f, "FA");
+        assert_eq!(f.states(), [STATE_CLOSING; 2]);
+        from_client(&mut f, "R");
+        assert_eq!(f.states(), [STATE_CLOSED; 2]);
+        // The same tuple opens a new connection to the same backend.
+        let (action, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(parse_checked(&out).dst, backend);
+        assert_eq!(f.states(), [STATE_SYN_SENT; 2]);
+    });
+}
+
+#[test]
+fn the_sweep_expires_flows_by_state_and_keeps_established_ones_until_idle() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(&CONFIG.replace("pool: web }", "pool: web, idle_timeout: 60s }"));
+        // One established flow and one that never got past its SYN.
+        let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+        let fwd = parse_checked(&out);
+        f.run(
+            &tcp_frame(BACKEND_MACS[0], LB_INT_MAC, fwd.dst, fwd.src, "SA"),
+            f.int,
+        );
+        f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+        f.run(
+            &tcp_frame(CLIENT_MAC, LB_EXT_MAC, ([10, 91, 0, 9], 41000), VIP, "S"),
+            f.ext,
+        );
+        assert_eq!(f.dp.conntrack_entries().len(), 4);
+
+        let r = f.gc_after(1);
+        assert_eq!((r.entries, r.expired, r.active.clone()), (4, 0, vec![2]));
+        let r = f.gc_after(gc::HANDSHAKE_TIMEOUT.as_secs() + 1);
+        assert_eq!(
+            (r.expired, r.active.clone()),
+            (1, vec![1]),
+            "the half-open flow goes first"
+        );
+        assert_eq!(f.dp.conntrack_entries().len(), 2);
+        assert_eq!(
+            f.gc_after(59).expired,
+            0,
+            "established: the listener's 60 s idle timeout"
+        );
+        assert_eq!(f.gc_after(61).expired, 1);
+        assert!(f.dp.conntrack_entries().is_empty());
+    });
+}
+
+#[test]
+fn a_tiny_snat_port_range_is_exhausted_and_recovers_once_flows_close() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let config = CONFIG
+            .replace("ports: 20000-60000", "ports: 20000-20003")
+            .replace("      - { address: 10.91.2.12, port: 8080 }\n      - { address: 10.91.2.13, port: 8080 }\n", "");
+        let mut f = Fixture::new(&config);
+        // Client ports inside the range are kept, so four flows take all four ports.
+        for port in 20000..20004 {
+            assert!(syn_backend(&mut f, ([10, 91, 0, 2], port)).is_ok());
+        }
+        assert_eq!(syn_backend(&mut f, ([10, 91, 0, 3], 20000)), Err(XDP_DROP));
+        assert_eq!(f.dp.snapshot(1).unwrap().get(Counter::DropSnatExhausted), 1);
+
+        // One flow is reset; once the sweep removes it, its port serves the waiting client.
+        let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, ([10, 91, 0, 2], 20000), VIP, "R"), f.ext);
+        assert_eq!(action, XDP_REDIRECT, "the RST is forwarded");
+        assert_eq!(f.gc_after(gc::CLOSED_TIMEOUT.as_secs() + 1).expired, 1);
+        let (action, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, ([10, 91, 0, 3], 20000), VIP, "S"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(parse_checked(&out).src, (SNAT, 20000));
     });
 }

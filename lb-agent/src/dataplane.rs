@@ -13,7 +13,7 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use crate::{config, plan::Plan};
+use crate::{config, gc, plan::Plan};
 
 /// The object `build.rs` produced (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -265,6 +265,54 @@ impl Dataplane {
     /// Conntrack entries (both directions), for tests and diagnostics.
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, ConnEntry)> {
         self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+}
+
+impl Dataplane {
+    /// Deletes flows idle for longer than their state allows (`gc::timeout`), both entries at
+    /// once, which frees their SNAT port. A flow's idle time is that of its more recent
+    /// direction; an entry whose pair is gone (LRU eviction) is judged alone. `now_ns` is
+    /// `gc::monotonic_ns()` in production.
+    pub fn gc(&mut self, plan: &Plan, now_ns: u64) -> Result<gc::Report, DataplaneError> {
+        use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
+        let entries: std::collections::HashMap<FlowKey, ConnEntry> =
+            self.conntrack.iter().filter_map(Result::ok).collect();
+        let mut report = gc::Report {
+            entries: entries.len(),
+            active: vec![0; plan.listeners.len()],
+            ..Default::default()
+        };
+        let mut doomed = Vec::new();
+        for (key, e) in &entries {
+            let pair_key = e.pair_key(key.proto, key.family);
+            let pair = entries.get(&pair_key);
+            // Each flow is judged once: from its original entry, or from an orphan reply.
+            if e.dir != DIR_ORIGINAL && pair.is_some() {
+                continue;
+            }
+            let last = pair.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
+            let idle = plan
+                .listeners
+                .get(e.listener_id as usize)
+                .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
+            let limit = gc::timeout(e.state, idle).as_nanos() as u64;
+            if now_ns.saturating_sub(last) > limit {
+                doomed.push(*key);
+                if pair.is_some() {
+                    doomed.push(pair_key);
+                }
+                report.expired += 1;
+            } else if e.state != STATE_CLOSING && e.state != STATE_CLOSED {
+                if let Some(n) = report.active.get_mut(e.listener_id as usize) {
+                    *n += 1;
+                }
+            }
+        }
+        for key in doomed {
+            // Already gone (LRU eviction, or the datapath re-created it) is fine.
+            let _ = self.conntrack.remove(&key);
+        }
+        Ok(report)
     }
 }
 

@@ -2,6 +2,7 @@
 //! keeps them there.
 pub mod config;
 pub mod dataplane;
+pub mod gc;
 pub mod maglev;
 pub mod netif;
 pub mod plan;

@@ -4,8 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{config, dataplane::Dataplane, netif, plan, stats};
-use tracing::{error, info};
+use lb_agent::{config, dataplane::Dataplane, gc, netif, plan, stats};
+use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
 #[command(version, about = "XDP L4 FullNAT load balancer agent")]
@@ -80,20 +80,33 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    let last_sweep = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM"),
-            _ = int.recv() => info!("SIGINT"),
+        let mut sweep = tokio::time::interval(gc::INTERVAL);
+        let mut last = gc::Report::default();
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM"); break; }
+                _ = int.recv() => { info!("SIGINT"); break; }
+                _ = sweep.tick() => match dp.gc(&plan, gc::monotonic_ns()) {
+                    Ok(r) => {
+                        if r.expired > 0 {
+                            debug!(expired = r.expired, entries = r.entries, "conntrack sweep");
+                        }
+                        last = r;
+                    }
+                    Err(e) => warn!(error = %e, "conntrack sweep failed"),
+                },
+            }
         }
-        anyhow::Ok(())
+        anyhow::Ok(last)
     })?;
 
     dp.detach_all();
     match dp.snapshot(plan.listeners.len()) {
-        Ok(s) => print!("{}", stats::render(&s, &plan)),
+        Ok(s) => print!("{}", stats::render(&s, &plan, &last_sweep.active)),
         Err(e) => error!(error = %e, "reading counters"),
     }
     Ok(())

@@ -41,6 +41,8 @@ pub struct ListenerPlan {
     pub key: VipKey,
     /// `VIP_F_*` bits.
     pub flags: u32,
+    /// Idle timeout of established flows.
+    pub idle_timeout: std::time::Duration,
     /// Maglev table of backend ids; empty when no backend takes new flows.
     pub ring: Vec<u32>,
     /// ACL prefixes: (prefix length in bits, address) for the allow and deny tries.
@@ -143,6 +145,7 @@ pub fn build(config: &Config) -> Plan {
             ListenerPlan {
                 name: l.name.clone(),
                 flags,
+                idle_timeout: l.idle_timeout(),
                 allow,
                 deny,
                 key: VipKey {

@@ -4,8 +4,9 @@ use std::fmt::Write as _;
 
 use crate::{dataplane::Snapshot, plan::Plan};
 
-/// The global counters, then one line per listener.
-pub fn render(s: &Snapshot, plan: &Plan) -> String {
+/// The global counters, then one line per listener (`active`: live flows per listener at the
+/// last conntrack sweep).
+pub fn render(s: &Snapshot, plan: &Plan, active: &[u64]) -> String {
     let mut out = String::from("counters:\n");
     let rx: u64 = s.counters.iter().map(|(_, v)| v).sum();
     let _ = writeln!(out, "  {:<22} {rx}", "rx_packets");
@@ -14,14 +15,20 @@ pub fn render(s: &Snapshot, plan: &Plan) -> String {
     }
     let _ = writeln!(
         out,
-        "listeners:\n  {:<16} {:>10} {:>12} {:>10} {:>12} {:>10}",
-        "name", "pkts_in", "bytes_in", "pkts_out", "bytes_out", "new_flows"
+        "listeners:\n  {:<16} {:>10} {:>12} {:>10} {:>12} {:>8} {:>10}",
+        "name", "pkts_in", "bytes_in", "pkts_out", "bytes_out", "active", "new_flows"
     );
-    for (l, st) in plan.listeners.iter().zip(&s.listeners) {
+    for (i, (l, st)) in plan.listeners.iter().zip(&s.listeners).enumerate() {
         let _ = writeln!(
             out,
-            "  {:<16} {:>10} {:>12} {:>10} {:>12} {:>10}",
-            l.name, st.packets_in, st.bytes_in, st.packets_out, st.bytes_out, st.new_flows
+            "  {:<16} {:>10} {:>12} {:>10} {:>12} {:>8} {:>10}",
+            l.name,
+            st.packets_in,
+            st.bytes_in,
+            st.packets_out,
+            st.bytes_out,
+            active.get(i).copied().unwrap_or(0),
+            st.new_flows
         );
     }
     out

@@ -10,11 +10,53 @@ use crate::flow::AddrBe;
 pub const DIR_ORIGINAL: u8 = 0;
 pub const DIR_REPLY: u8 = 1;
 
-/// TCP flow states (UDP flows stay `ESTABLISHED`).
+/// TCP flow states (UDP flows are `ESTABLISHED` from the first packet). Both entries of a flow
+/// carry the same state.
+/// The client's SYN was seen.
 pub const STATE_SYN_SENT: u8 = 1;
-pub const STATE_ESTABLISHED: u8 = 2;
-pub const STATE_CLOSING: u8 = 3;
-pub const STATE_CLOSED: u8 = 4;
+/// The backend answered with SYN-ACK.
+pub const STATE_SYN_RECV: u8 = 2;
+/// The client completed the handshake (a SYN flood never gets here, so its entries keep the
+/// short handshake timeout).
+pub const STATE_ESTABLISHED: u8 = 3;
+/// A FIN was seen in either direction.
+pub const STATE_CLOSING: u8 = 4;
+/// A RST was seen.
+pub const STATE_CLOSED: u8 = 5;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The state after a TCP packet with `flags` travelling in direction `dir`.
+#[inline(always)]
+pub const fn tcp_next_state(state: u8, dir: u8, flags: u8) -> u8 {
+    if flags & TCP_RST != 0 {
+        return STATE_CLOSED;
+    }
+    let pure_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if dir == DIR_ORIGINAL && pure_syn && (state == STATE_CLOSING || state == STATE_CLOSED) {
+        // The client reuses the tuple for a new connection.
+        return STATE_SYN_SENT;
+    }
+    if flags & TCP_FIN != 0 {
+        return if state == STATE_CLOSED {
+            STATE_CLOSED
+        } else {
+            STATE_CLOSING
+        };
+    }
+    match state {
+        STATE_SYN_SENT if dir == DIR_REPLY && flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => {
+            STATE_SYN_RECV
+        }
+        STATE_SYN_RECV if dir == DIR_ORIGINAL && flags & (TCP_SYN | TCP_ACK) == TCP_ACK => {
+            STATE_ESTABLISHED
+        }
+        s => s,
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,6 +76,25 @@ pub struct ConnEntry {
 }
 const _: () = assert!(core::mem::size_of::<ConnEntry>() == 56);
 
+impl ConnEntry {
+    /// Key of the other direction's entry: the reverse of the tuple this entry rewrites to.
+    #[inline(always)]
+    pub const fn pair_key(&self, proto: u8, family: u8) -> crate::FlowKey {
+        crate::FlowKey {
+            src_be: self.nat_dst_be,
+            dst_be: self.nat_src_be,
+            sport_be: self.nat_dport_be,
+            dport_be: self.nat_sport_be,
+            proto,
+            family,
+            _pad: [0; 2],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, explicit padding, every bit pattern valid.
 unsafe impl aya::Pod for ConnEntry {}
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
-    conn::{DIR_ORIGINAL, DIR_REPLY, STATE_ESTABLISHED, STATE_SYN_SENT},
+    conn::{tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_ESTABLISHED, STATE_SYN_SENT},
     counters::Counter,
     flow::{FAMILY_V4, PROTO_TCP},
     hash::flow_hash,
@@ -21,8 +21,9 @@ use crate::{
 
 /// Random probes for a free SNAT port before the new flow is dropped as exhausted.
 const PORT_TRIES: u32 = 8;
-/// `last_seen_ns` is refreshed at most this often, so established flows do not write the shared
-/// entry (and bounce its cache line between CPUs) on every packet.
+/// `last_seen_ns` is refreshed at most this often (and on state changes), so established flows
+/// do not write the shared entry (and bounce its cache line between CPUs) on every packet. The
+/// agent's idle timeouts are far coarser.
 const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
@@ -30,13 +31,31 @@ pub fn lookup(flow: &FlowKey) -> Option<*mut ConnEntry> {
     CONNTRACK.get_ptr_mut(flow)
 }
 
-/// Copies an entry out for this packet, refreshing its timestamp.
+/// Copies an entry out for this packet, advancing the TCP state (in both entries of the flow)
+/// and refreshing the timestamp.
 #[inline(always)]
-pub fn touch(entry: *mut ConnEntry) -> ConnEntry {
+pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> ConnEntry {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
     let e = unsafe { &mut *entry };
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(e.last_seen_ns) > TOUCH_INTERVAL_NS {
+    let mut refresh = now.wrapping_sub(e.last_seen_ns) > TOUCH_INTERVAL_NS;
+    if pkt.flow.proto == PROTO_TCP {
+        let next = tcp_next_state(e.state, e.dir, pkt.tcp_flags);
+        if next != e.state {
+            // Transitions are rare (handshake, FIN, RST), so the pair lookup costs little.
+            e.state = next;
+            refresh = true;
+            if let Some(pair) = CONNTRACK.get_ptr_mut(&e.pair_key(pkt.flow.proto, pkt.flow.family))
+            {
+                // SAFETY: as above.
+                unsafe {
+                    (*pair).state = next;
+                    (*pair).last_seen_ns = now;
+                }
+            }
+        }
+    }
+    if refresh {
         e.last_seen_ns = now;
     }
     *e

@@ -34,7 +34,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
     let entry = match conntrack::lookup(&pkt.flow) {
-        Some(entry) => conntrack::touch(entry),
+        Some(entry) => conntrack::touch(entry, &pkt),
         None => {
             let vip = sched::vip_lookup(&pkt.flow)?;
             if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {

@@ -11,6 +11,7 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
+    conn::{TCP_ACK, TCP_RST, TCP_SYN},
     counters::Counter,
     flow::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
     FlowKey,
@@ -21,9 +22,6 @@ use crate::verdict::Verdict;
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
-pub const TCP_FLAG_SYN: u8 = 0x02;
-pub const TCP_FLAG_RST: u8 = 0x04;
-pub const TCP_FLAG_ACK: u8 = 0x10;
 
 #[repr(C)]
 pub struct EthHdr {
@@ -84,7 +82,7 @@ pub struct Packet {
 impl Packet {
     #[inline(always)]
     pub fn is_syn(&self) -> bool {
-        self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) == TCP_FLAG_SYN
+        self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
     }
 }
 

@@ -97,3 +97,57 @@ fn a_one_arm_lb_sends_both_directions_back_out_of_its_single_interface() {
     // Every packet of 90 connections except the few handed to the kernel while ARP resolved.
     assert!(forwarded >= 90 * 4, "forwarded {forwarded}\n{stats}");
 }
+
+#[test]
+fn weights_hold_over_1000_connections_and_source_ip_sticks() {
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(8080);
+    let weighted = topo
+        .config(8080)
+        .replace(
+            "10.91.2.12, port: 8080, weight: 1",
+            "10.91.2.12, port: 8080, weight: 2",
+        )
+        .replace(
+            "10.91.2.13, port: 8080, weight: 1",
+            "10.91.2.13, port: 8080, weight: 3",
+        );
+    let vip = "10.91.0.100:80".parse().unwrap();
+    let n: f64 = 1000.0;
+    for scheduler in ["wrr", "maglev"] {
+        let config = weighted.replace(
+            "    pool: web\n",
+            &format!("    pool: web\n    scheduler: {scheduler}\n"),
+        );
+        let agent = topo.start_agent(&config);
+        let per_backend = tally(scheduler, &topo.connect_many(vip, n as usize), SNAT);
+        drop(agent);
+        for (name, weight) in [("backend-1", 1.0), ("backend-2", 2.0), ("backend-3", 3.0)] {
+            let got = per_backend.get(name).copied().unwrap_or(0) as f64;
+            let p = weight / 6.0;
+            // Round robin is exact up to the per-CPU cursors; a hash is binomial (3σ, plus the
+            // table's own 5% weight error).
+            let slack = match scheduler {
+                "wrr" => n * p * 0.10,
+                _ => 3.0 * (n * p * (1.0 - p)).sqrt() + n * p * 0.05,
+            };
+            assert!(
+                (got - n * p).abs() <= slack,
+                "{scheduler} {name}: {got} flows, want {}±{slack:.0}",
+                n * p
+            );
+        }
+    }
+
+    let sticky = topo.config(8080).replace(
+        "    pool: web\n",
+        "    pool: web\n    scheduler: source_ip\n",
+    );
+    let _agent = topo.start_agent(&sticky);
+    let per_backend = tally("source_ip", &topo.connect_many(vip, 50), SNAT);
+    assert_eq!(
+        per_backend.len(),
+        1,
+        "one client, one backend: {per_backend:?}"
+    );
+}

@@ -533,3 +533,76 @@ fn a_tiny_snat_port_range_is_exhausted_and_recovers_once_flows_close() {
         assert_eq!(parse_checked(&out).src, (SNAT, 20000));
     });
 }
+
+#[test]
+fn established_flows_keep_their_backend_when_it_leaves_the_pool_and_new_flows_avoid_it() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        // Open flows until every backend has some.
+        let mut flows = Vec::new();
+        for port in 40000..40060 {
+            flows.push((port, syn_backend(&mut f, ([10, 91, 0, 2], port)).unwrap()));
+        }
+        let victim = flows[0].1;
+        let gone = format!("      - {{ address: 10.91.2.{}, port: 8080 }}\n", victim[3]);
+        assert!(CONFIG.contains(&gone));
+        let host = config::Host::current().unwrap();
+        let smaller = config::parse("fixture.yaml", &CONFIG.replace(&gone, ""), &host).unwrap();
+        f.plan = plan::build(&smaller);
+        f.dp.apply(&f.plan).unwrap();
+
+        for (port, backend) in &flows {
+            let (action, out) = f.run(
+                &tcp_frame(CLIENT_MAC, LB_EXT_MAC, ([10, 91, 0, 2], *port), VIP, "A"),
+                f.ext,
+            );
+            assert_eq!(action, XDP_REDIRECT);
+            assert_eq!(
+                parse_checked(&out).dst.0,
+                *backend,
+                "flow from port {port} moved"
+            );
+        }
+        for port in 41000..41100 {
+            assert_ne!(
+                syn_backend(&mut f, ([10, 91, 0, 2], port)).unwrap(),
+                victim,
+                "new flow to the removed backend"
+            );
+        }
+    });
+}
+
+#[test]
+fn weight_zero_drains_a_backend_and_weights_split_new_flows() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let weighted = CONFIG
+            .replace(
+                "10.91.2.11, port: 8080 }",
+                "10.91.2.11, port: 8080, weight: 1 }",
+            )
+            .replace(
+                "10.91.2.12, port: 8080 }",
+                "10.91.2.12, port: 8080, weight: 3 }",
+            )
+            .replace(
+                "10.91.2.13, port: 8080 }",
+                "10.91.2.13, port: 8080, weight: 0 }",
+            );
+        let mut f = Fixture::new(&weighted);
+        let mut count = [0usize; 3];
+        for i in 0..4000u32 {
+            let client = [10, 91, (i / 250) as u8, (i % 250 + 1) as u8];
+            let b = syn_backend(&mut f, (client, 40000)).unwrap();
+            count[(b[3] - 11) as usize] += 1;
+        }
+        assert_eq!(count[2], 0, "weight 0 takes no new flow: {count:?}");
+        let share = count[1] as f64 / 4000.0;
+        assert!(
+            (share - 0.75).abs() < 0.75 * 0.10,
+            "weight 3 of 4: {count:?}"
+        );
+    });
+}

@@ -132,6 +132,8 @@ pub enum Scheduler {
     /// Consistent hashing on the client address only: one client, one backend while it is up
     /// (the vendors' source-IP algorithm and L4 session persistence).
     SourceIp,
+    /// Weighted round robin: new flows take turns in proportion to the weights.
+    Wrr,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

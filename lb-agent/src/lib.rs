@@ -7,3 +7,4 @@ pub mod maglev;
 pub mod netif;
 pub mod plan;
 pub mod stats;
+pub mod wrr;

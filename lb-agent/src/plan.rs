@@ -6,14 +6,14 @@ use std::net::IpAddr;
 use lb_common::{
     flow::{
         AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ACL_ALLOW, VIP_F_ACL_DENY,
-        VIP_F_SOURCE_IP,
+        VIP_F_SOURCE_IP, VIP_F_WRR,
     },
     Backend, GlobalConfig, VipKey,
 };
 
 use crate::{
     config::{Config, Protocol, Scheduler},
-    maglev,
+    maglev, wrr,
 };
 
 /// Everything the datapath needs, indexed the way its maps are.
@@ -120,10 +120,16 @@ pub fn build(config: &Config) -> Plan {
                 .iter()
                 .find(|(name, ..)| *name == l.pool)
                 .map(|(_, first, members)| {
-                    maglev::build(members, l.table_size)
-                        .into_iter()
-                        .map(|i| first + i)
-                        .collect()
+                    let slots = match l.scheduler {
+                        Scheduler::Wrr => {
+                            let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+                            wrr::sequence(&weights, lb_common::maps::MAX_RING)
+                        }
+                        Scheduler::Maglev | Scheduler::SourceIp => {
+                            maglev::build(members, l.table_size)
+                        }
+                    };
+                    slots.into_iter().map(|i| first + i).collect()
                 })
                 .unwrap_or_default();
             let prefixes = |nets: &[ipnetwork::IpNetwork]| -> Vec<(u32, AddrBe)> {
@@ -133,9 +139,11 @@ pub fn build(config: &Config) -> Plan {
             };
             let (allow, deny) = (prefixes(&l.acl.allow), prefixes(&l.acl.deny));
             let mut flags = 0;
-            if l.scheduler == Scheduler::SourceIp {
-                flags |= VIP_F_SOURCE_IP;
-            }
+            flags |= match l.scheduler {
+                Scheduler::Maglev => 0,
+                Scheduler::SourceIp => VIP_F_SOURCE_IP,
+                Scheduler::Wrr => VIP_F_WRR,
+            };
             if !allow.is_empty() {
                 flags |= VIP_F_ACL_ALLOW;
             }

@@ -11,6 +11,7 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const LISTENER_STATS: &str = "LISTENER_STATS";
 pub const ACL_ALLOW: &str = "ACL_ALLOW";
 pub const ACL_DENY: &str = "ACL_DENY";
+pub const WRR_CURSOR: &str = "WRR_CURSOR";
 
 /// The XDP program's name in the object.
 pub const PROG_LB: &str = "lb_xdp";

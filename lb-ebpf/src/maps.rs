@@ -49,3 +49,7 @@ pub static ACL_ALLOW: LpmTrie<AclKey, u8> = LpmTrie::with_max_entries(MAX_ACL_EN
 
 #[map]
 pub static ACL_DENY: LpmTrie<AclKey, u8> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+/// Per-CPU round-robin position per listener: no shared cursor for CPUs to fight over.
+#[map]
+pub static WRR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);

@@ -3,14 +3,14 @@
 
 use lb_common::{
     counters::Counter,
-    flow::VIP_F_SOURCE_IP,
+    flow::{VIP_F_SOURCE_IP, VIP_F_WRR},
     hash::{addr_hash, flow_hash},
     maps::{ring_base, NO_BACKEND},
     FlowKey, VipKey, VipMeta,
 };
 
 use crate::{
-    maps::{RING, VIPS},
+    maps::{RING, VIPS, WRR_CURSOR},
     verdict::Verdict,
 };
 
@@ -30,6 +30,20 @@ pub fn vip_lookup(flow: &FlowKey) -> Result<VipMeta, Verdict> {
         .ok_or(Verdict::pass(Counter::Pass))
 }
 
+/// The listener's next round-robin position on this CPU.
+#[inline(always)]
+fn next_turn(listener_id: u32) -> u32 {
+    match WRR_CURSOR.get_ptr_mut(listener_id) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        Some(c) => unsafe {
+            let turn = *c;
+            *c = turn.wrapping_add(1);
+            turn
+        },
+        None => 0,
+    }
+}
+
 /// Backend id for a new flow from the listener's live Maglev table, keyed by the 5-tuple or,
 /// for source-IP scheduling, by the client address alone.
 #[inline(always)]
@@ -38,7 +52,9 @@ pub fn pick_backend(vip: VipMeta, flow: &FlowKey) -> Result<u32, Verdict> {
     if vip.ring_size == 0 {
         return Err(none);
     }
-    let hash = if vip.flags & VIP_F_SOURCE_IP != 0 {
+    let hash = if vip.flags & VIP_F_WRR != 0 {
+        next_turn(vip.listener_id)
+    } else if vip.flags & VIP_F_SOURCE_IP != 0 {
         addr_hash(&flow.src_be)
     } else {
         flow_hash(flow)

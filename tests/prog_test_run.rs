@@ -606,3 +606,86 @@ fn weight_zero_drains_a_backend_and_weights_split_new_flows() {
         );
     });
 }
+
+#[test]
+fn an_icmp_fragmentation_needed_about_a_tracked_flow_is_translated_back_to_the_client() {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Header, Icmpv4Type, Ipv4HeaderSlice};
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        let syn = tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S");
+        let (_, forwarded) = f.run(&syn, f.ext);
+        let fwd = parse_checked(&forwarded);
+        let b = (fwd.dst.0[3] - 11) as usize;
+
+        // A router on the backend side cannot pass the LB's SYN: it quotes it (IP + TCP header).
+        let quoted = &forwarded[14..14 + 40];
+        let frag_needed =
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1400,
+            });
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(BACKEND_MACS[b], LB_INT_MAC)
+            .ipv4([10, 91, 2, 254], SNAT, 64)
+            .icmpv4(frag_needed.clone())
+            .write(&mut icmp, quoted)
+            .unwrap();
+
+        let (action, out) = f.run(&icmp, f.int);
+        assert_eq!(
+            action, XDP_REDIRECT,
+            "the error goes out towards the client"
+        );
+        let h = PacketHeaders::from_ethernet_slice(&out).unwrap();
+        let Some(NetHeaders::Ipv4(ip, _)) = &h.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(
+            ip.header_checksum,
+            ip.calc_header_checksum(),
+            "outer IP checksum"
+        );
+        assert_eq!((ip.source, ip.destination), (VIP.0, CLIENT.0));
+        let Some(TransportHeader::Icmpv4(icmp_hdr)) = &h.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!(icmp_hdr.icmp_type, frag_needed, "type, code and MTU kept");
+        let payload = h.payload.slice();
+        assert_eq!(
+            icmp_hdr.checksum,
+            Icmpv4Header::with_checksum(icmp_hdr.icmp_type.clone(), payload).checksum,
+            "ICMP checksum"
+        );
+        // The quote is now the client's own SYN: client:port → VIP:80.
+        let inner = Ipv4HeaderSlice::from_slice(payload).unwrap();
+        assert_eq!(
+            inner.to_header().header_checksum,
+            inner.to_header().calc_header_checksum()
+        );
+        assert_eq!((inner.source(), inner.destination()), (CLIENT.0, VIP.0));
+        let ports = &payload[20..24];
+        assert_eq!(u16::from_be_bytes([ports[0], ports[1]]), CLIENT.1);
+        assert_eq!(u16::from_be_bytes([ports[2], ports[3]]), VIP.1);
+        assert_eq!(
+            out[..6],
+            CLIENT_MAC,
+            "sent to the client's MAC like the flow's replies"
+        );
+
+        // An error quoting a flow the LB does not know is the kernel's business.
+        let mut stray = Vec::new();
+        let unknown = tcp_frame(
+            LB_INT_MAC,
+            BACKEND_MACS[0],
+            (SNAT, 33333),
+            ([10, 91, 2, 11], 8080),
+            "S",
+        );
+        PacketBuilder::ethernet2(BACKEND_MACS[0], LB_INT_MAC)
+            .ipv4([10, 91, 2, 254], SNAT, 64)
+            .icmpv4(frag_needed)
+            .write(&mut stray, &unknown[14..54])
+            .unwrap();
+        assert_eq!(f.run(&stray, f.int), (XDP_PASS, stray.clone()));
+    });
+}

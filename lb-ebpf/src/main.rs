@@ -33,6 +33,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
+    if pkt.icmp_inner.is_some() {
+        // An error about a tracked flow goes where that flow's packets go (path-MTU discovery
+        // through the LB); about anything else, it is the kernel's business.
+        let entry = conntrack::lookup(&pkt.flow).ok_or(Verdict::pass(Counter::Pass))?;
+        // SAFETY: a pointer from a successful map lookup stays valid for this program run.
+        let entry = unsafe { *entry };
+        nat::rewrite_icmp_error(ctx, &pkt, &entry)?;
+        return fwd::forward(ctx, &pkt, &entry);
+    }
     let entry = match conntrack::lookup(&pkt.flow) {
         Some(entry) => conntrack::touch(entry, &pkt),
         None => {

@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Packet, Ports, TCP_CSUM_OFF, UDP_CSUM_OFF},
+    parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Packet, Ports, ICMP_CSUM_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
     verdict::Verdict,
 };
 
@@ -76,5 +76,83 @@ pub fn rewrite(
             }
         }
     }
+    Ok(())
+}
+
+/// Translates an ICMP error about a tracked flow (`pkt.flow` matched entry `e`): the outer
+/// header goes from `e.nat_src` to `e.nat_dst` like the flow's own packets, and the quoted
+/// packet becomes the one that peer sent (`e.nat_dst:dport` → `e.nat_src:sport`), so its
+/// socket recognises the error. The quoted IP checksum and the ICMP checksum are updated; the
+/// quoted L4 checksum is left alone (the quote is often truncated and nobody checks it).
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &aya_ebpf::programs::XdpContext,
+    pkt: &Packet,
+    e: &ConnEntry,
+) -> Result<(), Verdict> {
+    let bad = Verdict::drop(Counter::DropMalformed);
+    let (inner_l3, inner_l4) = pkt.icmp_inner.ok_or(bad)?;
+    // Verifier: the offsets come back from the stack without bounds; both are below
+    // 14 + 60 + 8 + 60 = 142, so the mask changes nothing but proves a range.
+    let (inner_l3, inner_l4) = (inner_l3 & 0xff, inner_l4 & 0xff);
+    let is_v4 = pkt.flow.family == FAMILY_V4;
+    // Difference over the ICMP message (quoted headers), and for ICMPv6 its pseudo-header too.
+    let mut icmp_diff = 0;
+    if is_v4 {
+        let outer: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
+        let inner: *mut Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(bad)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (outer, inner) = unsafe { (&mut *outer, &mut *inner) };
+        let d = diff32(
+            diff32(0, outer.saddr_be, e.nat_src_be[0]),
+            outer.daddr_be,
+            e.nat_dst_be[0],
+        );
+        outer.check = apply(outer.check, d);
+        outer.saddr_be = e.nat_src_be[0];
+        outer.daddr_be = e.nat_dst_be[0];
+        let d = diff32(
+            diff32(0, inner.saddr_be, e.nat_dst_be[0]),
+            inner.daddr_be,
+            e.nat_src_be[0],
+        );
+        let check = apply(inner.check, d);
+        icmp_diff = diff16(d, inner.check, check);
+        inner.check = check;
+        inner.saddr_be = e.nat_dst_be[0];
+        inner.daddr_be = e.nat_src_be[0];
+    } else {
+        let outer: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
+        let inner: *mut Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(bad)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (outer, inner) = unsafe { (&mut *outer, &mut *inner) };
+        icmp_diff = diff_addr(
+            diff_addr(icmp_diff, &outer.saddr_be, &e.nat_src_be),
+            &outer.daddr_be,
+            &e.nat_dst_be,
+        );
+        outer.saddr_be = e.nat_src_be;
+        outer.daddr_be = e.nat_dst_be;
+        icmp_diff = diff_addr(
+            diff_addr(icmp_diff, &inner.saddr_be, &e.nat_dst_be),
+            &inner.daddr_be,
+            &e.nat_src_be,
+        );
+        inner.saddr_be = e.nat_dst_be;
+        inner.daddr_be = e.nat_src_be;
+    }
+    let ports: *mut Ports = ptr_at(ctx, inner_l4).ok_or(bad)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { &mut *ports };
+    icmp_diff = diff16(
+        diff16(icmp_diff, ports.src_be, e.nat_dport_be),
+        ports.dst_be,
+        e.nat_sport_be,
+    );
+    ports.src_be = e.nat_dport_be;
+    ports.dst_be = e.nat_sport_be;
+    let check: *mut u16 = ptr_at(ctx, pkt.l4_off + ICMP_CSUM_OFF).ok_or(bad)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *check = apply(*check, icmp_diff) };
     Ok(())
 }

@@ -77,6 +77,10 @@ pub struct Packet {
     pub len: u64,
     /// IP total length (header included), host order, for the FIB's MTU check.
     pub ip_len: u16,
+    /// For an ICMP error about a TCP/UDP packet: offsets of the quoted IP and L4 headers.
+    /// `flow` is then the *reverse* of the quoted tuple, i.e. the key of the conntrack entry
+    /// of the direction the error travels in.
+    pub icmp_inner: Option<(usize, usize)>,
 }
 
 impl Packet {
@@ -158,6 +162,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
         PROTO_UDP => {
             ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off).ok_or(Verdict::drop(Counter::DropMalformed))?;
         }
+        PROTO_ICMP | PROTO_ICMPV6 => return icmp_error(ctx, flow, l4_off, len, ip_len),
         _ => return Err(pass),
     }
     let ports: *const Ports = ptr_at(ctx, l4_off).ok_or(pass)?;
@@ -173,5 +178,81 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
         tcp_flags,
         len,
         ip_len,
+        icmp_inner: None,
+    })
+}
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// ICMP header: type, code, checksum, 4 bytes that depend on the type.
+pub const ICMP_HLEN: usize = 8;
+pub const ICMP_CSUM_OFF: usize = 2;
+
+/// ICMP (v4: destination unreachable, time exceeded, parameter problem; v6: the same plus
+/// packet too big) quoting a TCP or UDP packet. Anything else (echo, neighbour discovery, …)
+/// passes to the kernel.
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    mut flow: FlowKey,
+    l4_off: usize,
+    len: u64,
+    ip_len: u16,
+) -> Result<Packet, Verdict> {
+    let pass = Verdict::pass(Counter::Pass);
+    // The whole header, not just its type byte: for a 1-byte read LLVM folds the bounds check
+    // into `p >= end`, from which the verifier grants no readable range.
+    let icmp: *const [u8; ICMP_HLEN] = ptr_at(ctx, l4_off).ok_or(pass)?;
+    // SAFETY: bounds checked by ptr_at.
+    let icmp_type = unsafe { (*icmp)[0] };
+    let is_v4 = flow.family == FAMILY_V4;
+    let is_error = if is_v4 {
+        matches!(icmp_type, 3 | 11 | 12)
+    } else {
+        matches!(icmp_type, 1..=4)
+    };
+    if (is_v4 && flow.proto != PROTO_ICMP) || (!is_v4 && flow.proto != PROTO_ICMPV6) || !is_error {
+        return Err(pass);
+    }
+    let inner_l3 = l4_off + ICMP_HLEN;
+    let inner_l4 = if is_v4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(pass)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        let ihl = (ip.ver_ihl & 0x0f) as usize;
+        if ihl < 5 {
+            return Err(pass);
+        }
+        flow.proto = ip.proto;
+        flow.src_be[0] = ip.daddr_be;
+        flow.dst_be[0] = ip.saddr_be;
+        inner_l3 + ihl * 4
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(pass)?;
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*ip };
+        flow.proto = ip.next_hdr;
+        flow.src_be = ip.daddr_be;
+        flow.dst_be = ip.saddr_be;
+        inner_l3 + size_of::<Ipv6Hdr>()
+    };
+    if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
+        return Err(pass);
+    }
+    // RFC 792 guarantees the first 8 bytes of the quoted L4 header: the ports are there.
+    let ports: *const Ports = ptr_at(ctx, inner_l4).ok_or(pass)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        flow.sport_be = (*ports).dst_be;
+        flow.dport_be = (*ports).src_be;
+    }
+    Ok(Packet {
+        flow,
+        l3_off: ETH_HLEN,
+        l4_off,
+        tcp_flags: 0,
+        len,
+        ip_len,
+        icmp_inner: Some((inner_l3, inner_l4)),
     })
 }

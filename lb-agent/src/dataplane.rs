@@ -134,6 +134,20 @@ impl Dataplane {
             .expect("lb_xdp was loaded as an XDP program")
     }
 
+    /// The object's trivial XDP_TX program, loaded on first use: the reference the benchmark
+    /// measures the real program against, in the same run.
+    pub fn baseline_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(maps::PROG_BASELINE)
+            .ok_or(DataplaneError::Missing(maps::PROG_BASELINE))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        Ok(prog)
+    }
+
     /// Attaches to `iface`; `auto` tries native (driver) mode and falls back to generic.
     /// Returns the mode used.
     pub fn attach(
@@ -260,6 +274,17 @@ impl Dataplane {
             s.listeners.push(total);
         }
         Ok(s)
+    }
+
+    /// Writes one conntrack entry (state restore, benchmarks).
+    pub fn conntrack_insert(
+        &mut self,
+        key: FlowKey,
+        entry: ConnEntry,
+    ) -> Result<(), DataplaneError> {
+        self.conntrack
+            .insert(key, entry, 0)
+            .map_err(map_err(maps::CONNTRACK))
     }
 
     /// Conntrack entries (both directions), for tests and diagnostics.

@@ -61,7 +61,7 @@ pub const fn tcp_next_state(state: u8, dir: u8, flags: u8) -> u8 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
-    /// `bpf_ktime_get_ns()` of the last packet seen in this direction.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet seen in this direction.
     pub last_seen_ns: u64,
     /// The tuple a matching packet leaves with.
     pub nat_src_be: AddrBe,
@@ -73,8 +73,18 @@ pub struct ConnEntry {
     pub state: u8,
     pub dir: u8,
     pub _pad: [u8; 2],
+    /// The FIB's answer for this direction, cached so established packets skip the lookup:
+    /// egress interface (0: none cached), source and destination MACs, and the largest IP
+    /// length the lookup approved (a bigger packet takes a fresh lookup and its MTU check).
+    /// Dropped whenever `last_seen_ns` is refreshed, so route and neighbour changes are seen
+    /// within about a second.
+    pub fwd_ifindex: u32,
+    pub fwd_len: u16,
+    pub fwd_smac: [u8; 6],
+    pub fwd_dmac: [u8; 6],
+    pub _pad2: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<ConnEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<ConnEntry>() == 80);
 
 impl ConnEntry {
     /// Key of the other direction's entry: the reverse of the tuple this entry rewrites to.

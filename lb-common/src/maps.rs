@@ -15,6 +15,8 @@ pub const WRR_CURSOR: &str = "WRR_CURSOR";
 
 /// The XDP program's name in the object.
 pub const PROG_LB: &str = "lb_xdp";
+/// A program that only returns XDP_TX: the benchmark's reference.
+pub const PROG_BASELINE: &str = "xdp_tx_baseline";
 
 pub const MAX_LISTENERS: u32 = 32;
 pub const MAX_BACKENDS: u32 = 4096;

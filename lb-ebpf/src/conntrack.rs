@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     conn::{tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_ESTABLISHED, STATE_SYN_SENT},
@@ -19,6 +19,10 @@ use crate::{
     verdict::Verdict,
 };
 
+// Timestamps use the coarse monotonic clock (jiffy resolution, same base as the agent's
+// CLOCK_MONOTONIC): a fraction of `bpf_ktime_get_ns`'s cost on every packet, and timeouts are
+// in seconds.
+
 /// Random probes for a free SNAT port before the new flow is dropped as exhausted.
 const PORT_TRIES: u32 = 8;
 /// `last_seen_ns` is refreshed at most this often (and on state changes), so established flows
@@ -31,13 +35,12 @@ pub fn lookup(flow: &FlowKey) -> Option<*mut ConnEntry> {
     CONNTRACK.get_ptr_mut(flow)
 }
 
-/// Copies an entry out for this packet, advancing the TCP state (in both entries of the flow)
-/// and refreshing the timestamp.
+/// Advances the TCP state (in both entries of the flow) and refreshes the timestamp.
 #[inline(always)]
-pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> ConnEntry {
+pub fn touch(entry: *mut ConnEntry, pkt: &Packet) {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
     let e = unsafe { &mut *entry };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut refresh = now.wrapping_sub(e.last_seen_ns) > TOUCH_INTERVAL_NS;
     if pkt.flow.proto == PROTO_TCP {
         let next = tcp_next_state(e.state, e.dir, pkt.tcp_flags);
@@ -57,14 +60,13 @@ pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> ConnEntry {
     }
     if refresh {
         e.last_seen_ns = now;
+        e.fwd_ifindex = 0;
     }
-    *e
 }
 
 /// Allocates a SNAT address and port for a new flow to `backend_id` and inserts both entries.
-/// Returns the original-direction entry.
 #[inline(always)]
-pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<ConnEntry, Verdict> {
+pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<(), Verdict> {
     let exhausted = Verdict::drop(Counter::DropSnatExhausted);
     let backend = BACKENDS
         .get(backend_id)
@@ -85,13 +87,15 @@ pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<ConnEnt
         .get(start + hash.checked_rem(count).unwrap_or(0))
         .ok_or(exhausted)?;
 
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let state = if flow.proto == PROTO_TCP {
         STATE_SYN_SENT
     } else {
         STATE_ESTABLISHED
     };
-    let reply_entry = ConnEntry {
+    // One entry on the (512-byte) stack, inserted for the reply direction and then turned into
+    // the original direction's.
+    let mut e = ConnEntry {
         last_seen_ns: now,
         nat_src_be: flow.dst_be,
         nat_dst_be: flow.src_be,
@@ -101,7 +105,7 @@ pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<ConnEnt
         backend_id,
         state,
         dir: DIR_REPLY,
-        _pad: [0; 2],
+        ..ConnEntry::default()
     };
     let mut reply = FlowKey {
         src_be: backend.addr_be,
@@ -127,10 +131,7 @@ pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<ConnEnt
     let mut found = false;
     for _ in 0..PORT_TRIES {
         reply.dport_be = (port as u16).to_be();
-        if CONNTRACK
-            .insert(&reply, &reply_entry, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+        if CONNTRACK.insert(&reply, &e, BPF_NOEXIST as u64).is_ok() {
             found = true;
             break;
         }
@@ -143,21 +144,14 @@ pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<ConnEnt
         return Err(exhausted);
     }
 
-    let entry = ConnEntry {
-        last_seen_ns: now,
-        nat_src_be: snat,
-        nat_dst_be: backend.addr_be,
-        nat_sport_be: reply.dport_be,
-        nat_dport_be: backend.port_be,
-        listener_id,
-        backend_id,
-        state,
-        dir: DIR_ORIGINAL,
-        _pad: [0; 2],
-    };
-    if CONNTRACK.insert(flow, &entry, 0).is_err() {
+    e.nat_src_be = snat;
+    e.nat_dst_be = backend.addr_be;
+    e.nat_sport_be = reply.dport_be;
+    e.nat_dport_be = backend.port_be;
+    e.dir = DIR_ORIGINAL;
+    if CONNTRACK.insert(flow, &e, 0).is_err() {
         let _ = CONNTRACK.remove(&reply);
         return Err(Verdict::drop(Counter::DropConntrackFull));
     }
-    Ok(entry)
+    Ok(())
 }

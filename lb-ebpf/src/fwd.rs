@@ -21,12 +21,20 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+/// Sends the rewritten frame towards the entry's `nat_dst`, through the next hop cached in the
+/// entry when it is valid for this packet's size, else through a FIB lookup whose answer is then
+/// cached.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, e: &ConnEntry) -> Result<Verdict, Verdict> {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, entry: *mut ConnEntry) -> Result<Verdict, Verdict> {
+    // SAFETY: a pointer from a successful map lookup stays valid for this program run; other
+    // CPUs write the same cached answer, or clear it.
+    let e = unsafe { &mut *entry };
+    if e.fwd_ifindex != 0 && pkt.ip_len <= e.fwd_len {
+        return emit(ctx, e.fwd_ifindex, &e.fwd_smac, &e.fwd_dmac);
+    }
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut p: FibParams = unsafe { zeroed() };
-    let ingress = ctx.ingress_ifindex() as u32;
-    p.ifindex = ingress;
+    p.ifindex = ctx.ingress_ifindex() as u32;
     p.l4_protocol = pkt.flow.proto;
     p.sport = e.nat_sport_be;
     p.dport = e.nat_dport_be;
@@ -52,18 +60,35 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, e: &ConnEntry) -> Result<Verdict,
         }
         _ => return Err(Verdict::drop(Counter::DropNoRoute)),
     }
+    e.fwd_len = if e.fwd_ifindex == p.ifindex && e.fwd_len > pkt.ip_len {
+        e.fwd_len
+    } else {
+        pkt.ip_len
+    };
+    e.fwd_smac = p.smac;
+    e.fwd_dmac = p.dmac;
+    e.fwd_ifindex = p.ifindex;
+    emit(ctx, p.ifindex, &p.smac, &p.dmac)
+}
+
+/// Sets the MACs and sends the frame out of `ifindex`.
+#[inline(always)]
+fn emit(
+    ctx: &XdpContext,
+    ifindex: u32,
+    smac: &[u8; 6],
+    dmac: &[u8; 6],
+) -> Result<Verdict, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Counter::DropMalformed))?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        (*eth).dst = p.dmac;
-        (*eth).src = p.smac;
+        (*eth).dst = *dmac;
+        (*eth).src = *smac;
     }
-    if p.ifindex == ingress {
+    if ifindex == ctx.ingress_ifindex() as u32 {
         Ok(Verdict::tx())
     } else {
         // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED.
-        Ok(Verdict::redirect(
-            unsafe { bpf_redirect(p.ifindex, 0) } as u32
-        ))
+        Ok(Verdict::redirect(unsafe { bpf_redirect(ifindex, 0) } as u32))
     }
 }

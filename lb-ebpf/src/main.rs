@@ -30,6 +30,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     v.action
 }
 
+/// The reference for `cargo xtask bench xdp`: the least an XDP forwarder can do. Never loaded
+/// into the kernel unless a benchmark asks for it.
+#[xdp]
+pub fn xdp_tx_baseline(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_TX
+}
+
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
@@ -38,12 +45,18 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         // through the LB); about anything else, it is the kernel's business.
         let entry = conntrack::lookup(&pkt.flow).ok_or(Verdict::pass(Counter::Pass))?;
         // SAFETY: a pointer from a successful map lookup stays valid for this program run.
-        let entry = unsafe { *entry };
-        nat::rewrite_icmp_error(ctx, &pkt, &entry)?;
-        return fwd::forward(ctx, &pkt, &entry);
+        let e = unsafe { &*entry };
+        nat::rewrite_icmp_error(ctx, &pkt, e)?;
+        // Same direction as the flow's own packets: same next hop.
+        return fwd::forward(ctx, &pkt, entry);
     }
+    // Entries are used in place (no copies on the 512-byte stack): the NAT tuple never changes
+    // after creation; other CPUs only write state, timestamp and the cached next hop.
     let entry = match conntrack::lookup(&pkt.flow) {
-        Some(entry) => conntrack::touch(entry, &pkt),
+        Some(entry) => {
+            conntrack::touch(entry, &pkt);
+            entry
+        }
         None => {
             let vip = sched::vip_lookup(&pkt.flow)?;
             if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {
@@ -53,14 +66,16 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
             }
             acl::check(&vip, &pkt.flow)?;
             let backend_id = sched::pick_backend(vip, &pkt.flow)?;
-            let entry = conntrack::create(&pkt, vip.listener_id, backend_id)?;
+            conntrack::create(&pkt, vip.listener_id, backend_id)?;
             stats::new_flow(vip.listener_id);
-            entry
+            conntrack::lookup(&pkt.flow).ok_or(Verdict::drop(Counter::DropConntrackFull))?
         }
     };
-    nat::rewrite(ctx, &pkt, &entry)?;
-    stats::listener_bytes(entry.listener_id, entry.dir == DIR_ORIGINAL, pkt.len);
-    fwd::forward(ctx, &pkt, &entry)
+    // SAFETY: a pointer from a successful map lookup stays valid for this program run.
+    let e = unsafe { &*entry };
+    nat::rewrite(ctx, &pkt, e)?;
+    stats::listener_bytes(e.listener_id, e.dir == DIR_ORIGINAL, pkt.len);
+    fwd::forward(ctx, &pkt, entry)
 }
 
 #[cfg(not(test))]

@@ -30,12 +30,23 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         connections: usize,
     },
+    /// Benchmarks, each against a peer measured in the same run (root).
+    Bench {
+        #[command(subcommand)]
+        which: Option<Bench>,
+    },
     /// Every test: unit tests, BPF program-test-run fixtures, netns end-to-end tests (root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Bench {
+    /// The XDP program's ns per packet (established, new flow) vs a trivial XDP_TX program.
+    Xdp,
 }
 
 fn main() -> Result<()> {
@@ -45,6 +56,7 @@ fn main() -> Result<()> {
         Cmd::Build => build(),
         Cmd::Demo { connections } => demo(connections),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench { which } => bench(which),
     }
 }
 
@@ -159,4 +171,20 @@ fn test(args: &[String]) -> Result<()> {
     c.args(["test", "--workspace", "--exclude", "lb-ebpf"])
         .args(args);
     status(c)
+}
+
+fn bench(which: Option<Bench>) -> Result<()> {
+    setup::run(false)?;
+    setup::require_root()?;
+    // All benchmarks when none is named.
+    for b in which.map_or(vec![Bench::Xdp], |b| vec![b]) {
+        match b {
+            Bench::Xdp => {
+                let mut c = cargo();
+                c.args(["bench", "-p", "lb-tests", "--bench", "xdp"]);
+                status(c)?;
+            }
+        }
+    }
+    Ok(())
 }

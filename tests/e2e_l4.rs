@@ -151,3 +151,20 @@ fn weights_hold_over_1000_connections_and_source_ip_sticks() {
         "one client, one backend: {per_backend:?}"
     );
 }
+
+#[test]
+fn passthrough_backends_see_the_real_client_address() {
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(8080);
+    let config = topo.config(8080).replace(
+        "    pool: web\n",
+        "    pool: web\n    client_ip: passthrough\n",
+    );
+    let _agent = topo.start_agent(&config);
+    let per_backend = tally(
+        "passthrough",
+        &topo.connect_many("10.91.0.100:80".parse().unwrap(), 60),
+        "10.91.0.2",
+    );
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+}

@@ -447,3 +447,25 @@ fn an_icmp_fragmentation_needed_about_a_tracked_flow_is_translated_back_to_the_c
         assert_eq!(f.run(&stray, f.int), (XDP_PASS, stray.clone()));
     });
 }
+
+#[test]
+fn passthrough_only_rewrites_the_destination_and_replies_come_from_the_vip() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f =
+            Fixture::new(&CONFIG.replace("pool: web }", "pool: web, client_ip: passthrough }"));
+        let (action, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        let p = parse_checked(&out);
+        assert_eq!(p.src, CLIENT, "the backend sees the client");
+        assert_eq!(p.dst.1, 8080);
+        let b = (p.dst.0[3] - 11) as usize;
+        let (action, out) = f.run(
+            &tcp_frame(BACKEND_MACS[b], LB_INT_MAC, p.dst, CLIENT, "SA"),
+            f.int,
+        );
+        assert_eq!(action, XDP_REDIRECT);
+        let r = parse_checked(&out);
+        assert_eq!((r.src, r.dst), (VIP, CLIENT));
+    });
+}

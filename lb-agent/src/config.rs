@@ -121,6 +121,21 @@ pub struct Listener {
     /// Client address filter; `deny` wins over `allow`; an empty `allow` admits everyone.
     #[serde(default)]
     pub acl: Acl,
+    /// What source address the backends see.
+    #[serde(default)]
+    pub client_ip: ClientIp,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIp {
+    /// FullNAT: a SNAT address; replies return to the LB by plain routing.
+    #[default]
+    Snat,
+    /// FullNAT, with the client's address and port in TCP option 254 (as LVS/DPVS do).
+    Toa,
+    /// DNAT only: the backend sees the client; its route back must go through the LB.
+    Passthrough,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -502,6 +517,15 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            if l.client_ip == ClientIp::Toa {
+                return Err((
+                    format!("listeners[{i}].client_ip"),
+                    "`toa` is not supported yet; use `snat` or `passthrough`".into(),
+                ));
+            }
+            if l.client_ip == ClientIp::Passthrough {
+                continue;
             }
             let snat = self.snat.as_ref().ok_or_else(|| {
                 (

@@ -6,13 +6,13 @@ use std::net::IpAddr;
 use lb_common::{
     flow::{
         AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ACL_ALLOW, VIP_F_ACL_DENY,
-        VIP_F_SOURCE_IP, VIP_F_WRR,
+        VIP_F_PASSTHROUGH, VIP_F_SOURCE_IP, VIP_F_WRR,
     },
     Backend, GlobalConfig, VipKey,
 };
 
 use crate::{
-    config::{Config, Protocol, Scheduler},
+    config::{ClientIp, Config, Protocol, Scheduler},
     maglev, wrr,
 };
 
@@ -144,6 +144,9 @@ pub fn build(config: &Config) -> Plan {
                 Scheduler::SourceIp => VIP_F_SOURCE_IP,
                 Scheduler::Wrr => VIP_F_WRR,
             };
+            if l.client_ip == ClientIp::Passthrough {
+                flags |= VIP_F_PASSTHROUGH;
+            }
             if !allow.is_empty() {
                 flags |= VIP_F_ACL_ALLOW;
             }

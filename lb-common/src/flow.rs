@@ -54,6 +54,8 @@ pub struct VipMeta {
 pub const VIP_F_SOURCE_IP: u32 = 1 << 0;
 /// Weighted round robin: the ring holds a weighted sequence walked by a per-CPU cursor.
 pub const VIP_F_WRR: u32 = 1 << 3;
+/// DNAT only: backends see the client's address and route their replies through the LB.
+pub const VIP_F_PASSTHROUGH: u32 = 1 << 4;
 /// The listener has an allow list: clients must match it.
 pub const VIP_F_ACL_ALLOW: u32 = 1 << 1;
 /// The listener has a deny list.

@@ -9,7 +9,7 @@ use lb_common::{
     conn::{tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_ESTABLISHED, STATE_SYN_SENT},
     counters::Counter,
     flow::{FAMILY_V4, PROTO_TCP},
-    hash::flow_hash,
+    hash::addr_hash,
     ConnEntry, FlowKey,
 };
 
@@ -64,29 +64,21 @@ pub fn touch(entry: *mut ConnEntry, pkt: &Packet) {
     }
 }
 
-/// Allocates a SNAT address and port for a new flow to `backend_id` and inserts both entries.
+/// Inserts both entries of a new flow to `backend_id`. With SNAT the reply entry's insert
+/// allocates the SNAT address and port; with `passthrough` (DNAT only) the backend answers the
+/// client's own address, so that is the reply key.
 #[inline(always)]
-pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<(), Verdict> {
+pub fn create(
+    pkt: &Packet,
+    listener_id: u32,
+    backend_id: u32,
+    passthrough: bool,
+) -> Result<(), Verdict> {
     let exhausted = Verdict::drop(Counter::DropSnatExhausted);
     let backend = BACKENDS
         .get(backend_id)
         .ok_or(Verdict::drop(Counter::DropNoBackend))?;
-    let g = GLOBAL.get(0).ok_or(exhausted)?;
     let flow = &pkt.flow;
-    let (start, count) = if flow.family == FAMILY_V4 {
-        (g.snat_v4_start, g.snat_v4_count)
-    } else {
-        (g.snat_v6_start, g.snat_v6_count)
-    };
-    if count == 0 || g.port_max < g.port_min {
-        return Err(exhausted);
-    }
-    let hash = flow_hash(flow);
-    // checked_rem: a plain `%` carries a divide-by-zero panic path the verifier rejects.
-    let snat = *SNAT_ADDRS
-        .get(start + hash.checked_rem(count).unwrap_or(0))
-        .ok_or(exhausted)?;
-
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let state = if flow.proto == PROTO_TCP {
         STATE_SYN_SENT
@@ -109,42 +101,22 @@ pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<(), Ver
     };
     let mut reply = FlowKey {
         src_be: backend.addr_be,
-        dst_be: snat,
+        dst_be: flow.src_be,
         sport_be: backend.port_be,
-        dport_be: 0,
+        dport_be: flow.sport_be,
         proto: flow.proto,
         family: flow.family,
         _pad: [0; 2],
     };
-    // Keep the client's port when it is in range (as Cilium does), otherwise probe randomly.
-    // The reply insert with BPF_NOEXIST is the allocation: it fails when the tuple is taken.
-    let (min, max) = (g.port_min as u32, g.port_max as u32);
-    let span = max - min + 1;
-    let client_port = u16::from_be(flow.sport_be) as u32;
-    let mut port = if client_port >= min && client_port <= max {
-        client_port
+    if passthrough {
+        // Taken only if the same client port reaches the same backend through another VIP.
+        CONNTRACK
+            .insert(&reply, &e, BPF_NOEXIST as u64)
+            .map_err(|_| exhausted)?;
     } else {
-        min + unsafe { bpf_get_prandom_u32() }
-            .checked_rem(span)
-            .unwrap_or(0)
-    };
-    let mut found = false;
-    for _ in 0..PORT_TRIES {
-        reply.dport_be = (port as u16).to_be();
-        if CONNTRACK.insert(&reply, &e, BPF_NOEXIST as u64).is_ok() {
-            found = true;
-            break;
-        }
-        port = min
-            + unsafe { bpf_get_prandom_u32() }
-                .checked_rem(span)
-                .unwrap_or(0);
+        allocate_snat(&mut reply, &e)?;
     }
-    if !found {
-        return Err(exhausted);
-    }
-
-    e.nat_src_be = snat;
+    e.nat_src_be = reply.dst_be;
     e.nat_dst_be = backend.addr_be;
     e.nat_sport_be = reply.dport_be;
     e.nat_dport_be = backend.port_be;
@@ -154,4 +126,49 @@ pub fn create(pkt: &Packet, listener_id: u32, backend_id: u32) -> Result<(), Ver
         return Err(Verdict::drop(Counter::DropConntrackFull));
     }
     Ok(())
+}
+
+/// Picks a SNAT address (by a hash of the client's address and port) and port for `reply` (backend → SNAT) and inserts the
+/// reply entry there. Keeps the client's port when it is in range (as Cilium does), otherwise
+/// probes randomly; the insert with BPF_NOEXIST is the allocation, failing when the tuple is
+/// taken.
+#[inline(always)]
+fn allocate_snat(reply: &mut FlowKey, e: &ConnEntry) -> Result<(), Verdict> {
+    let exhausted = Verdict::drop(Counter::DropSnatExhausted);
+    let g = GLOBAL.get(0).ok_or(exhausted)?;
+    let (start, count) = if reply.family == FAMILY_V4 {
+        (g.snat_v4_start, g.snat_v4_count)
+    } else {
+        (g.snat_v6_start, g.snat_v6_count)
+    };
+    if count == 0 || g.port_max < g.port_min {
+        return Err(exhausted);
+    }
+    // The client's tuple, still in the key: it picks the address.
+    let client_port = u16::from_be(reply.dport_be) as u32;
+    let hash = addr_hash(&reply.dst_be) ^ client_port;
+    // checked_rem: a plain `%` carries a divide-by-zero panic path the verifier rejects.
+    reply.dst_be = *SNAT_ADDRS
+        .get(start + hash.checked_rem(count).unwrap_or(0))
+        .ok_or(exhausted)?;
+    let (min, max) = (g.port_min as u32, g.port_max as u32);
+    let span = max - min + 1;
+    let mut port = if client_port >= min && client_port <= max {
+        client_port
+    } else {
+        min + unsafe { bpf_get_prandom_u32() }
+            .checked_rem(span)
+            .unwrap_or(0)
+    };
+    for _ in 0..PORT_TRIES {
+        reply.dport_be = (port as u16).to_be();
+        if CONNTRACK.insert(&*reply, e, BPF_NOEXIST as u64).is_ok() {
+            return Ok(());
+        }
+        port = min
+            + unsafe { bpf_get_prandom_u32() }
+                .checked_rem(span)
+                .unwrap_or(0);
+    }
+    Err(exhausted)
 }

@@ -18,7 +18,11 @@ mod stats;
 mod verdict;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{conn::DIR_ORIGINAL, counters::Counter, flow::PROTO_TCP};
+use lb_common::{
+    conn::DIR_ORIGINAL,
+    counters::Counter,
+    flow::{PROTO_TCP, VIP_F_PASSTHROUGH},
+};
 use verdict::Verdict;
 
 #[xdp]
@@ -66,7 +70,8 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
             }
             acl::check(&vip, &pkt.flow)?;
             let backend_id = sched::pick_backend(vip, &pkt.flow)?;
-            conntrack::create(&pkt, vip.listener_id, backend_id)?;
+            let passthrough = vip.flags & VIP_F_PASSTHROUGH != 0;
+            conntrack::create(&pkt, vip.listener_id, backend_id, passthrough)?;
             stats::new_flow(vip.listener_id);
             conntrack::lookup(&pkt.flow).ok_or(Verdict::drop(Counter::DropConntrackFull))?
         }

@@ -158,6 +158,10 @@ impl Topology {
             ]);
             be.ip(&["link", "set", "eth0", "up"]);
             host_iface(be, "eth0");
+            // Client networks via the LB, as `client_ip: passthrough` needs (SNAT replies go to
+            // the on-link SNAT address either way).
+            be.ip(&["route", "add", "10.91.0.0/24", "via", SNAT]);
+            be.ip(&["-6", "route", "add", "fd00:91::/64", "via", SNAT6]);
         }
     }
 

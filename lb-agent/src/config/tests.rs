@@ -309,3 +309,19 @@ fn l4_listener_options_are_validated() {
         "{e}"
     );
 }
+
+#[test]
+fn client_ip_modes_parse_and_passthrough_needs_no_snat() {
+    let c = parse("lb.yaml", EXAMPLE, &host()).unwrap();
+    assert_eq!(c.listeners[0].client_ip, ClientIp::Snat);
+    let text = EXAMPLE
+        .replace("    pool: web\n", "    pool: web\n    client_ip: passthrough\n")
+        .replace("snat:                              # FullNAT local addresses: the source the backends see\n  addresses: [10.91.2.1]\n  ports: 20000-60000\n", "");
+    let c = parse("lb.yaml", &text, &host()).unwrap();
+    assert_eq!(c.listeners[0].client_ip, ClientIp::Passthrough);
+    assert!(c.snat.is_none());
+    assert_eq!(
+        err(&EXAMPLE.replace("    pool: web\n", "    pool: web\n    client_ip: toa\n")),
+        "lb.yaml:13:16: listeners[0].client_ip: `toa` is not supported yet; use `snat` or `passthrough`"
+    );
+}

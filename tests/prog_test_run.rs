@@ -469,3 +469,54 @@ fn passthrough_only_rewrites_the_destination_and_replies_come_from_the_vip() {
         assert_eq!((r.src, r.dst), (VIP, CLIENT));
     });
 }
+
+#[test]
+fn wlc_sends_new_flows_to_the_least_loaded_backend_per_weight() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(&CONFIG.replace("pool: web }", "pool: web, scheduler: wlc }"));
+        let count =
+            |flows: &[(u16, [u8; 4])], b: [u8; 4]| flows.iter().filter(|(_, x)| *x == b).count();
+        let mut flows = Vec::new();
+        for port in 40000..40006 {
+            flows.push((port, syn_backend(&mut f, ([10, 91, 0, 2], port)).unwrap()));
+        }
+        for b in 11..14 {
+            assert_eq!(count(&flows, [10, 91, 2, b]), 2, "two each: {flows:?}");
+        }
+        // Reset both flows of one backend: it is now the least loaded and takes the next two.
+        let emptied = flows[0].1;
+        for (port, _) in flows.iter().filter(|(_, b)| *b == emptied) {
+            let rst = tcp_frame(CLIENT_MAC, LB_EXT_MAC, ([10, 91, 0, 2], *port), VIP, "R");
+            assert_eq!(f.run(&rst, f.ext).0, XDP_REDIRECT);
+        }
+        for port in 41000..41002 {
+            assert_eq!(
+                syn_backend(&mut f, ([10, 91, 0, 2], port)).unwrap(),
+                emptied
+            );
+        }
+        // The sweep recounts the same: 2 live flows per backend.
+        assert_eq!(f.gc_after(0).backend_active, [2, 2, 2]);
+
+        // Weights scale the share: 1:3 gets 2 and 6 of 8 flows.
+        let weighted = CONFIG
+            .replace("pool: web }", "pool: web, scheduler: wlc }")
+            .replace(
+                "10.91.2.12, port: 8080 }",
+                "10.91.2.12, port: 8080, weight: 3 }",
+            )
+            .replace("      - { address: 10.91.2.13, port: 8080 }\n", "");
+        let mut f = Fixture::new(&weighted);
+        let flows: Vec<_> = (42000..42008)
+            .map(|p| (p, syn_backend(&mut f, ([10, 91, 0, 3], p)).unwrap()))
+            .collect();
+        assert_eq!(
+            (
+                count(&flows, [10, 91, 2, 11]),
+                count(&flows, [10, 91, 2, 12])
+            ),
+            (2, 6)
+        );
+    });
+}

@@ -149,6 +149,9 @@ pub enum Scheduler {
     SourceIp,
     /// Weighted round robin: new flows take turns in proportion to the weights.
     Wrr,
+    /// Weighted least connections: a new flow goes to the backend with the fewest active
+    /// flows per unit of weight.
+    Wlc,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -504,6 +507,17 @@ impl Config {
                     format!("pool `{}` does not exist", l.pool),
                 ));
             };
+            let max_wlc = lb_common::maps::MAX_WLC_BACKENDS as usize;
+            if l.scheduler == Scheduler::Wlc && pool.backends.len() > max_wlc {
+                return Err((
+                    format!("listeners[{i}].scheduler"),
+                    format!(
+                        "wlc handles pools of at most {max_wlc} backends; `{}` has {}",
+                        pool.name,
+                        pool.backends.len()
+                    ),
+                ));
+            }
             for (j, b) in pool.backends.iter().enumerate() {
                 if b.address.is_ipv4() != l.vip.is_ipv4() {
                     return Err((

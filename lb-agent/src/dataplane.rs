@@ -59,6 +59,7 @@ pub struct Dataplane {
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     acl_allow: LpmTrie<MapData, AclKey, u8>,
     acl_deny: LpmTrie<MapData, AclKey, u8>,
+    backend_active: Array<MapData, u64>,
     links: Vec<(String, XdpLinkId)>,
 }
 
@@ -109,6 +110,8 @@ impl Dataplane {
         let acl_allow =
             LpmTrie::try_from(take(maps::ACL_ALLOW)?).map_err(map_err(maps::ACL_ALLOW))?;
         let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;
+        let backend_active =
+            Array::try_from(take(maps::BACKEND_ACTIVE)?).map_err(map_err(maps::BACKEND_ACTIVE))?;
         Ok(Self {
             ebpf,
             vips,
@@ -121,6 +124,7 @@ impl Dataplane {
             conntrack,
             acl_allow,
             acl_deny,
+            backend_active,
             links: Vec::new(),
         })
     }
@@ -305,6 +309,7 @@ impl Dataplane {
         let mut report = gc::Report {
             entries: entries.len(),
             active: vec![0; plan.listeners.len()],
+            backend_active: vec![0; plan.backends.len()],
             ..Default::default()
         };
         let mut doomed = Vec::new();
@@ -331,11 +336,21 @@ impl Dataplane {
                 if let Some(n) = report.active.get_mut(e.listener_id as usize) {
                     *n += 1;
                 }
+                if let Some(n) = report.backend_active.get_mut(e.backend_id as usize) {
+                    *n += 1;
+                }
             }
         }
         for key in doomed {
             // Already gone (LRU eviction, or the datapath re-created it) is fine.
             let _ = self.conntrack.remove(&key);
+        }
+        // The exact counts replace the datapath's running ones, which miss flows that expired
+        // without closing (flows created since the scan are missed until the next sweep).
+        for (id, n) in report.backend_active.iter().enumerate() {
+            self.backend_active
+                .set(id as u32, n, 0)
+                .map_err(map_err(maps::BACKEND_ACTIVE))?;
         }
         Ok(report)
     }

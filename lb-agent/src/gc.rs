@@ -42,6 +42,8 @@ pub struct Report {
     pub expired: usize,
     /// Live flows (not closing or closed) per listener id.
     pub active: Vec<u64>,
+    /// Live flows per backend id.
+    pub backend_active: Vec<u64>,
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use lb_common::{
     flow::{
         AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ACL_ALLOW, VIP_F_ACL_DENY,
-        VIP_F_PASSTHROUGH, VIP_F_SOURCE_IP, VIP_F_WRR,
+        VIP_F_PASSTHROUGH, VIP_F_SOURCE_IP, VIP_F_WLC, VIP_F_WRR,
     },
     Backend, GlobalConfig, VipKey,
 };
@@ -106,6 +106,7 @@ pub fn build(config: &Config) -> Plan {
                     port_be: b.port.0.to_be(),
                     family: family(b.address),
                     _pad: 0,
+                    weight: b.weight,
                 },
             });
         }
@@ -128,6 +129,10 @@ pub fn build(config: &Config) -> Plan {
                         Scheduler::Maglev | Scheduler::SourceIp => {
                             maglev::build(members, l.table_size)
                         }
+                        // The pool itself; the datapath picks by live counts.
+                        Scheduler::Wlc => (0..members.len() as u32)
+                            .filter(|&i| members[i as usize].weight > 0)
+                            .collect(),
                     };
                     slots.into_iter().map(|i| first + i).collect()
                 })
@@ -143,6 +148,7 @@ pub fn build(config: &Config) -> Plan {
                 Scheduler::Maglev => 0,
                 Scheduler::SourceIp => VIP_F_SOURCE_IP,
                 Scheduler::Wrr => VIP_F_WRR,
+                Scheduler::Wlc => VIP_F_WLC,
             };
             if l.client_ip == ClientIp::Passthrough {
                 flags |= VIP_F_PASSTHROUGH;

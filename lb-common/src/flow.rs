@@ -56,6 +56,9 @@ pub const VIP_F_SOURCE_IP: u32 = 1 << 0;
 pub const VIP_F_WRR: u32 = 1 << 3;
 /// DNAT only: backends see the client's address and route their replies through the LB.
 pub const VIP_F_PASSTHROUGH: u32 = 1 << 4;
+/// Weighted least connections: the ring holds the pool's backends (weight > 0), and a new flow
+/// goes to the lowest `active / weight`.
+pub const VIP_F_WLC: u32 = 1 << 5;
 /// The listener has an allow list: clients must match it.
 pub const VIP_F_ACL_ALLOW: u32 = 1 << 1;
 /// The listener has a deny list.
@@ -81,8 +84,10 @@ pub struct Backend {
     pub port_be: u16,
     pub family: u8,
     pub _pad: u8,
+    /// Configured weight (weighted least connections divides by it).
+    pub weight: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
 /// Datapath-wide settings. The single element of `GLOBAL`.
 #[repr(C)]

@@ -12,6 +12,7 @@ pub const LISTENER_STATS: &str = "LISTENER_STATS";
 pub const ACL_ALLOW: &str = "ACL_ALLOW";
 pub const ACL_DENY: &str = "ACL_DENY";
 pub const WRR_CURSOR: &str = "WRR_CURSOR";
+pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
 
 /// The XDP program's name in the object.
 pub const PROG_LB: &str = "lb_xdp";
@@ -24,6 +25,8 @@ pub const MAX_SNAT_ADDRS: u32 = 64;
 /// Largest Maglev table per listener (a prime); each listener owns two slices of this size.
 pub const MAX_RING: u32 = 65537;
 pub const RING_ENTRIES: u32 = MAX_LISTENERS * 2 * MAX_RING;
+/// Backends a `wlc` listener's pool may have (the datapath scans them all per new flow).
+pub const MAX_WLC_BACKENDS: u32 = 64;
 /// ACL prefixes over all listeners, per list.
 pub const MAX_ACL_ENTRIES: u32 = 16384;
 /// Two entries per flow.

@@ -1,12 +1,17 @@
 //! Connection tracking: one shared LRU map, an original and a reply entry per flow (see
 //! `lb_common::conn`). New flows get a SNAT address and port here.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    conn::{tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_ESTABLISHED, STATE_SYN_SENT},
+    conn::{
+        tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED,
+        STATE_SYN_SENT,
+    },
     counters::Counter,
     flow::{FAMILY_V4, PROTO_TCP},
     hash::addr_hash,
@@ -14,7 +19,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, GLOBAL, SNAT_ADDRS},
+    maps::{BACKENDS, BACKEND_ACTIVE, CONNTRACK, GLOBAL, SNAT_ADDRS},
     parse::Packet,
     verdict::Verdict,
 };
@@ -46,6 +51,9 @@ pub fn touch(entry: *mut ConnEntry, pkt: &Packet) {
         let next = tcp_next_state(e.state, e.dir, pkt.tcp_flags);
         if next != e.state {
             // Transitions are rare (handshake, FIN, RST), so the pair lookup costs little.
+            if is_live(e.state) != is_live(next) {
+                active_add(e.backend_id, if is_live(next) { 1 } else { u64::MAX });
+            }
             e.state = next;
             refresh = true;
             if let Some(pair) = CONNTRACK.get_ptr_mut(&e.pair_key(pkt.flow.proto, pkt.flow.family))
@@ -125,7 +133,27 @@ pub fn create(
         let _ = CONNTRACK.remove(&reply);
         return Err(Verdict::drop(Counter::DropConntrackFull));
     }
+    active_add(backend_id, 1);
     Ok(())
+}
+
+/// Whether a flow in `state` counts as an active connection of its backend.
+#[inline(always)]
+fn is_live(state: u8) -> bool {
+    state != STATE_CLOSING && state != STATE_CLOSED
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is -1) to a backend's active-flow count, atomically:
+/// every CPU creates and closes flows.
+#[inline(always)]
+fn active_add(backend_id: u32, delta: u64) {
+    if let Some(p) = BACKEND_ACTIVE.get_ptr_mut(backend_id) {
+        // SAFETY: an array map slot, valid for the program run; only ever updated atomically
+        // by the datapath (the agent's sweep overwrites it with a fresh count). The intrinsic,
+        // not AtomicU64: core has no atomic read-modify-write for the BPF target; this lowers
+        // to BPF's atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
+    }
 }
 
 /// Picks a SNAT address (by a hash of the client's address and port) and port for `reply` (backend → SNAT) and inserts the

@@ -6,6 +6,9 @@
 //! MACs, XDP_TX or redirect). Every verdict is counted by reason in `stats`; nothing is logged.
 #![no_std]
 #![no_main]
+// For the atomic add intrinsic (see conntrack::active_add); the program builds on nightly.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core_intrinsics, for BPF atomics")]
 
 mod acl;
 mod conntrack;

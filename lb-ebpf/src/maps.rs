@@ -53,3 +53,9 @@ pub static ACL_DENY: LpmTrie<AclKey, u8> = LpmTrie::with_max_entries(MAX_ACL_ENT
 /// Per-CPU round-robin position per listener: no shared cursor for CPUs to fight over.
 #[map]
 pub static WRR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+
+/// Live (not closing) flows per backend id: incremented when a flow is created, decremented
+/// when it closes, and set to the exact count by the agent's sweep every second (which also
+/// accounts for flows that expired without closing).
+#[map]
+pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -29,16 +29,21 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Whether a packet starts a new connection on the tuple of a flow in `state`: the client's SYN
+/// after the old connection closed. The datapath then retires the old flow and schedules the
+/// packet afresh (a removed or drained backend gets no new connection this way).
+#[inline(always)]
+pub const fn reuses_tuple(state: u8, dir: u8, flags: u8) -> bool {
+    dir == DIR_ORIGINAL
+        && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+        && (state == STATE_CLOSING || state == STATE_CLOSED)
+}
+
 /// The state after a TCP packet with `flags` travelling in direction `dir`.
 #[inline(always)]
 pub const fn tcp_next_state(state: u8, dir: u8, flags: u8) -> u8 {
     if flags & TCP_RST != 0 {
         return STATE_CLOSED;
-    }
-    let pure_syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if dir == DIR_ORIGINAL && pure_syn && (state == STATE_CLOSING || state == STATE_CLOSED) {
-        // The client reuses the tuple for a new connection.
-        return STATE_SYN_SENT;
     }
     if flags & TCP_FIN != 0 {
         return if state == STATE_CLOSED {

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     conn::{
-        tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED,
-        STATE_SYN_SENT,
+        reuses_tuple, tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_CLOSED, STATE_CLOSING,
+        STATE_ESTABLISHED, STATE_SYN_SENT,
     },
     counters::Counter,
     flow::{FAMILY_V4, PROTO_TCP},
@@ -38,6 +38,21 @@ const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn lookup(flow: &FlowKey) -> Option<*mut ConnEntry> {
     CONNTRACK.get_ptr_mut(flow)
+}
+
+/// A pure client SYN on a closed flow's tuple starts a new connection: the old flow's entries
+/// are removed (true), and the caller schedules the packet as new.
+#[inline(always)]
+pub fn retire_if_reused(entry: *mut ConnEntry, pkt: &Packet) -> bool {
+    // SAFETY: a pointer from a successful map lookup stays valid for this program run.
+    let e = unsafe { &*entry };
+    if pkt.flow.proto != PROTO_TCP || !reuses_tuple(e.state, e.dir, pkt.tcp_flags) {
+        return false;
+    }
+    // Not live any more, so no active count to give back.
+    let _ = CONNTRACK.remove(&e.pair_key(pkt.flow.proto, pkt.flow.family));
+    let _ = CONNTRACK.remove(&pkt.flow);
+    true
 }
 
 /// Advances the TCP state (in both entries of the flow) and refreshes the timestamp.

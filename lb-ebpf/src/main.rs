@@ -59,7 +59,8 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
     // Entries are used in place (no copies on the 512-byte stack): the NAT tuple never changes
     // after creation; other CPUs only write state, timestamp and the cached next hop.
-    let entry = match conntrack::lookup(&pkt.flow) {
+    let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_reused(e, &pkt));
+    let entry = match hit {
         Some(entry) => {
             conntrack::touch(entry, &pkt);
             entry

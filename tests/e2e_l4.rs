@@ -168,3 +168,20 @@ fn passthrough_backends_see_the_real_client_address() {
     );
     assert_eq!(per_backend.len(), 3, "{per_backend:?}");
 }
+
+#[test]
+fn toa_handshakes_are_accepted_by_real_backends() {
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(8080);
+    let config = topo
+        .config(8080)
+        .replace("    pool: web\n", "    pool: web\n    client_ip: toa\n");
+    let _agent = topo.start_agent(&config);
+    // Option 254 is unknown to a backend without a TOA module: it must be ignored, not refused.
+    let per_backend = tally(
+        "toa",
+        &topo.connect_many("10.91.0.100:80".parse().unwrap(), 60),
+        SNAT,
+    );
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+}

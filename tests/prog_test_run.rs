@@ -520,3 +520,51 @@ fn wlc_sends_new_flows_to_the_least_loaded_backend_per_weight() {
         );
     });
 }
+
+/// The TOA option (kind 254) in a forwarded frame's TCP options, if any: (port, address).
+fn toa_option(frame: &[u8]) -> Option<(u16, [u8; 4])> {
+    let tcp = 14 + 20;
+    let doff = (frame[tcp + 12] >> 4) as usize;
+    let opts = &frame[tcp + 20..tcp + doff * 4];
+    opts.windows(8)
+        .find(|w| w[0] == 254 && w[1] == 8)
+        .map(|w| (u16::from_be_bytes([w[2], w[3]]), [w[4], w[5], w[6], w[7]]))
+}
+
+#[test]
+fn toa_carries_the_client_to_the_backend_on_the_handshake_only() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(&CONFIG.replace("pool: web }", "pool: web, client_ip: toa }"));
+        let syn = tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S");
+        let (action, out) = f.run(&syn, f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out.len(), syn.len() + 8, "the frame grew by the option");
+        let p = parse_checked(&out); // both checksums and the payload verified
+        assert_eq!(p.src.0, SNAT, "still FullNAT");
+        assert_eq!(toa_option(&out), Some((CLIENT.1, CLIENT.0)));
+
+        let b = (p.dst.0[3] - 11) as usize;
+        let (_, reply) = f.run(
+            &tcp_frame(BACKEND_MACS[b], LB_INT_MAC, p.dst, p.src, "SA"),
+            f.int,
+        );
+        assert_eq!(
+            toa_option(&reply),
+            None,
+            "nothing is added towards the client"
+        );
+        let ack = tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A");
+        let (_, out) = f.run(&ack, f.ext);
+        parse_checked(&out);
+        assert_eq!(
+            toa_option(&out),
+            Some((CLIENT.1, CLIENT.0)),
+            "on the ACK completing the handshake"
+        );
+        let (_, out) = f.run(&ack, f.ext);
+        parse_checked(&out);
+        assert_eq!(toa_option(&out), None, "not on later packets");
+        assert_eq!(out.len(), ack.len());
+    });
+}

@@ -532,10 +532,11 @@ impl Config {
                     ));
                 }
             }
-            if l.client_ip == ClientIp::Toa {
+            if l.client_ip == ClientIp::Toa && (l.protocol != Protocol::Tcp || !l.vip.is_ipv4()) {
                 return Err((
                     format!("listeners[{i}].client_ip"),
-                    "`toa` is not supported yet; use `snat` or `passthrough`".into(),
+                    "`toa` carries an IPv4 client in a TCP option: it needs an IPv4 tcp listener"
+                        .into(),
                 ));
             }
             if l.client_ip == ClientIp::Passthrough {

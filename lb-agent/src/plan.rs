@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use lb_common::{
     flow::{
         AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ACL_ALLOW, VIP_F_ACL_DENY,
-        VIP_F_PASSTHROUGH, VIP_F_SOURCE_IP, VIP_F_WLC, VIP_F_WRR,
+        VIP_F_PASSTHROUGH, VIP_F_SOURCE_IP, VIP_F_TOA, VIP_F_WLC, VIP_F_WRR,
     },
     Backend, GlobalConfig, VipKey,
 };
@@ -150,9 +150,11 @@ pub fn build(config: &Config) -> Plan {
                 Scheduler::Wrr => VIP_F_WRR,
                 Scheduler::Wlc => VIP_F_WLC,
             };
-            if l.client_ip == ClientIp::Passthrough {
-                flags |= VIP_F_PASSTHROUGH;
-            }
+            flags |= match l.client_ip {
+                ClientIp::Snat => 0,
+                ClientIp::Toa => VIP_F_TOA,
+                ClientIp::Passthrough => VIP_F_PASSTHROUGH,
+            };
             if !allow.is_empty() {
                 flags |= VIP_F_ACL_ALLOW;
             }

@@ -24,6 +24,9 @@ pub const STATE_CLOSING: u8 = 4;
 /// A RST was seen.
 pub const STATE_CLOSED: u8 = 5;
 
+/// The flow's first packets towards the backend carry the client's address (TOA).
+pub const CONN_F_TOA: u8 = 1 << 0;
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -77,7 +80,9 @@ pub struct ConnEntry {
     pub backend_id: u32,
     pub state: u8,
     pub dir: u8,
-    pub _pad: [u8; 2],
+    /// `CONN_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     /// The FIB's answer for this direction, cached so established packets skip the lookup:
     /// egress interface (0: none cached), source and destination MACs, and the largest IP
     /// length the lookup approved (a bigger packet takes a fresh lookup and its MTU check).

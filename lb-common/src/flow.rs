@@ -59,6 +59,8 @@ pub const VIP_F_PASSTHROUGH: u32 = 1 << 4;
 /// Weighted least connections: the ring holds the pool's backends (weight > 0), and a new flow
 /// goes to the lowest `active / weight`.
 pub const VIP_F_WLC: u32 = 1 << 5;
+/// FullNAT with the client's address in TCP option 254 (TOA) on the first packets.
+pub const VIP_F_TOA: u32 = 1 << 6;
 /// The listener has an allow list: clients must match it.
 pub const VIP_F_ACL_ALLOW: u32 = 1 << 1;
 /// The listener has a deny list.

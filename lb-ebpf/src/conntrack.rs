@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     conn::{
-        reuses_tuple, tcp_next_state, DIR_ORIGINAL, DIR_REPLY, STATE_CLOSED, STATE_CLOSING,
-        STATE_ESTABLISHED, STATE_SYN_SENT,
+        reuses_tuple, tcp_next_state, CONN_F_TOA, DIR_ORIGINAL, DIR_REPLY, STATE_CLOSED,
+        STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN_SENT,
     },
     counters::Counter,
-    flow::{FAMILY_V4, PROTO_TCP},
+    flow::{FAMILY_V4, PROTO_TCP, VIP_F_PASSTHROUGH, VIP_F_TOA},
     hash::addr_hash,
-    ConnEntry, FlowKey,
+    ConnEntry, FlowKey, VipMeta,
 };
 
 use crate::{
@@ -55,11 +55,13 @@ pub fn retire_if_reused(entry: *mut ConnEntry, pkt: &Packet) -> bool {
     true
 }
 
-/// Advances the TCP state (in both entries of the flow) and refreshes the timestamp.
+/// Advances the TCP state (in both entries of the flow) and refreshes the timestamp. Returns
+/// the state before this packet.
 #[inline(always)]
-pub fn touch(entry: *mut ConnEntry, pkt: &Packet) {
+pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> u8 {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
     let e = unsafe { &mut *entry };
+    let before = e.state;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut refresh = now.wrapping_sub(e.last_seen_ns) > TOUCH_INTERVAL_NS;
     if pkt.flow.proto == PROTO_TCP {
@@ -85,18 +87,15 @@ pub fn touch(entry: *mut ConnEntry, pkt: &Packet) {
         e.last_seen_ns = now;
         e.fwd_ifindex = 0;
     }
+    before
 }
 
 /// Inserts both entries of a new flow to `backend_id`. With SNAT the reply entry's insert
 /// allocates the SNAT address and port; with `passthrough` (DNAT only) the backend answers the
 /// client's own address, so that is the reply key.
 #[inline(always)]
-pub fn create(
-    pkt: &Packet,
-    listener_id: u32,
-    backend_id: u32,
-    passthrough: bool,
-) -> Result<(), Verdict> {
+pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<(), Verdict> {
+    let (listener_id, passthrough) = (vip.listener_id, vip.flags & VIP_F_PASSTHROUGH != 0);
     let exhausted = Verdict::drop(Counter::DropSnatExhausted);
     let backend = BACKENDS
         .get(backend_id)
@@ -120,6 +119,11 @@ pub fn create(
         backend_id,
         state,
         dir: DIR_REPLY,
+        flags: if vip.flags & VIP_F_TOA != 0 {
+            CONN_F_TOA
+        } else {
+            0
+        },
         ..ConnEntry::default()
     };
     let mut reply = FlowKey {

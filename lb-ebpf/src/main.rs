@@ -18,13 +18,14 @@ mod nat;
 mod parse;
 mod sched;
 mod stats;
+mod toa;
 mod verdict;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    conn::DIR_ORIGINAL,
+    conn::{CONN_F_TOA, DIR_ORIGINAL, STATE_SYN_RECV, STATE_SYN_SENT},
     counters::Counter,
-    flow::{PROTO_TCP, VIP_F_PASSTHROUGH},
+    flow::PROTO_TCP,
 };
 use verdict::Verdict;
 
@@ -46,7 +47,7 @@ pub fn xdp_tx_baseline(_ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = parse::packet(ctx)?;
+    let mut pkt = parse::packet(ctx)?;
     if pkt.icmp_inner.is_some() {
         // An error about a tracked flow goes where that flow's packets go (path-MTU discovery
         // through the LB); about anything else, it is the kernel's business.
@@ -60,11 +61,8 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // Entries are used in place (no copies on the 512-byte stack): the NAT tuple never changes
     // after creation; other CPUs only write state, timestamp and the cached next hop.
     let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_reused(e, &pkt));
-    let entry = match hit {
-        Some(entry) => {
-            conntrack::touch(entry, &pkt);
-            entry
-        }
+    let (entry, before) = match hit {
+        Some(entry) => (entry, conntrack::touch(entry, &pkt)),
         None => {
             let vip = sched::vip_lookup(&pkt.flow)?;
             if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {
@@ -74,15 +72,23 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
             }
             acl::check(&vip, &pkt.flow)?;
             let backend_id = sched::pick_backend(vip, &pkt.flow)?;
-            let passthrough = vip.flags & VIP_F_PASSTHROUGH != 0;
-            conntrack::create(&pkt, vip.listener_id, backend_id, passthrough)?;
+            conntrack::create(&pkt, &vip, backend_id)?;
             stats::new_flow(vip.listener_id);
-            conntrack::lookup(&pkt.flow).ok_or(Verdict::drop(Counter::DropConntrackFull))?
+            let entry =
+                conntrack::lookup(&pkt.flow).ok_or(Verdict::drop(Counter::DropConntrackFull))?;
+            (entry, 0)
         }
     };
     // SAFETY: a pointer from a successful map lookup stays valid for this program run.
     let e = unsafe { &*entry };
     nat::rewrite(ctx, &pkt, e)?;
+    // TOA rides on the SYN (new, or retransmitted) and on the ACK completing the handshake.
+    if e.flags & CONN_F_TOA != 0
+        && e.dir == DIR_ORIGINAL
+        && matches!(before, 0 | STATE_SYN_SENT | STATE_SYN_RECV)
+    {
+        toa::insert(ctx, &mut pkt)?;
+    }
     stats::listener_bytes(e.listener_id, e.dir == DIR_ORIGINAL, pkt.len);
     fwd::forward(ctx, &pkt, entry)
 }

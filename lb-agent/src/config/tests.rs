@@ -320,8 +320,14 @@ fn client_ip_modes_parse_and_passthrough_needs_no_snat() {
     let c = parse("lb.yaml", &text, &host()).unwrap();
     assert_eq!(c.listeners[0].client_ip, ClientIp::Passthrough);
     assert!(c.snat.is_none());
+    let toa = EXAMPLE.replace("    pool: web\n", "    pool: web\n    client_ip: toa\n");
     assert_eq!(
-        err(&EXAMPLE.replace("    pool: web\n", "    pool: web\n    client_ip: toa\n")),
-        "lb.yaml:13:16: listeners[0].client_ip: `toa` is not supported yet; use `snat` or `passthrough`"
+        parse("lb.yaml", &toa, &host()).unwrap().listeners[0].client_ip,
+        ClientIp::Toa
+    );
+    assert_eq!(
+        err(&toa.replace("protocol: tcp", "protocol: udp")),
+        "lb.yaml:13:16: listeners[0].client_ip: `toa` carries an IPv4 client in a TCP option: it \
+         needs an IPv4 tcp listener"
     );
 }

@@ -5,7 +5,7 @@
 use lb_common::{
     counters::Counter,
     csum::{apply, diff16, diff32, diff_addr},
-    flow::{FAMILY_V4, PROTO_TCP},
+    flow::{AddrBe, FAMILY_V4, PROTO_TCP},
     ConnEntry,
 };
 
@@ -25,28 +25,11 @@ pub fn rewrite(
     let mut diff = if is_v4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
-        let ip = unsafe { &mut *ip };
-        let d = diff32(
-            diff32(0, ip.saddr_be, e.nat_src_be[0]),
-            ip.daddr_be,
-            e.nat_dst_be[0],
-        );
-        ip.check = apply(ip.check, d);
-        ip.saddr_be = e.nat_src_be[0];
-        ip.daddr_be = e.nat_dst_be[0];
-        d
+        unsafe { (*ip).set_addrs(e.nat_src_be[0], e.nat_dst_be[0]) }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
-        let ip = unsafe { &mut *ip };
-        let d = diff_addr(
-            diff_addr(0, &ip.saddr_be, &e.nat_src_be),
-            &ip.daddr_be,
-            &e.nat_dst_be,
-        );
-        ip.saddr_be = e.nat_src_be;
-        ip.daddr_be = e.nat_dst_be;
-        d
+        unsafe { (*ip).set_addrs(&e.nat_src_be, &e.nat_dst_be) }
     };
 
     let ports: *mut Ports = ptr_at(ctx, pkt.l4_off).ok_or(bad)?;
@@ -103,43 +86,19 @@ pub fn rewrite_icmp_error(
         let inner: *mut Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
         let (outer, inner) = unsafe { (&mut *outer, &mut *inner) };
-        let d = diff32(
-            diff32(0, outer.saddr_be, e.nat_src_be[0]),
-            outer.daddr_be,
-            e.nat_dst_be[0],
-        );
-        outer.check = apply(outer.check, d);
-        outer.saddr_be = e.nat_src_be[0];
-        outer.daddr_be = e.nat_dst_be[0];
-        let d = diff32(
-            diff32(0, inner.saddr_be, e.nat_dst_be[0]),
-            inner.daddr_be,
-            e.nat_src_be[0],
-        );
-        let check = apply(inner.check, d);
-        icmp_diff = diff16(d, inner.check, check);
-        inner.check = check;
-        inner.saddr_be = e.nat_dst_be[0];
-        inner.daddr_be = e.nat_src_be[0];
+        outer.set_addrs(e.nat_src_be[0], e.nat_dst_be[0]);
+        let old_check = inner.check;
+        let d = inner.set_addrs(e.nat_dst_be[0], e.nat_src_be[0]);
+        // The quoted header's checksum field is part of the ICMP message too.
+        icmp_diff = diff16(d, old_check, inner.check);
     } else {
         let outer: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
         let inner: *mut Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
         let (outer, inner) = unsafe { (&mut *outer, &mut *inner) };
-        icmp_diff = diff_addr(
-            diff_addr(icmp_diff, &outer.saddr_be, &e.nat_src_be),
-            &outer.daddr_be,
-            &e.nat_dst_be,
-        );
-        outer.saddr_be = e.nat_src_be;
-        outer.daddr_be = e.nat_dst_be;
-        icmp_diff = diff_addr(
-            diff_addr(icmp_diff, &inner.saddr_be, &e.nat_dst_be),
-            &inner.daddr_be,
-            &e.nat_src_be,
-        );
-        inner.saddr_be = e.nat_dst_be;
-        inner.daddr_be = e.nat_src_be;
+        // ICMPv6's checksum covers a pseudo-header with the outer addresses.
+        icmp_diff = outer.set_addrs(&e.nat_src_be, &e.nat_dst_be)
+            + inner.set_addrs(&e.nat_dst_be, &e.nat_src_be);
     }
     let ports: *mut Ports = ptr_at(ctx, inner_l4).ok_or(bad)?;
     // SAFETY: bounds checked by ptr_at.
@@ -155,4 +114,29 @@ pub fn rewrite_icmp_error(
     // SAFETY: bounds checked by ptr_at.
     unsafe { *check = apply(*check, icmp_diff) };
     Ok(())
+}
+
+impl Ipv4Hdr {
+    /// Rewrites both addresses, keeping the header checksum right. Returns the checksum
+    /// difference of the change, for checksums over a pseudo-header (TCP, UDP).
+    #[inline(always)]
+    fn set_addrs(&mut self, src_be: u32, dst_be: u32) -> u64 {
+        let d = diff32(diff32(0, self.saddr_be, src_be), self.daddr_be, dst_be);
+        self.check = apply(self.check, d);
+        self.saddr_be = src_be;
+        self.daddr_be = dst_be;
+        d
+    }
+}
+
+impl Ipv6Hdr {
+    /// Rewrites both addresses (IPv6 has no header checksum). Returns the checksum difference
+    /// of the change, for checksums over a pseudo-header (TCP, UDP, ICMPv6).
+    #[inline(always)]
+    fn set_addrs(&mut self, src_be: &AddrBe, dst_be: &AddrBe) -> u64 {
+        let d = diff_addr(diff_addr(0, &self.saddr_be, src_be), &self.daddr_be, dst_be);
+        self.saddr_be = *src_be;
+        self.daddr_be = *dst_be;
+        d
+    }
 }

@@ -5,4 +5,5 @@ pub mod dataplane;
 pub mod maglev;
 pub mod netif;
 pub mod plan;
+pub mod proxy;
 pub mod stats;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{config, dataplane::Dataplane, netif, plan, stats};
+use lb_agent::{config, dataplane::Dataplane, netif, plan, proxy, stats};
 use tracing::{error, info};
 
 #[derive(Parser)]
@@ -55,6 +55,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long in-flight L7 requests get to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = config::load(&path)?;
     let plan = plan::build(&cfg);
@@ -77,17 +80,24 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     }
     info!(config = %path.display(), listeners = plan.listeners.len(), backends = plan.backends.len(), "running");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Multi-threaded for the L7 proxy (one worker per core); the L4 path needs no runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        let proxies = proxy::start(&cfg, stopped, SHUTDOWN_GRACE)
+            .await
+            .context("starting the L7 proxy")?;
         tokio::select! {
             _ = term.recv() => info!("SIGTERM"),
             _ = int.recv() => info!("SIGINT"),
         }
+        let _ = stop.send(());
+        proxies.await;
         anyhow::Ok(())
     })?;
 

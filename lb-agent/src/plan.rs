@@ -102,13 +102,16 @@ pub fn build(config: &Config) -> Plan {
         pools.push((pool.name.as_str(), first, members));
     }
 
+    // http/https listeners are the proxy's: without a VIP entry, the XDP program passes their
+    // traffic to the kernel, where the proxy listens.
     let listeners = config
         .listeners
         .iter()
+        .filter(|l| !l.protocol.is_l7())
         .map(|l| {
             let ring = pools
                 .iter()
-                .find(|(name, ..)| *name == l.pool)
+                .find(|(name, ..)| Some(*name) == l.pool.as_deref())
                 .map(|(_, first, members)| {
                     maglev::build(members, maglev::DEFAULT_TABLE_SIZE)
                         .into_iter()
@@ -122,8 +125,8 @@ pub fn build(config: &Config) -> Plan {
                     addr_be: addr_be(l.vip),
                     port_be: l.port.0.to_be(),
                     proto: match l.protocol {
-                        Protocol::Tcp => PROTO_TCP,
                         Protocol::Udp => PROTO_UDP,
+                        Protocol::Tcp | Protocol::Http | Protocol::Https => PROTO_TCP,
                     },
                     family: family(l.vip),
                 },

@@ -454,20 +454,22 @@ pub fn parse(file: &str, text: &str, host: &Host) -> Result<Config, ConfigError>
         message,
     };
     let positions = Positions::index(text);
-    let mut config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
-        .map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let at = match (path.as_str(), inner.location()) {
-                // Syntax errors and the like: serde_yaml knows best where it stopped.
-                (".", Some(l)) => Position {
-                    line: l.line(),
-                    column: l.column(),
-                },
-                _ => positions.of(&path),
-            };
-            invalid(at, yaml_message(&path, &inner))
-        })?;
+    let mut config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+        text,
+    ))
+    .map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let at = match (path.as_str(), inner.location()) {
+            // Syntax errors and the like: serde_yaml knows best where it stopped.
+            (".", Some(l)) => Position {
+                line: l.line(),
+                column: l.column(),
+            },
+            _ => positions.of(&path),
+        };
+        invalid(at, yaml_message(&path, &inner))
+    })?;
     config.resolve_paths(Path::new(file).parent().unwrap_or(Path::new("")));
     config
         .validate(host)
@@ -563,7 +565,11 @@ impl Config {
             ));
         }
 
-        let l4_count = self.listeners.iter().filter(|l| !l.protocol.is_l7()).count();
+        let l4_count = self
+            .listeners
+            .iter()
+            .filter(|l| !l.protocol.is_l7())
+            .count();
         if l4_count > MAX_LISTENERS as usize {
             return Err((
                 "listeners".into(),
@@ -698,7 +704,10 @@ impl Config {
             ("max_body_bytes", l.max_body_bytes.is_some()),
             ("max_header_bytes", l.max_header_bytes.is_some()),
             ("max_uri_bytes", l.max_uri_bytes.is_some()),
-            ("max_requests_per_connection", l.max_requests_per_connection.is_some()),
+            (
+                "max_requests_per_connection",
+                l.max_requests_per_connection.is_some(),
+            ),
             ("access_log", l.access_log.is_some()),
         ];
         match set.iter().find(|(_, is_set)| *is_set) {
@@ -734,7 +743,10 @@ impl Config {
                 if !matches!(r.code, 301 | 302 | 303 | 307 | 308) {
                     return Err((
                         at("redirect.code"),
-                        format!("{} is not a redirect code (301, 302, 303, 307, 308)", r.code),
+                        format!(
+                            "{} is not a redirect code (301, 302, 303, 307, 308)",
+                            r.code
+                        ),
                     ));
                 }
                 if l.protocol == Protocol::Https {
@@ -752,8 +764,7 @@ impl Config {
                 if !l.routes.is_empty() {
                     return Err((
                         at("routes"),
-                        "a redirecting listener has no routes (every request is redirected)"
-                            .into(),
+                        "a redirecting listener has no routes (every request is redirected)".into(),
                     ));
                 }
             }
@@ -769,7 +780,10 @@ impl Config {
             (Protocol::Http, Some(_)) => {
                 return Err((
                     at("tls"),
-                    format!("`tls` applies to https listeners only (`{}` is http)", l.name),
+                    format!(
+                        "`tls` applies to https listeners only (`{}` is http)",
+                        l.name
+                    ),
                 ))
             }
             (_, Some(tls)) => {
@@ -838,7 +852,10 @@ impl Config {
                 ));
             }
             if let Some(c) = &p.cookie {
-                if c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                if c.is_empty()
+                    || !c
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
                 {
                     return Err((
                         at("session_persistence.cookie"),

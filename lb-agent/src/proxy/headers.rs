@@ -182,7 +182,10 @@ mod tests {
 
     #[test]
     fn only_chunked_and_identity_transfer_codings_pass() {
-        assert_eq!(unsupported_transfer_encoding(&map(&[("transfer-encoding", "chunked")])), None);
+        assert_eq!(
+            unsupported_transfer_encoding(&map(&[("transfer-encoding", "chunked")])),
+            None
+        );
         assert_eq!(
             unsupported_transfer_encoding(&map(&[("transfer-encoding", "gzip, chunked")])),
             Some("gzip".into())

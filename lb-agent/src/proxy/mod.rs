@@ -49,9 +49,7 @@ use self::{
     log::{AccessLog, Attempt, Record},
     upstream::{ActiveGuard, Backend, ConnectError, Pool},
 };
-use crate::config::{
-    BackendProtocol, Config, Listener, Persistence, PersistenceKind, Timeouts,
-};
+use crate::config::{BackendProtocol, Config, Listener, Persistence, PersistenceKind, Timeouts};
 
 /// Defaults of the optional listener settings (the vendors' values; 8 KiB for the request
 /// target is nginx's `large_client_header_buffers`).
@@ -175,7 +173,10 @@ impl Server {
         }
         drop(self.tcp);
         info!(listener = %self.site.name, "proxy stopped accepting; draining");
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
             warn!(listener = %self.site.name, grace = ?grace, "connections still open at the shutdown deadline");
         }
     }
@@ -189,7 +190,11 @@ struct Conn {
 }
 
 impl Conn {
-    async fn serve(self, stream: tokio::net::TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+    async fn serve(
+        self,
+        stream: tokio::net::TcpStream,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
         let _ = stream.set_nodelay(true);
         let requests = Arc::new(AtomicU32::new(0));
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
@@ -206,7 +211,9 @@ impl Conn {
                 let timeout = site.timeouts.request;
                 match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
-                        let conn = self.http.serve_connection_with_upgrades(TokioIo::new(s), svc);
+                        let conn = self
+                            .http
+                            .serve_connection_with_upgrades(TokioIo::new(s), svc);
                         watcher.watch(conn.into_owned()).await
                     }
                     Ok(Err(e)) => {
@@ -345,7 +352,9 @@ impl Site {
             .iter()
             .find(|r| {
                 r.host.as_ref().is_none_or(|h| h.matches(host))
-                    && r.path_prefix.as_ref().is_none_or(|p| path.starts_with(p.as_str()))
+                    && r.path_prefix
+                        .as_ref()
+                        .is_none_or(|p| path.starts_with(p.as_str()))
             })
             .map(|r| &r.pool)
             .or(self.default.as_ref())
@@ -374,7 +383,11 @@ impl Site {
         let h1 = req.version() != Version::HTTP_2;
         let mut res = match self.redirect {
             Some((code, port)) => {
-                let port = if port == 443 { String::new() } else { format!(":{port}") };
+                let port = if port == 443 {
+                    String::new()
+                } else {
+                    format!(":{port}")
+                };
                 let host = host.split(':').next().unwrap_or_default();
                 let location = format!("https://{host}{port}{}", record.path);
                 local(errors::redirect(code, &location), record)
@@ -410,7 +423,11 @@ impl Site {
         if declared.is_some_and(|n| n > self.max_body_bytes) {
             return local_error(StatusCode::PAYLOAD_TOO_LARGE, record);
         }
-        let hostname = host.split(':').next().unwrap_or_default().to_ascii_lowercase();
+        let hostname = host
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let Some(pool) = self.route(&hostname, req.uri().path()) else {
             return local_error(StatusCode::NOT_FOUND, record);
         };
@@ -438,19 +455,24 @@ impl Site {
             .parse()
             .unwrap_or_else(|_| Uri::from_static("/"));
         let has_body = !body.is_end_stream();
-        let fault = Arc::new(AtomicU8::new(Fault::None as u8));
+        let state = Arc::new(BodyState::default());
         let mut body = Some(RequestBody::new(
             body,
             self.max_body_bytes,
             self.timeouts.request,
-            fault.clone(),
+            state.clone(),
             record.bytes_in.clone(),
         ));
 
         let sticky = self.sticky_backend(pool, &parts.headers, peer);
         let idempotent = matches!(
             parts.method,
-            Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+            Method::GET
+                | Method::HEAD
+                | Method::PUT
+                | Method::DELETE
+                | Method::OPTIONS
+                | Method::TRACE
         );
         let mut tried: Vec<usize> = Vec::new();
         // What to answer when no backend answers; 503 until one was reached.
@@ -489,8 +511,22 @@ impl Site {
             *breq.uri_mut() = uri.clone();
             *breq.headers_mut() = parts.headers.clone();
             let sent = Instant::now();
-            let outcome =
-                tokio::time::timeout(self.timeouts.response, sender.try_send_request(breq)).await;
+            let exchange = sender.try_send_request(breq);
+            tokio::pin!(exchange);
+            // The response timeout runs once the whole request is sent; until then a stalled
+            // body is the request timeout's business.
+            let early = if has_body {
+                tokio::select! {
+                    r = &mut exchange => Some(r),
+                    _ = state.sent.notified() => None,
+                }
+            } else {
+                None
+            };
+            let outcome = match early {
+                Some(r) => Ok(r),
+                None => tokio::time::timeout(self.timeouts.response, exchange).await,
+            };
             let error = match outcome {
                 Ok(Ok(res)) => {
                     attempt.header = Some(sent.elapsed());
@@ -511,8 +547,10 @@ impl Site {
                     );
                 }
                 Ok(Err(mut e)) => {
-                    match Fault::from(fault.load(Ordering::Relaxed)) {
-                        Fault::TooLarge => return local_error(StatusCode::PAYLOAD_TOO_LARGE, record),
+                    match Fault::from(state.fault.load(Ordering::Relaxed)) {
+                        Fault::TooLarge => {
+                            return local_error(StatusCode::PAYLOAD_TOO_LARGE, record)
+                        }
                         Fault::Timeout => return local_error(StatusCode::REQUEST_TIMEOUT, record),
                         Fault::Client => return local_error(StatusCode::BAD_REQUEST, record),
                         Fault::None => {}
@@ -560,8 +598,9 @@ impl Site {
         match p.kind {
             PersistenceKind::InsertCookie => headers::request_cookie(headers, self.cookie_name())
                 .and_then(|v| pool.available_by_cookie(v)),
-            PersistenceKind::AppCookie => headers::request_cookie(headers, self.cookie_name())
-                .and_then(|v| pool.learned(v)),
+            PersistenceKind::AppCookie => {
+                headers::request_cookie(headers, self.cookie_name()).and_then(|v| pool.learned(v))
+            }
             PersistenceKind::SourceIp => {
                 let up: Vec<usize> = (0..pool.backends.len())
                     .filter(|&i| pool.backends[i].available())
@@ -705,7 +744,16 @@ fn local_error(status: StatusCode, record: Record) -> Response<ResponseBody> {
     local(errors::page(status), record)
 }
 
-/// Why the request body stopped, as the backend exchange cannot tell.
+/// What the proxy learns from the request body while it streams to the backend.
+#[derive(Default)]
+struct BodyState {
+    /// Why the body stopped early (a [`Fault`]), as the backend exchange cannot tell.
+    fault: AtomicU8,
+    /// Notified once the body has been read to its end.
+    sent: tokio::sync::Notify,
+}
+
+/// Why the request body stopped.
 #[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -744,7 +792,7 @@ pub struct RequestBody {
     seen: u64,
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
-    fault: Arc<AtomicU8>,
+    state: Arc<BodyState>,
     bytes_in: Arc<AtomicU64>,
 }
 
@@ -753,7 +801,7 @@ impl RequestBody {
         inner: Incoming,
         limit: u64,
         timeout: Duration,
-        fault: Arc<AtomicU8>,
+        state: Arc<BodyState>,
         bytes_in: Arc<AtomicU64>,
     ) -> Self {
         Self {
@@ -762,7 +810,7 @@ impl RequestBody {
             seen: 0,
             timeout,
             sleep: None,
-            fault,
+            state,
             bytes_in,
         }
     }
@@ -775,13 +823,17 @@ impl RequestBody {
             seen: 0,
             timeout: Duration::MAX,
             sleep: None,
-            fault: Arc::new(AtomicU8::new(0)),
+            state: Arc::default(),
             bytes_in: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    fn fail(&mut self, fault: Fault, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.fault.store(fault as u8, Ordering::Relaxed);
+    fn fail(
+        &mut self,
+        fault: Fault,
+        e: BodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.state.fault.store(fault as u8, Ordering::Relaxed);
         self.inner = None;
         Poll::Ready(Some(Err(e)))
     }
@@ -814,6 +866,8 @@ impl Body for RequestBody {
             Poll::Ready(Some(Err(e))) => this.fail(Fault::Client, BodyError::Client(e)),
             Poll::Ready(None) => {
                 this.inner = None;
+                // A stored permit: the waiter may only start listening later.
+                this.state.sent.notify_one();
                 Poll::Ready(None)
             }
             Poll::Pending => {

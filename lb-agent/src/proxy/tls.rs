@@ -54,13 +54,16 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| cert_err(format!("not a PEM certificate chain ({e})")))?;
+        .map_err(|e| cert_err(format!("not a PEM certificate chain: {}", pem_problem(&e))))?;
     if chain.is_empty() {
         return Err(cert_err("no PEM certificate in the file".into()));
     }
     let der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.into(),
-        message: format!("no PEM private key (PKCS#8, RSA or EC) ({e})"),
+        message: format!(
+            "no PEM private key (PKCS#8, RSA or EC): {}",
+            pem_problem(&e)
+        ),
     })?;
     webpki::EndEntityCert::try_from(&chain[0])
         .map_err(|e| cert_err(format!("the first certificate does not parse ({e})")))?;
@@ -70,6 +73,22 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     })
 }
 
+/// The PEM parser's complaint in words (its own Display prints markers as byte lists).
+fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "no `-----END {}-----` line",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("malformed BEGIN line `{}`", String::from_utf8_lossy(line))
+        }
+        Error::NoItemsFound => "nothing of that kind in the file".into(),
+        other => other.to_string(),
+    }
+}
+
 /// A PEM CA bundle.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let err = |message: String| TlsError::Cert {
@@ -77,9 +96,9 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
         message,
     };
     let mut roots = RootCertStore::empty();
-    for der in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+    for der in CertificateDer::pem_file_iter(path).map_err(|e| err(pem_problem(&e)))? {
         roots
-            .add(der.map_err(|e| err(e.to_string()))?)
+            .add(der.map_err(|e| err(pem_problem(&e)))?)
             .map_err(|e| err(e.to_string()))?;
     }
     if roots.is_empty() {

@@ -114,16 +114,16 @@ impl Backend {
             }
         }
         let started = Instant::now();
-        let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await
-        {
-            Err(_) => Err(ConnectError::Timeout(self.addr)),
-            Ok(Err(source)) => Err(ConnectError::Io {
-                addr: self.addr,
-                source,
-            }),
-            Ok(Ok(s)) => Ok(s),
-        }
-        .inspect_err(|_| self.mark_failed())?;
+        let tcp =
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
+                Err(_) => Err(ConnectError::Timeout(self.addr)),
+                Ok(Err(source)) => Err(ConnectError::Io {
+                    addr: self.addr,
+                    source,
+                }),
+                Ok(Ok(s)) => Ok(s),
+            }
+            .inspect_err(|_| self.mark_failed())?;
         let _ = tcp.set_nodelay(true);
         let sender = match tls {
             Some(tls) => {
@@ -167,7 +167,10 @@ impl Backend {
     }
 }
 
-async fn handshake<T>(addr: SocketAddr, io: TokioIo<T>) -> Result<SendRequest<ProxyBody>, ConnectError>
+async fn handshake<T>(
+    addr: SocketAddr,
+    io: TokioIo<T>,
+) -> Result<SendRequest<ProxyBody>, ConnectError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {

@@ -1,6 +1,7 @@
-//! `cargo xtask setup | build-ebpf | build | demo | test`: what cargo alone cannot do (install
+//! `cargo xtask setup | build-ebpf | build | demo | test | bench l7`: what cargo alone cannot do (install
 //! the eBPF toolchain pieces, run as root in network namespaces).
 
+mod bench;
 mod setup;
 
 use std::{collections::BTreeMap, path::PathBuf, process::Command};
@@ -36,6 +37,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Benchmarks (root).
+    Bench {
+        #[command(subcommand)]
+        what: BenchKind,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// wrk against the L7 proxy and against nginx set up the same way, in one run.
+    L7,
 }
 
 fn main() -> Result<()> {
@@ -45,6 +57,13 @@ fn main() -> Result<()> {
         Cmd::Build => build(),
         Cmd::Demo { connections } => demo(connections),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench {
+            what: BenchKind::L7,
+        } => {
+            build()?;
+            setup::require_root()?;
+            bench::l7(&root().join("target/release/lb-agent"))
+        }
     }
 }
 

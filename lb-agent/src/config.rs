@@ -107,10 +107,15 @@ pub struct Listener {
     pub protocol: Protocol,
     pub vip: IpAddr,
     pub port: Port,
-    pub pool: String,
-    /// How new flows pick a backend (established flows never move).
+    /// The pool for tcp/udp, and the default pool for http/https (which may omit it only when
+    /// they `redirect`).
     #[serde(default)]
-    pub scheduler: Scheduler,
+    pub pool: Option<String>,
+    /// How new connections (tcp/udp) or requests (http/https) pick a backend. Default: maglev
+    /// for tcp/udp, wrr for http/https (see `Listener::scheduler`).
+    #[serde(default)]
+    pub scheduler: Option<Scheduler>,
+    // tcp/udp only:
     /// Maglev table size: a prime up to 65537.
     #[serde(default = "default_table_size")]
     pub table_size: u32,
@@ -124,6 +129,40 @@ pub struct Listener {
     /// What source address the backends see.
     #[serde(default)]
     pub client_ip: ClientIp,
+    // The fields below apply to http/https listeners only (validation rejects them elsewhere);
+    // `proxy::Settings` applies their defaults.
+    /// Certificates (chosen by SNI) and optional client-certificate CA; https only.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Host/path rules, first match wins; no match goes to `pool`.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Answer every request with a redirect (http → the https listener on the same VIP).
+    #[serde(default)]
+    pub redirect: Option<Redirect>,
+    #[serde(default)]
+    pub session_persistence: Option<Persistence>,
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+    /// http (default) or https (full-path TLS; backend certificates are not verified, as
+    /// the vendors' L7 does by default).
+    #[serde(default)]
+    pub backend_protocol: Option<BackendProtocol>,
+    /// Largest request body (default 10 GiB) → 413.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Largest request head, request line and headers (default 64 KiB) → 431.
+    #[serde(default)]
+    pub max_header_bytes: Option<usize>,
+    /// Longest request target (default 8 KiB) → 414.
+    #[serde(default)]
+    pub max_uri_bytes: Option<usize>,
+    /// Requests per client connection before it is closed (default 100).
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+    /// JSON-lines access log file (appended); stdout when left out.
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -138,19 +177,18 @@ pub enum ClientIp {
     Passthrough,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduler {
-    /// Weighted Maglev consistent hashing on the 5-tuple.
-    #[default]
+    /// Weighted Maglev consistent hashing on the 5-tuple (tcp/udp only: it is per flow).
     Maglev,
     /// Consistent hashing on the client address only: one client, one backend while it is up
     /// (the vendors' source-IP algorithm and L4 session persistence).
     SourceIp,
-    /// Weighted round robin: new flows take turns in proportion to the weights.
+    /// Weighted round robin: new flows (requests) take turns in proportion to the weights.
     Wrr,
-    /// Weighted least connections: a new flow goes to the backend with the fewest active
-    /// flows per unit of weight.
+    /// Weighted least connections: a new flow (request) goes to the backend with the fewest
+    /// active connections per unit of weight.
     Wlc,
 }
 
@@ -188,11 +226,20 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
 }
 
 impl Listener {
-    /// `idle_timeout`, or the protocol's default.
+    /// `idle_timeout`, or the protocol's default (tcp/udp flows).
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout.unwrap_or(match self.protocol {
-            Protocol::Tcp => Duration::from_secs(900),
             Protocol::Udp => Duration::from_secs(300),
+            _ => Duration::from_secs(900),
+        })
+    }
+
+    /// `scheduler`, or the protocol's default: maglev for tcp/udp, wrr for http/https.
+    pub fn scheduler(&self) -> Scheduler {
+        self.scheduler.unwrap_or(if self.protocol.is_l7() {
+            Scheduler::Wrr
+        } else {
+            Scheduler::Maglev
         })
     }
 }
@@ -202,6 +249,152 @@ impl Listener {
 pub enum Protocol {
     Tcp,
     Udp,
+    Http,
+    Https,
+}
+
+impl Protocol {
+    /// Served by the agent's proxy rather than by the XDP program.
+    pub fn is_l7(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
+    }
+
+    /// The transport the listener occupies on its VIP and port.
+    fn transport(self) -> Protocol {
+        match self {
+            Protocol::Udp => Protocol::Udp,
+            _ => Protocol::Tcp,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub certificates: Vec<CertificatePair>,
+    /// PEM CA bundle; when set, clients must present a certificate it signed.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A PEM certificate chain (leaf first) and its PEM private key (PKCS#8, RSA or EC).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `api.example.com` or `*.example.com` (any name ending in `.example.com`); any host
+    /// when left out.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Matches paths that start with it; any path when left out.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    pub to: RedirectTarget,
+    #[serde(default = "default_redirect_code")]
+    pub code: u16,
+}
+
+fn default_redirect_code() -> u16 {
+    301
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectTarget {
+    Https,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Persistence {
+    #[serde(rename = "type")]
+    pub kind: PersistenceKind,
+    /// insert_cookie: the LB's cookie (default SERVERID); app_cookie: the backend's cookie.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    #[serde(default = "default_persistence_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_persistence_timeout() -> Duration {
+    Duration::from_secs(20 * 60)
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PersistenceKind {
+    InsertCookie,
+    AppCookie,
+    SourceIp,
+}
+
+/// Durations as `5s`, `20m`, `500ms`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect to a backend; then the next backend is tried.
+    #[serde(default = "default_connect", with = "humantime_serde")]
+    pub connect: Duration,
+    /// Longest pause while receiving a request body → 408.
+    #[serde(default = "default_request", with = "humantime_serde")]
+    pub request: Duration,
+    /// From sending a request to the backend's response head → 504.
+    #[serde(default = "default_response", with = "humantime_serde")]
+    pub response: Duration,
+    /// Keep-alive idle time between two requests of a client connection.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle: Duration,
+    /// An upgraded (WebSocket) connection with no traffic either way is closed.
+    #[serde(default = "default_websocket_idle", with = "humantime_serde")]
+    pub websocket_idle: Duration,
+}
+
+fn default_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_response() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_websocket_idle() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            request: default_request(),
+            response: default_response(),
+            idle: default_idle(),
+            websocket_idle: default_websocket_idle(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    #[default]
+    Http,
+    Https,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -286,6 +479,8 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Http => "http",
+            Protocol::Https => "https",
         })
     }
 }
@@ -341,20 +536,23 @@ pub fn parse(file: &str, text: &str, host: &Host) -> Result<Config, ConfigError>
         message,
     };
     let positions = Positions::index(text);
-    let config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
-        .map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let at = match (path.as_str(), inner.location()) {
-                // Syntax errors and the like: serde_yaml knows best where it stopped.
-                (".", Some(l)) => Position {
-                    line: l.line(),
-                    column: l.column(),
-                },
-                _ => positions.of(&path),
-            };
-            invalid(at, yaml_message(&path, &inner))
-        })?;
+    let mut config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+        text,
+    ))
+    .map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let at = match (path.as_str(), inner.location()) {
+            // Syntax errors and the like: serde_yaml knows best where it stopped.
+            (".", Some(l)) => Position {
+                line: l.line(),
+                column: l.column(),
+            },
+            _ => positions.of(&path),
+        };
+        invalid(at, yaml_message(&path, &inner))
+    })?;
+    config.resolve_paths(Path::new(file).parent().unwrap_or(Path::new("")));
     config
         .validate(host)
         .map_err(|(path, message)| invalid(positions.of(&path), format!("{path}: {message}")))?;
@@ -449,10 +647,15 @@ impl Config {
             ));
         }
 
-        if self.listeners.len() > MAX_LISTENERS as usize {
+        let l4_count = self
+            .listeners
+            .iter()
+            .filter(|l| !l.protocol.is_l7())
+            .count();
+        if l4_count > MAX_LISTENERS as usize {
             return Err((
                 "listeners".into(),
-                format!("at most {MAX_LISTENERS} listeners are supported"),
+                format!("at most {MAX_LISTENERS} tcp/udp listeners are supported"),
             ));
         }
         let mut names = HashMap::new();
@@ -470,17 +673,43 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(first) = triples.insert((l.vip, l.port, l.protocol), i) {
+            // http/https occupy the TCP port too.
+            let transport = l.protocol.transport();
+            if let Some(first) = triples.insert((l.vip, l.port, transport), i) {
                 return Err((
                     format!("listeners[{i}].port"),
                     format!(
                         "{}/{} is already used by listener `{}`",
                         sock(l.vip, l.port),
-                        l.protocol,
+                        transport,
                         self.listeners[first].name
                     ),
                 ));
             }
+            let pool = match &l.pool {
+                Some(name) => match pools.get(name.as_str()) {
+                    Some(p) => Some(*p),
+                    None => {
+                        return Err((
+                            format!("listeners[{i}].pool"),
+                            format!("pool `{name}` does not exist"),
+                        ))
+                    }
+                },
+                None => None,
+            };
+            if l.protocol.is_l7() {
+                if l.scheduler == Some(Scheduler::Maglev) {
+                    return Err((
+                        format!("listeners[{i}].scheduler"),
+                        "maglev hashes flows: http/https listeners use wrr, wlc or source_ip"
+                            .into(),
+                    ));
+                }
+                self.validate_l7(i, l, &pools)?;
+                continue;
+            }
+            self.validate_l4_only_fields(i, l)?;
             if !is_prime(l.table_size) || l.table_size > lb_common::maps::MAX_RING {
                 return Err((
                     format!("listeners[{i}].table_size"),
@@ -501,14 +730,14 @@ impl Config {
                     }
                 }
             }
-            let Some((p, pool)) = pools.get(l.pool.as_str()) else {
+            let Some((p, pool)) = pool else {
                 return Err((
-                    format!("listeners[{i}].pool"),
-                    format!("pool `{}` does not exist", l.pool),
+                    format!("listeners[{i}]"),
+                    format!("{} listener `{}` needs a `pool`", l.protocol, l.name),
                 ));
             };
             let max_wlc = lb_common::maps::MAX_WLC_BACKENDS as usize;
-            if l.scheduler == Scheduler::Wlc && pool.backends.len() > max_wlc {
+            if l.scheduler() == Scheduler::Wlc && pool.backends.len() > max_wlc {
                 return Err((
                     format!("listeners[{i}].scheduler"),
                     format!(
@@ -594,6 +823,261 @@ impl Config {
 fn is_prime(n: u32) -> bool {
     let n = n as u64;
     n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+impl Config {
+    /// tcp/udp listeners are served by the XDP program: the proxy settings mean nothing there.
+    fn validate_l4_only_fields(&self, i: usize, l: &Listener) -> Result<(), Invalid> {
+        let set = [
+            ("tls", l.tls.is_some()),
+            ("routes", !l.routes.is_empty()),
+            ("redirect", l.redirect.is_some()),
+            ("session_persistence", l.session_persistence.is_some()),
+            ("timeouts", l.timeouts.is_some()),
+            ("backend_protocol", l.backend_protocol.is_some()),
+            ("max_body_bytes", l.max_body_bytes.is_some()),
+            ("max_header_bytes", l.max_header_bytes.is_some()),
+            ("max_uri_bytes", l.max_uri_bytes.is_some()),
+            (
+                "max_requests_per_connection",
+                l.max_requests_per_connection.is_some(),
+            ),
+            ("access_log", l.access_log.is_some()),
+        ];
+        match set.iter().find(|(_, is_set)| *is_set) {
+            Some((field, _)) => Err((
+                format!("listeners[{i}].{field}"),
+                format!(
+                    "`{field}` applies to http/https listeners only (`{}` is {})",
+                    l.name, l.protocol
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn validate_l7(
+        &self,
+        i: usize,
+        l: &Listener,
+        pools: &HashMap<&str, (usize, &Pool)>,
+    ) -> Result<(), Invalid> {
+        let at = |field: &str| format!("listeners[{i}].{field}");
+        match (&l.redirect, &l.pool) {
+            (None, None) => {
+                return Err((
+                    format!("listeners[{i}]"),
+                    format!(
+                        "{} listener `{}` needs a `pool` (or a `redirect`)",
+                        l.protocol, l.name
+                    ),
+                ))
+            }
+            (Some(r), _) => {
+                if !matches!(r.code, 301 | 302 | 303 | 307 | 308) {
+                    return Err((
+                        at("redirect.code"),
+                        format!(
+                            "{} is not a redirect code (301, 302, 303, 307, 308)",
+                            r.code
+                        ),
+                    ));
+                }
+                if l.protocol == Protocol::Https {
+                    return Err((
+                        at("redirect"),
+                        "an https listener cannot redirect to https".into(),
+                    ));
+                }
+                if self.https_port(l.vip).is_none() {
+                    return Err((
+                        at("redirect"),
+                        format!("no https listener on {} to redirect to", l.vip),
+                    ));
+                }
+                if !l.routes.is_empty() {
+                    return Err((
+                        at("routes"),
+                        "a redirecting listener has no routes (every request is redirected)".into(),
+                    ));
+                }
+            }
+            (None, Some(_)) => {}
+        }
+        match (l.protocol, &l.tls) {
+            (Protocol::Https, None) => {
+                return Err((
+                    format!("listeners[{i}]"),
+                    format!("https listener `{}` needs `tls.certificates`", l.name),
+                ))
+            }
+            (Protocol::Http, Some(_)) => {
+                return Err((
+                    at("tls"),
+                    format!(
+                        "`tls` applies to https listeners only (`{}` is http)",
+                        l.name
+                    ),
+                ))
+            }
+            (_, Some(tls)) => {
+                if tls.certificates.is_empty() {
+                    return Err((
+                        at("tls.certificates"),
+                        "at least one certificate is needed".into(),
+                    ));
+                }
+                for (j, c) in tls.certificates.iter().enumerate() {
+                    crate::proxy::tls::load_certified_key(&c.cert, &c.key).map_err(|e| {
+                        let field = if e.is_key() { "key" } else { "cert" };
+                        (at(&format!("tls.certificates[{j}].{field}")), e.to_string())
+                    })?;
+                }
+                if let Some(ca) = &tls.client_ca {
+                    crate::proxy::tls::load_roots(ca)
+                        .map_err(|e| (at("tls.client_ca"), e.to_string()))?;
+                }
+            }
+            (_, None) => {}
+        }
+        for (j, r) in l.routes.iter().enumerate() {
+            let path = |f: &str| at(&format!("routes[{j}].{f}"));
+            if !pools.contains_key(r.pool.as_str()) {
+                return Err((path("pool"), format!("pool `{}` does not exist", r.pool)));
+            }
+            if let Some(h) = &r.host {
+                let name = h.strip_prefix("*.").unwrap_or(h);
+                if name.is_empty()
+                    || name.contains('*')
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                {
+                    return Err((
+                        path("host"),
+                        format!("`{h}` is not a host name or `*.suffix` pattern"),
+                    ));
+                }
+            }
+            if let Some(p) = &r.path_prefix {
+                if !p.starts_with('/') {
+                    return Err((path("path_prefix"), format!("`{p}` does not start with /")));
+                }
+            }
+            if r.host.is_none() && r.path_prefix.is_none() {
+                return Err((
+                    format!("listeners[{i}].routes[{j}]"),
+                    "a route needs a `host` or a `path_prefix` (the listener's `pool` is the default)"
+                        .into(),
+                ));
+            }
+            if let Some(k) = l.routes[..j].iter().position(|e| route_covers(e, r)) {
+                return Err((
+                    format!("listeners[{i}].routes[{j}]"),
+                    format!("never matches: routes[{k}] comes first and covers it"),
+                ));
+            }
+        }
+        if let Some(p) = &l.session_persistence {
+            if p.kind == PersistenceKind::AppCookie && p.cookie.is_none() {
+                return Err((
+                    at("session_persistence.cookie"),
+                    "app_cookie needs the name of the backend's `cookie`".into(),
+                ));
+            }
+            if let Some(c) = &p.cookie {
+                if c.is_empty()
+                    || !c
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err((
+                        at("session_persistence.cookie"),
+                        format!("`{c}` is not a cookie name"),
+                    ));
+                }
+            }
+            if p.timeout.is_zero() {
+                return Err((at("session_persistence.timeout"), "must be above 0".into()));
+            }
+        }
+        if let Some(t) = &l.timeouts {
+            for (field, d) in [
+                ("connect", t.connect),
+                ("request", t.request),
+                ("response", t.response),
+                ("idle", t.idle),
+                ("websocket_idle", t.websocket_idle),
+            ] {
+                if d.is_zero() {
+                    return Err((at(&format!("timeouts.{field}")), "must be above 0".into()));
+                }
+            }
+        }
+        if l.max_header_bytes.is_some_and(|b| b < 8192) {
+            return Err((
+                at("max_header_bytes"),
+                "must be at least 8192 (the HTTP/1 parser's smallest buffer)".into(),
+            ));
+        }
+        if l.max_requests_per_connection == Some(0) {
+            return Err((at("max_requests_per_connection"), "must be above 0".into()));
+        }
+        Ok(())
+    }
+
+    /// The port of the https listener on `vip`, the target of http → https redirects.
+    pub fn https_port(&self, vip: IpAddr) -> Option<Port> {
+        self.listeners
+            .iter()
+            .find(|l| l.protocol == Protocol::Https && l.vip == vip)
+            .map(|l| l.port)
+    }
+
+    /// Relative certificate and log paths are relative to the config file's directory.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for l in &mut self.listeners {
+            if let Some(tls) = &mut l.tls {
+                for c in &mut tls.certificates {
+                    fix(&mut c.cert);
+                    fix(&mut c.key);
+                }
+                if let Some(ca) = &mut tls.client_ca {
+                    fix(ca);
+                }
+            }
+            if let Some(log) = &mut l.access_log {
+                fix(log);
+            }
+        }
+    }
+}
+
+/// Whether every request `later` matches is already taken by `earlier` (first match wins).
+fn route_covers(earlier: &Route, later: &Route) -> bool {
+    let host = match (&earlier.host, &later.host) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) => {
+            let (e, l) = (e.to_ascii_lowercase(), l.to_ascii_lowercase());
+            match e.strip_prefix('*') {
+                // `*.example.com` covers `a.example.com` and `*.a.example.com`.
+                Some(suffix) => l.ends_with(suffix),
+                None => e == l,
+            }
+        }
+    };
+    let path = match (&earlier.path_prefix, &later.path_prefix) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(e), Some(l)) => l.starts_with(e.as_str()),
+    };
+    host && path
 }
 
 fn family(a: IpAddr) -> &'static str {

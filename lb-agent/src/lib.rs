@@ -6,5 +6,6 @@ pub mod gc;
 pub mod maglev;
 pub mod netif;
 pub mod plan;
+pub mod proxy;
 pub mod stats;
 pub mod wrr;

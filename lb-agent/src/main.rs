@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{config, dataplane::Dataplane, gc, netif, plan, stats};
+use lb_agent::{config, dataplane::Dataplane, gc, netif, plan, proxy, stats};
 use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
@@ -55,6 +55,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long in-flight L7 requests get to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = config::load(&path)?;
     let plan = plan::build(&cfg);
@@ -75,22 +78,28 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     for iface in &cfg.agent.interfaces {
         dp.attach(iface, cfg.agent.xdp_mode)?;
     }
-    info!(config = %path.display(), listeners = plan.listeners.len(), backends = plan.backends.len(), "running");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Multi-threaded for the L7 proxy (one worker per core); the L4 path needs no runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let last_sweep = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        let proxies = proxy::start(&cfg, stopped, SHUTDOWN_GRACE)
+            .await
+            .context("starting the L7 proxy")?;
+        info!(config = %path.display(), listeners = cfg.listeners.len(), backends = plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
         let mut last = gc::Report::default();
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM"); break; }
                 _ = int.recv() => { info!("SIGINT"); break; }
-                _ = sweep.tick() => match dp.gc(&plan, gc::monotonic_ns()) {
+                // A sweep is blocking map syscalls: keep it off the proxy's workers' queue.
+                _ = sweep.tick() => match tokio::task::block_in_place(|| dp.gc(&plan, gc::monotonic_ns())) {
                     Ok(r) => {
                         if r.expired > 0 {
                             debug!(expired = r.expired, entries = r.entries, "conntrack sweep");
@@ -101,6 +110,8 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 },
             }
         }
+        let _ = stop.send(());
+        proxies.await;
         anyhow::Ok(last)
     })?;
 

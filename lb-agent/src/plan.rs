@@ -113,15 +113,18 @@ pub fn build(config: &Config) -> Plan {
         pools.push((pool.name.as_str(), first, members));
     }
 
+    // http/https listeners are the proxy's: without a VIP entry, the XDP program passes their
+    // traffic to the kernel, where the proxy listens.
     let listeners = config
         .listeners
         .iter()
+        .filter(|l| !l.protocol.is_l7())
         .map(|l| {
             let ring = pools
                 .iter()
-                .find(|(name, ..)| *name == l.pool)
+                .find(|(name, ..)| Some(*name) == l.pool.as_deref())
                 .map(|(_, first, members)| {
-                    let slots = match l.scheduler {
+                    let slots = match l.scheduler() {
                         Scheduler::Wrr => {
                             let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
                             wrr::sequence(&weights, lb_common::maps::MAX_RING)
@@ -144,7 +147,7 @@ pub fn build(config: &Config) -> Plan {
             };
             let (allow, deny) = (prefixes(&l.acl.allow), prefixes(&l.acl.deny));
             let mut flags = 0;
-            flags |= match l.scheduler {
+            flags |= match l.scheduler() {
                 Scheduler::Maglev => 0,
                 Scheduler::SourceIp => VIP_F_SOURCE_IP,
                 Scheduler::Wrr => VIP_F_WRR,
@@ -171,8 +174,8 @@ pub fn build(config: &Config) -> Plan {
                     addr_be: addr_be(l.vip),
                     port_be: l.port.0.to_be(),
                     proto: match l.protocol {
-                        Protocol::Tcp => PROTO_TCP,
                         Protocol::Udp => PROTO_UDP,
+                        Protocol::Tcp | Protocol::Http | Protocol::Https => PROTO_TCP,
                     },
                     family: family(l.vip),
                 },

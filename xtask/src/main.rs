@@ -1,6 +1,7 @@
-//! `cargo xtask setup | build-ebpf | build | demo | test`: what cargo alone cannot do (install
+//! `cargo xtask setup | build-ebpf | build | demo | test | bench l7`: what cargo alone cannot do (install
 //! the eBPF toolchain pieces, run as root in network namespaces).
 
+mod bench;
 mod setup;
 
 use std::{collections::BTreeMap, path::PathBuf, process::Command};
@@ -47,6 +48,8 @@ enum Cmd {
 enum Bench {
     /// The XDP program's ns per packet (established, new flow) vs a trivial XDP_TX program.
     Xdp,
+    /// wrk against the L7 proxy and against nginx set up the same way, in one run.
+    L7,
 }
 
 fn main() -> Result<()> {
@@ -177,12 +180,16 @@ fn bench(which: Option<Bench>) -> Result<()> {
     setup::run(false)?;
     setup::require_root()?;
     // All benchmarks when none is named.
-    for b in which.map_or(vec![Bench::Xdp], |b| vec![b]) {
+    for b in which.map_or(vec![Bench::Xdp, Bench::L7], |b| vec![b]) {
         match b {
             Bench::Xdp => {
                 let mut c = cargo();
                 c.args(["bench", "-p", "lb-tests", "--bench", "xdp"]);
                 status(c)?;
+            }
+            Bench::L7 => {
+                build()?;
+                bench::l7(&root().join("target/release/lb-agent"))?;
             }
         }
     }

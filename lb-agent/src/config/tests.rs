@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::*;
 
 const EXAMPLE: &str = "\
@@ -240,11 +242,181 @@ fn syntax_errors_and_empty_files_are_reported_with_a_position() {
     assert!(e.starts_with("lb.yaml:1:1: "), "{e}");
 }
 
+const L7: &str = "\
+agent:
+  interfaces: [lb-ext]
+listeners:
+  - name: site
+    protocol: https
+    vip: 10.91.0.100
+    port: 443
+    pool: web
+    tls:
+      certificates:
+        - { cert: CERT, key: KEY }
+    routes:
+      - { host: api.example.com, path_prefix: /v1, pool: api }
+    session_persistence: { type: insert_cookie, cookie: SERVERID, timeout: 20m }
+    timeouts: { connect: 5s, request: 60s, response: 60s, idle: 15s }
+  - name: site-plain
+    protocol: http
+    vip: 10.91.0.100
+    port: 80
+    redirect: { to: https, code: 301 }
+pools:
+  - name: web
+    backends:
+      - { address: 10.91.2.11, port: 8080 }
+  - name: api
+    backends:
+      - { address: fd00:91:2::12, port: 8080 }
+";
+
+/// The issue's L7 example with a real certificate pair in a temporary directory.
+fn l7_text() -> (String, std::path::PathBuf) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lb-config-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["www.example.com".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("site.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("site.key"), key.serialize_pem()).unwrap();
+    let text = L7
+        .replace("CERT", &dir.join("site.pem").display().to_string())
+        .replace("KEY", &dir.join("site.key").display().to_string());
+    (text, dir)
+}
+
+fn l7_err(edit: impl Fn(&str) -> String) -> String {
+    let (text, dir) = l7_text();
+    let e = err(&edit(&text));
+    let _ = std::fs::remove_dir_all(dir);
+    e
+}
+
+#[test]
+fn the_issue_l7_example_parses_without_snat() {
+    let (text, dir) = l7_text();
+    let c = parse("lb.yaml", &text, &host()).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    let site = &c.listeners[0];
+    assert_eq!(site.protocol, Protocol::Https);
+    assert_eq!(site.routes[0].path_prefix.as_deref(), Some("/v1"));
+    let p = site.session_persistence.as_ref().unwrap();
+    assert_eq!(p.kind, PersistenceKind::InsertCookie);
+    assert_eq!(p.timeout, Duration::from_secs(1200));
+    assert_eq!(
+        site.timeouts.as_ref().unwrap().idle,
+        Duration::from_secs(15)
+    );
+    assert_eq!(
+        site.timeouts.as_ref().unwrap().websocket_idle,
+        Duration::from_secs(60)
+    );
+    assert_eq!(c.listeners[1].pool, None);
+    assert_eq!(c.https_port(site.vip), Some(Port(443)));
+    // L7 listeners never reach the XDP maps.
+    assert!(crate::plan::build(&c).listeners.is_empty());
+}
+
+#[test]
+fn l7_listeners_are_checked_with_positions() {
+    assert_eq!(
+        l7_err(|t| t.replace("    redirect: { to: https, code: 301 }\n", "")),
+        "lb.yaml:16:9: listeners[1]: http listener `site-plain` needs a `pool` (or a `redirect`)"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("code: 301", "code: 200")),
+        "lb.yaml:20:34: listeners[1].redirect.code: 200 is not a redirect code (301, 302, 303, 307, 308)"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("pool: api }", "pool: apx }")),
+        "lb.yaml:13:58: listeners[0].routes[0].pool: pool `apx` does not exist"
+    );
+    assert_eq!(
+        l7_err(|t| {
+            t.replace(
+            "      - { host: api.example.com, path_prefix: /v1, pool: api }\n",
+            "      - { host: '*.example.com', pool: api }\n      - { host: api.example.com, path_prefix: /v1, pool: web }\n"
+        )
+        }),
+        "lb.yaml:14:9: listeners[0].routes[1]: never matches: routes[0] comes first and covers it"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: v1")),
+        "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `v1` does not start with /"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("connect: 5s", "connect: 5 parsecs")),
+        "lb.yaml:15:26: listeners[0].timeouts.connect: invalid value: string \"5 parsecs\", expected a duration"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("type: insert_cookie, cookie: SERVERID", "type: app_cookie")),
+        "lb.yaml:14:26: listeners[0].session_persistence.cookie: app_cookie needs the name of the backend's `cookie`"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("    port: 80\n", "    port: 443\n")),
+        "lb.yaml:19:11: listeners[1].port: 10.91.0.100:443/tcp is already used by listener `site`"
+    );
+}
+
+#[test]
+fn tls_settings_are_checked() {
+    let e = l7_err(|t| t.replace("site.key", "missing.key"));
+    assert!(
+        e.starts_with("lb.yaml:11:")
+            && e.contains("listeners[0].tls.certificates[0].key: ")
+            && e.contains("missing.key"),
+        "{e}"
+    );
+    let e = l7_err(|t| {
+        let start = t.find("    tls:").unwrap();
+        let end = t.find("    routes:").unwrap();
+        format!("{}{}", &t[..start], &t[end..])
+    });
+    assert_eq!(
+        e,
+        "lb.yaml:4:9: listeners[0]: https listener `site` needs `tls.certificates`"
+    );
+}
+
+#[test]
+fn proxy_settings_on_a_tcp_listener_are_errors() {
+    let text = EXAMPLE.replace(
+        "    pool: web\n",
+        "    pool: web\n    max_body_bytes: 1024\n",
+    );
+    assert_eq!(
+        err(&text),
+        "lb.yaml:13:21: listeners[0].max_body_bytes: `max_body_bytes` applies to http/https listeners only (`web` is tcp)"
+    );
+    // Schedulers apply to both kinds; maglev only to tcp/udp.
+    assert!(parse(
+        "lb.yaml",
+        &EXAMPLE.replace("    pool: web\n", "    pool: web\n    scheduler: wlc\n"),
+        &host()
+    )
+    .is_ok());
+    let text = EXAMPLE.replace("    pool: web\n", "");
+    assert_eq!(
+        err(&text),
+        "lb.yaml:8:9: listeners[0]: tcp listener `web` needs a `pool`"
+    );
+}
+
 #[test]
 fn l4_listener_options_parse_with_defaults() {
     let c = parse("lb.yaml", EXAMPLE, &host()).unwrap();
     let l = &c.listeners[0];
-    assert_eq!(l.scheduler, Scheduler::Maglev);
+    assert_eq!(l.scheduler(), Scheduler::Maglev);
     assert_eq!(l.table_size, 65537);
     assert_eq!(l.idle_timeout(), Duration::from_secs(900));
     assert_eq!(l.acl, Acl::default());
@@ -256,7 +428,7 @@ fn l4_listener_options_parse_with_defaults() {
     );
     let c = parse("lb.yaml", &text, &host()).unwrap();
     let l = &c.listeners[0];
-    assert_eq!(l.scheduler, Scheduler::SourceIp);
+    assert_eq!(l.scheduler(), Scheduler::SourceIp);
     assert_eq!(l.table_size, 251);
     assert_eq!(l.idle_timeout(), Duration::from_secs(120));
     assert_eq!(l.acl.allow, ["10.0.0.0/8".parse().unwrap()]);
@@ -329,5 +501,19 @@ fn client_ip_modes_parse_and_passthrough_needs_no_snat() {
         err(&toa.replace("protocol: tcp", "protocol: udp")),
         "lb.yaml:13:16: listeners[0].client_ip: `toa` carries an IPv4 client in a TCP option: it \
          needs an IPv4 tcp listener"
+    );
+}
+
+#[test]
+fn maglev_is_refused_on_http_listeners() {
+    let e = l7_err(|t| {
+        t.replace(
+            "    pool: web\n    tls:",
+            "    pool: web\n    scheduler: maglev\n    tls:",
+        )
+    });
+    assert_eq!(
+        e,
+        "lb.yaml:9:16: listeners[0].scheduler: maglev hashes flows: http/https listeners use wrr, wlc or source_ip"
     );
 }

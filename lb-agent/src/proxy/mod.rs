@@ -1,0 +1,1005 @@
+//! The L7 proxy for `http` and `https` listeners: accept loop, TLS, routing, forwarding with
+//! retries, error answers, persistence, WebSocket tunnels and graceful shutdown.
+//!
+//! Clients speak HTTP/1.1 or HTTP/2 (ALPN on https, the preface on http); backends get
+//! HTTP/1.1. Defaults are the vendors' (Alibaba SLB / Huawei ELB, nginx/Tengine based).
+
+pub mod errors;
+pub mod headers;
+pub mod log;
+pub mod tls;
+pub mod upstream;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::http1::SendRequest,
+    header::{self, HeaderValue},
+    service::service_fn,
+    Method, Request, Response, StatusCode, Uri, Version,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::watch,
+    time::Sleep,
+};
+use tracing::{debug, info, warn};
+
+use self::{
+    log::{AccessLog, Attempt, Record},
+    upstream::{ActiveGuard, Backend, ConnectError, Pool},
+};
+use crate::config::{BackendProtocol, Config, Listener, Persistence, PersistenceKind, Timeouts};
+
+/// Defaults of the optional listener settings (the vendors' values; 8 KiB for the request
+/// target is nginx's `large_client_header_buffers`).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 << 30;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+pub const DEFAULT_MAX_URI_BYTES: usize = 8 << 10;
+pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: u32 = 100;
+pub const DEFAULT_PERSISTENCE_COOKIE: &str = "SERVERID";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("listener `{listener}`: listening on {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("listener `{listener}`: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("listener `{listener}`: opening the access log {}: {source}", path.display())]
+    AccessLog {
+        listener: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Builds a server for every http/https listener of `cfg`, listening on what `bind` returns
+/// for it (the VIP and port in production, an ephemeral loopback port in tests).
+pub async fn servers(
+    cfg: &Config,
+    mut bind: impl FnMut(&Listener) -> io::Result<std::net::TcpListener>,
+) -> Result<Vec<Server>, ProxyError> {
+    let mut out = Vec::new();
+    for l in cfg.listeners.iter().filter(|l| l.protocol.is_l7()) {
+        let addr = SocketAddr::new(l.vip, l.port.0);
+        let bind_err = |source| ProxyError::Bind {
+            listener: l.name.clone(),
+            addr,
+            source,
+        };
+        let std = bind(l).map_err(bind_err)?;
+        std.set_nonblocking(true).map_err(bind_err)?;
+        let tcp = TcpListener::from_std(std).map_err(bind_err)?;
+        let site = Site::new(cfg, l).await?;
+        let tls = match &l.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+                tls::server_config(t).map_err(|source| ProxyError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            // hyper's header timer also runs while a kept-alive connection waits for its next
+            // request, so it is the keep-alive idle timeout.
+            .header_read_timeout(site.timeouts.idle)
+            // Heads beyond the buffer are refused with 431 by hyper itself.
+            .max_buf_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES))
+            .keep_alive(true);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES) as u32);
+        out.push(Server {
+            tcp,
+            site: Arc::new(site),
+            tls,
+            http: Arc::new(http),
+        });
+    }
+    Ok(out)
+}
+
+/// One listener's accept loop.
+pub struct Server {
+    tcp: TcpListener,
+    site: Arc<Site>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Server {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Serves until `shutdown` changes (or its sender goes), then stops accepting and gives
+    /// in-flight requests up to `grace` to finish.
+    pub async fn run(self, mut shutdown: watch::Receiver<()>, grace: Duration) {
+        let graceful = GracefulShutdown::new();
+        info!(listener = %self.site.name, addr = ?self.tcp.local_addr().ok(), "proxy listening");
+        loop {
+            tokio::select! {
+                accepted = self.tcp.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let conn = Conn {
+                            site: self.site.clone(),
+                            tls: self.tls.clone(),
+                            http: self.http.clone(),
+                            peer,
+                        };
+                        tokio::spawn(conn.serve(stream, graceful.watcher()));
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        warn!(listener = %self.site.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        drop(self.tcp);
+        info!(listener = %self.site.name, "proxy stopped accepting; draining");
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(listener = %self.site.name, grace = ?grace, "connections still open at the shutdown deadline");
+        }
+    }
+}
+
+struct Conn {
+    site: Arc<Site>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn serve(
+        self,
+        stream: tokio::net::TcpStream,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let requests = Arc::new(AtomicU32::new(0));
+        let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
+        let svc = {
+            let site = site.clone();
+            service_fn(move |req| {
+                let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
+                site.clone().handle(req, peer, tls, n)
+            })
+        };
+        let result = match self.tls {
+            Some(acceptor) => {
+                // The handshake is part of receiving the request.
+                let timeout = site.timeouts.request;
+                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let conn = self
+                            .http
+                            .serve_connection_with_upgrades(TokioIo::new(s), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Ok(Err(e)) => {
+                        debug!(client = %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(client = %peer, "TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+            None => {
+                let conn = self
+                    .http
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                watcher.watch(conn.into_owned()).await
+            }
+        };
+        if let Err(e) = result {
+            debug!(client = %peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// A route with its pool.
+struct Rule {
+    host: Option<HostMatch>,
+    path_prefix: Option<String>,
+    pool: Arc<Pool>,
+}
+
+enum HostMatch {
+    Exact(String),
+    /// `*.example.com` as `.example.com`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// A listener's settings (defaults applied) and state.
+struct Site {
+    name: Arc<str>,
+    /// The listener's configured port, for X-Forwarded-Port.
+    port: u16,
+    rules: Vec<Rule>,
+    default: Option<Arc<Pool>>,
+    /// The code and the https port to redirect every request to.
+    redirect: Option<(StatusCode, u16)>,
+    persistence: Option<Persistence>,
+    timeouts: Timeouts,
+    max_body_bytes: u64,
+    max_uri_bytes: usize,
+    max_requests: u32,
+    backend_tls: Option<tokio_rustls::TlsConnector>,
+    log: AccessLog,
+}
+
+impl Site {
+    async fn new(cfg: &Config, l: &Listener) -> Result<Self, ProxyError> {
+        let scheduler = l.scheduler();
+        let mut pools: Vec<Arc<Pool>> = Vec::new();
+        let mut pool = |name: &str| -> Arc<Pool> {
+            if let Some(p) = pools.iter().find(|p| p.name == name) {
+                return p.clone();
+            }
+            // Validation guarantees the pool exists.
+            let def = cfg.pools.iter().find(|p| p.name == name);
+            let p = Arc::new(Pool::new(
+                def.unwrap_or(&crate::config::Pool {
+                    name: name.into(),
+                    backends: Vec::new(),
+                }),
+                scheduler,
+            ));
+            pools.push(p.clone());
+            p
+        };
+        let rules = l
+            .routes
+            .iter()
+            .map(|r| Rule {
+                host: r.host.as_ref().map(|h| {
+                    let h = h.to_ascii_lowercase();
+                    match h.strip_prefix('*') {
+                        Some(suffix) => HostMatch::Suffix(suffix.to_string()),
+                        None => HostMatch::Exact(h),
+                    }
+                }),
+                path_prefix: r.path_prefix.clone(),
+                pool: pool(&r.pool),
+            })
+            .collect();
+        let default = l.pool.as_deref().map(&mut pool);
+        let redirect = l.redirect.as_ref().map(|r| {
+            (
+                StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                cfg.https_port(l.vip).map_or(443, |p| p.0),
+            )
+        });
+        let log = AccessLog::open(l.access_log.as_deref())
+            .await
+            .map_err(|source| ProxyError::AccessLog {
+                listener: l.name.clone(),
+                path: l.access_log.clone().unwrap_or_default(),
+                source,
+            })?;
+        Ok(Self {
+            name: l.name.as_str().into(),
+            port: l.port.0,
+            rules,
+            default,
+            redirect,
+            persistence: l.session_persistence.clone(),
+            timeouts: l.timeouts.clone().unwrap_or_default(),
+            max_body_bytes: l.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            max_uri_bytes: l.max_uri_bytes.unwrap_or(DEFAULT_MAX_URI_BYTES),
+            max_requests: l
+                .max_requests_per_connection
+                .unwrap_or(DEFAULT_MAX_REQUESTS_PER_CONNECTION),
+            backend_tls: (l.backend_protocol.unwrap_or_default() == BackendProtocol::Https)
+                .then(|| tokio_rustls::TlsConnector::from(tls::backend_client_config())),
+            log,
+        })
+    }
+
+    fn route(&self, host: &str, path: &str) -> Option<&Arc<Pool>> {
+        self.rules
+            .iter()
+            .find(|r| {
+                r.host.as_ref().is_none_or(|h| h.matches(host))
+                    && r.path_prefix
+                        .as_ref()
+                        .is_none_or(|p| path.starts_with(p.as_str()))
+            })
+            .map(|r| &r.pool)
+            .or(self.default.as_ref())
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        tls: bool,
+        nth: u32,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let mut record = Record::new(&self.log, self.name.clone(), peer);
+        let host = request_host(&req);
+        record.host = host.clone();
+        record.method = req.method().to_string();
+        record.path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".into(), |p| p.to_string());
+        record.protocol = match req.version() {
+            Version::HTTP_2 => "HTTP/2.0",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        let h1 = req.version() != Version::HTTP_2;
+        let mut res = match self.redirect {
+            Some((code, port)) => {
+                let port = if port == 443 {
+                    String::new()
+                } else {
+                    format!(":{port}")
+                };
+                let host = host.split(':').next().unwrap_or_default();
+                let location = format!("https://{host}{port}{}", record.path);
+                local(errors::redirect(code, &location), record)
+            }
+            None => self.forward(req, record, peer, tls, host).await,
+        };
+        if h1 && nth >= self.max_requests {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(res)
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        mut record: Record,
+        peer: SocketAddr,
+        tls: bool,
+        host: String,
+    ) -> Response<ResponseBody> {
+        if record.path.len() > self.max_uri_bytes {
+            return local_error(StatusCode::URI_TOO_LONG, record);
+        }
+        if let Some(coding) = headers::unsupported_transfer_encoding(req.headers()) {
+            debug!(listener = %self.name, coding, "unsupported transfer-encoding");
+            return local_error(StatusCode::NOT_IMPLEMENTED, record);
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes) {
+            return local_error(StatusCode::PAYLOAD_TOO_LARGE, record);
+        }
+        let hostname = host
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let Some(pool) = self.route(&hostname, req.uri().path()) else {
+            return local_error(StatusCode::NOT_FOUND, record);
+        };
+
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::add_forwarded(
+            &mut parts.headers,
+            peer.ip(),
+            if tls { "https" } else { "http" },
+            self.port,
+        );
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 carries the host in the :authority pseudo-header.
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let uri: Uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        let has_body = !body.is_end_stream();
+        let state = Arc::new(BodyState::default());
+        let mut body = Some(RequestBody::new(
+            body,
+            self.max_body_bytes,
+            self.timeouts.request,
+            state.clone(),
+            record.bytes_in.clone(),
+        ));
+
+        let sticky = self.sticky_backend(pool, &parts.headers, peer);
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::PUT
+                | Method::DELETE
+                | Method::OPTIONS
+                | Method::TRACE
+        );
+        let mut tried: Vec<usize> = Vec::new();
+        // What to answer when no backend answers; 503 until one was reached.
+        let mut failure = StatusCode::SERVICE_UNAVAILABLE;
+        loop {
+            let pick = match (tried.is_empty(), sticky) {
+                (true, Some(i)) => Some(i),
+                _ => pool.pick(peer.ip(), &tried),
+            };
+            let Some(idx) = pick else { break };
+            tried.push(idx);
+            let backend = pool.backends[idx].clone();
+            let active = backend.start();
+            let mut attempt = Attempt {
+                addr: Some(backend.addr),
+                ..Attempt::default()
+            };
+            let (mut sender, connect_time) = match backend
+                .connection(self.timeouts.connect, self.backend_tls.as_ref())
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(listener = %self.name, pool = %pool.name, error = %e, "backend connect failed; trying the next");
+                    failure = match e {
+                        ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                        _ => failure,
+                    };
+                    record.attempts.push(attempt);
+                    continue;
+                }
+            };
+            attempt.connect = Some(connect_time.unwrap_or_default());
+            let mut breq = Request::new(body.take().unwrap_or_else(RequestBody::empty));
+            *breq.method_mut() = parts.method.clone();
+            *breq.uri_mut() = uri.clone();
+            *breq.headers_mut() = parts.headers.clone();
+            let sent = Instant::now();
+            let exchange = sender.try_send_request(breq);
+            tokio::pin!(exchange);
+            // The response timeout runs once the whole request is sent; until then a stalled
+            // body is the request timeout's business.
+            let early = if has_body {
+                tokio::select! {
+                    r = &mut exchange => Some(r),
+                    _ = state.sent.notified() => None,
+                }
+            } else {
+                None
+            };
+            let outcome = match early {
+                Some(r) => Ok(r),
+                None => tokio::time::timeout(self.timeouts.response, exchange).await,
+            };
+            let error = match outcome {
+                Ok(Ok(res)) => {
+                    attempt.header = Some(sent.elapsed());
+                    attempt.status = Some(res.status().as_u16());
+                    record.attempts.push(attempt);
+                    return self.respond(
+                        res,
+                        record,
+                        Upstream {
+                            pool: pool.clone(),
+                            idx,
+                            backend,
+                            sender,
+                            active,
+                            sent,
+                        },
+                        client_upgrade,
+                    );
+                }
+                Ok(Err(mut e)) => {
+                    match Fault::from(state.fault.load(Ordering::Relaxed)) {
+                        Fault::TooLarge => {
+                            return local_error(StatusCode::PAYLOAD_TOO_LARGE, record)
+                        }
+                        Fault::Timeout => return local_error(StatusCode::REQUEST_TIMEOUT, record),
+                        Fault::Client => return local_error(StatusCode::BAD_REQUEST, record),
+                        Fault::None => {}
+                    }
+                    if let Some(unsent) = e.take_message() {
+                        // A kept-alive connection the backend had just closed: nothing was
+                        // sent, so the request (body included) goes to the next backend.
+                        body = Some(unsent.into_body());
+                        tried.pop();
+                        record.attempts.push(attempt);
+                        debug!(listener = %self.name, backend = %backend.addr, "stale backend connection; retrying");
+                        continue;
+                    }
+                    attempt.status = Some(502);
+                    failure = StatusCode::BAD_GATEWAY;
+                    warn!(listener = %self.name, backend = %backend.addr, error = %e.into_error(), "backend failed");
+                    StatusCode::BAD_GATEWAY
+                }
+                Err(_) => {
+                    attempt.status = Some(504);
+                    failure = StatusCode::GATEWAY_TIMEOUT;
+                    warn!(listener = %self.name, backend = %backend.addr, timeout = ?self.timeouts.response, "backend response timed out");
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+            };
+            attempt.header = Some(sent.elapsed());
+            record.attempts.push(attempt);
+            // A request that reached a backend is repeated only when that is harmless and
+            // the route is not pinned to this backend.
+            if !(idempotent && !has_body && self.persistence.is_none()) {
+                return local_error(error, record);
+            }
+        }
+        local_error(failure, record)
+    }
+
+    /// The backend a persistence rule pins this request to, if it is available.
+    fn sticky_backend(
+        &self,
+        pool: &Pool,
+        headers: &header::HeaderMap,
+        peer: SocketAddr,
+    ) -> Option<usize> {
+        let p = self.persistence.as_ref()?;
+        match p.kind {
+            PersistenceKind::InsertCookie => headers::request_cookie(headers, self.cookie_name())
+                .and_then(|v| pool.available_by_cookie(v)),
+            PersistenceKind::AppCookie => {
+                headers::request_cookie(headers, self.cookie_name()).and_then(|v| pool.learned(v))
+            }
+            PersistenceKind::SourceIp => {
+                let up: Vec<usize> = (0..pool.backends.len())
+                    .filter(|&i| pool.backends[i].available())
+                    .collect();
+                pool.by_source(peer.ip(), &up)
+            }
+        }
+    }
+
+    fn cookie_name(&self) -> &str {
+        self.persistence
+            .as_ref()
+            .and_then(|p| p.cookie.as_deref())
+            .unwrap_or(DEFAULT_PERSISTENCE_COOKIE)
+    }
+
+    fn respond(
+        &self,
+        mut res: Response<Incoming>,
+        mut record: Record,
+        up: Upstream,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ResponseBody> {
+        let status = res.status();
+        record.status = Some(status.as_u16());
+        let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some();
+        if let (true, Some(client)) = (upgraded, client_upgrade) {
+            let backend = hyper::upgrade::on(&mut res);
+            tokio::spawn(tunnel(client, backend, self.timeouts.websocket_idle));
+        }
+        headers::strip_hop_by_hop(res.headers_mut(), upgraded);
+        if let Some(p) = &self.persistence {
+            match p.kind {
+                // Not on 4xx answers (as the vendors do): those may come from anywhere.
+                PersistenceKind::InsertCookie if !status.is_client_error() => {
+                    let cookie = format!(
+                        "{}={}; Path=/; Max-Age={}; HttpOnly",
+                        self.cookie_name(),
+                        up.backend.cookie,
+                        p.timeout.as_secs()
+                    );
+                    // Sent every time, so the expiry slides with use.
+                    if let Ok(v) = HeaderValue::from_str(&cookie) {
+                        res.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+                PersistenceKind::AppCookie => {
+                    if let Some(v) = headers::response_cookie(res.headers(), self.cookie_name()) {
+                        up.pool.learn(v, up.idx, p.timeout);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (parts, body) = res.into_parts();
+        let reuse = (!upgraded).then_some((up.backend, up.sender));
+        Response::from_parts(
+            parts,
+            ResponseBody {
+                inner: Inner::Upstream(body),
+                record: Some(record),
+                reuse,
+                upstream_sent: Some(up.sent),
+                _active: Some(up.active),
+                done: false,
+            },
+        )
+    }
+}
+
+/// The backend a request went to, until its response body is done.
+struct Upstream {
+    pool: Arc<Pool>,
+    idx: usize,
+    backend: Arc<Backend>,
+    sender: SendRequest<RequestBody>,
+    active: ActiveGuard,
+    sent: Instant,
+}
+
+fn request_host(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+/// Copies between the client and the backend of an upgraded connection until either side
+/// closes or neither sends anything for `idle`.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+) {
+    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
+        debug!("upgrade failed on one side");
+        return;
+    };
+    let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
+    let (mut br, mut bw) = tokio::io::split(TokioIo::new(backend));
+    let (mut cbuf, mut bbuf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    loop {
+        tokio::select! {
+            n = cr.read(&mut cbuf) => match n {
+                Ok(n) if n > 0 => if bw.write_all(&cbuf[..n]).await.is_err() { break },
+                _ => break,
+            },
+            n = br.read(&mut bbuf) => match n {
+                Ok(n) if n > 0 => if cw.write_all(&bbuf[..n]).await.is_err() { break },
+                _ => break,
+            },
+            _ = tokio::time::sleep(idle) => {
+                debug!(idle = ?idle, "upgraded connection idle; closing");
+                break;
+            }
+        }
+    }
+    let _ = cw.shutdown().await;
+    let _ = bw.shutdown().await;
+}
+
+fn local(res: Response<Bytes>, mut record: Record) -> Response<ResponseBody> {
+    record.status = Some(res.status().as_u16());
+    let (parts, body) = res.into_parts();
+    Response::from_parts(
+        parts,
+        ResponseBody {
+            inner: Inner::Full(Some(body)),
+            record: Some(record),
+            reuse: None,
+            upstream_sent: None,
+            _active: None,
+            done: false,
+        },
+    )
+}
+
+fn local_error(status: StatusCode, record: Record) -> Response<ResponseBody> {
+    local(errors::page(status), record)
+}
+
+/// What the proxy learns from the request body while it streams to the backend.
+#[derive(Default)]
+struct BodyState {
+    /// Why the body stopped early (a [`Fault`]), as the backend exchange cannot tell.
+    fault: AtomicU8,
+    /// Notified once the body has been read to its end.
+    sent: tokio::sync::Notify,
+}
+
+/// Why the request body stopped.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    TooLarge,
+    Timeout,
+    Client,
+}
+
+impl From<u8> for Fault {
+    fn from(v: u8) -> Self {
+        match v {
+            1 => Fault::TooLarge,
+            2 => Fault::Timeout,
+            3 => Fault::Client,
+            _ => Fault::None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body over the limit")]
+    TooLarge,
+    #[error("request body stalled")]
+    Timeout,
+    #[error("reading the request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+/// The client's request body on its way to the backend, enforcing the size limit and the
+/// request timeout (the longest pause between two pieces).
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    seen: u64,
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    state: Arc<BodyState>,
+    bytes_in: Arc<AtomicU64>,
+}
+
+impl RequestBody {
+    fn new(
+        inner: Incoming,
+        limit: u64,
+        timeout: Duration,
+        state: Arc<BodyState>,
+        bytes_in: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            inner: Some(inner),
+            limit,
+            seen: 0,
+            timeout,
+            sleep: None,
+            state,
+            bytes_in,
+        }
+    }
+
+    /// The body of a repeated bodiless request.
+    fn empty() -> Self {
+        Self {
+            inner: None,
+            limit: 0,
+            seen: 0,
+            timeout: Duration::MAX,
+            sleep: None,
+            state: Arc::default(),
+            bytes_in: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn fail(
+        &mut self,
+        fault: Fault,
+        e: BodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.state.fault.store(fault as u8, Ordering::Relaxed);
+        self.inner = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.sleep = None;
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    this.bytes_in.store(this.seen, Ordering::Relaxed);
+                    if this.seen > this.limit {
+                        return this.fail(Fault::TooLarge, BodyError::TooLarge);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(Fault::Client, BodyError::Client(e)),
+            Poll::Ready(None) => {
+                this.inner = None;
+                // A stored permit: the waiter may only start listening later.
+                this.state.sent.notify_one();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.fail(Fault::Timeout, BodyError::Timeout),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|i| i.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(i) => i.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+/// The response on its way to the client: counts bytes, hands the backend connection back for
+/// reuse once the backend's body is complete, and writes the access log line when dropped.
+pub struct ResponseBody {
+    inner: Inner,
+    record: Option<Record>,
+    reuse: Option<(Arc<Backend>, SendRequest<RequestBody>)>,
+    upstream_sent: Option<Instant>,
+    _active: Option<ActiveGuard>,
+    done: bool,
+}
+
+impl ResponseBody {
+    /// The upstream body ended: note the response time, keep the connection.
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let (Some(rec), Some(sent)) = (self.record.as_mut(), self.upstream_sent) {
+            if let Some(a) = rec.attempts.last_mut() {
+                a.response = Some(sent.elapsed());
+            }
+        }
+        if let Some((backend, sender)) = self.reuse.take() {
+            backend.put_idle(sender);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream(i) => Pin::new(i).poll_frame(cx),
+        };
+        match &frame {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(rec)) = (f.data_ref(), this.record.as_mut()) {
+                    rec.bytes_out += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Upstream(i) => i.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream(i) => i.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Bodies hyper never polls (HEAD, 204, 304) end here.
+        if self.is_end_stream() {
+            self.finish();
+        } else if let (Some(rec), Some(sent)) = (self.record.as_mut(), self.upstream_sent) {
+            if let Some(a) = rec.attempts.last_mut() {
+                a.response.get_or_insert(sent.elapsed());
+            }
+        }
+    }
+}
+
+/// Starts a server for every http/https listener on its VIP and port; they stop when
+/// `shutdown` changes. Resolves once all have drained.
+pub async fn start(
+    cfg: &Config,
+    shutdown: watch::Receiver<()>,
+    grace: Duration,
+) -> Result<impl Future<Output = ()>, ProxyError> {
+    let servers = servers(cfg, |l| {
+        std::net::TcpListener::bind(SocketAddr::new(l.vip, l.port.0))
+    })
+    .await?;
+    let tasks: Vec<_> = servers
+        .into_iter()
+        .map(|s| tokio::spawn(s.run(shutdown.clone(), grace)))
+        .collect();
+    Ok(async move {
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+}

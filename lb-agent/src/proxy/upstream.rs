@@ -1,0 +1,288 @@
+//! Backends of a listener's pools: selection (wrr, wlc, source_ip, sticky cookies), passive
+//! health, and HTTP/1.1 connections to them, kept alive for reuse.
+//!
+//! Connections are made here rather than through hyper-util's pooled client because the
+//! proxy needs what that client hides: the connect time on its own (for the access log and
+//! the "connect timeout, then next backend" rule) and the request body back when a connect
+//! fails, so a POST can still go to the next backend.
+
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::RequestBody as ProxyBody;
+use crate::config::{self, Scheduler};
+
+/// How long a backend that refused or timed out a connect gets no new requests (nginx's
+/// `fail_timeout`).
+const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle kept-alive backend connections per backend, and how long they are kept.
+const MAX_IDLE_PER_BACKEND: usize = 256;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("connect to {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// The value of the insert_cookie cookie that pins a client to this backend.
+    pub cookie: String,
+    /// Requests in flight (for wlc).
+    active: AtomicUsize,
+    down_until: Mutex<Option<Instant>>,
+    idle: Mutex<Vec<(SendRequest<ProxyBody>, Instant)>>,
+}
+
+impl Backend {
+    fn new(pool: &str, b: &config::BackendConfig) -> Self {
+        let addr = SocketAddr::new(b.address, b.port.0);
+        // Stable across restarts and agents, so cookies survive both; says nothing readable.
+        let mut h = DefaultHasher::new();
+        (pool, addr).hash(&mut h);
+        Self {
+            addr,
+            weight: b.weight,
+            cookie: format!("{:016x}", h.finish()),
+            active: AtomicUsize::new(0),
+            down_until: Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Takes new requests: weight above 0 and no recent connect failure.
+    pub fn available(&self) -> bool {
+        self.weight > 0
+            && self
+                .down_until
+                .lock()
+                .map(|d| d.is_none_or(|t| Instant::now() >= t))
+                .unwrap_or(true)
+    }
+
+    fn mark_failed(&self) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = Some(Instant::now() + FAIL_TIMEOUT);
+        }
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn start(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    /// A kept-alive connection ready for a request, or a new one (with its connect time).
+    pub async fn connection(
+        &self,
+        connect_timeout: Duration,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<(SendRequest<ProxyBody>, Option<Duration>), ConnectError> {
+        while let Some(mut s) = self.take_idle() {
+            // Returned right at the end of its response; hyper may still be wrapping up.
+            if s.ready().await.is_ok() {
+                return Ok((s, None));
+            }
+        }
+        let started = Instant::now();
+        let tcp =
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
+                Err(_) => Err(ConnectError::Timeout(self.addr)),
+                Ok(Err(source)) => Err(ConnectError::Io {
+                    addr: self.addr,
+                    source,
+                }),
+                Ok(Ok(s)) => Ok(s),
+            }
+            .inspect_err(|_| self.mark_failed())?;
+        let _ = tcp.set_nodelay(true);
+        let sender = match tls {
+            Some(tls) => {
+                let name = ServerName::IpAddress(self.addr.ip().into());
+                let remaining = connect_timeout.saturating_sub(started.elapsed());
+                let stream = match tokio::time::timeout(remaining, tls.connect(name, tcp)).await {
+                    Err(_) => Err(ConnectError::Timeout(self.addr)),
+                    Ok(r) => r.map_err(|source| ConnectError::Io {
+                        addr: self.addr,
+                        source,
+                    }),
+                }
+                .inspect_err(|_| self.mark_failed())?;
+                handshake(self.addr, TokioIo::new(stream)).await?
+            }
+            None => handshake(self.addr, TokioIo::new(tcp)).await?,
+        };
+        Ok((sender, Some(started.elapsed())))
+    }
+
+    fn take_idle(&self) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some((s, since)) = idle.pop() {
+            if !s.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose exchange finished cleanly for the next request.
+    pub fn put_idle(&self, s: SendRequest<ProxyBody>) {
+        if s.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE_PER_BACKEND {
+                idle.push((s, Instant::now()));
+            }
+        }
+    }
+}
+
+async fn handshake<T>(
+    addr: SocketAddr,
+    io: TokioIo<T>,
+) -> Result<SendRequest<ProxyBody>, ConnectError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(backend = %addr, error = %e, "backend connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+pub struct ActiveGuard(Arc<Backend>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A pool as one listener uses it.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Arc<Backend>>,
+    scheduler: Scheduler,
+    /// Smooth WRR state (nginx's algorithm): current weight per backend.
+    wrr: Mutex<Vec<i64>>,
+    /// app_cookie: the backend's cookie value → the backend that set it, and when it expires.
+    learned: Mutex<HashMap<String, (usize, Instant)>>,
+}
+
+impl Pool {
+    pub fn new(pool: &config::Pool, scheduler: Scheduler) -> Self {
+        Self {
+            name: pool.name.clone(),
+            backends: pool
+                .backends
+                .iter()
+                .map(|b| Arc::new(Backend::new(&pool.name, b)))
+                .collect(),
+            scheduler,
+            wrr: Mutex::new(vec![0; pool.backends.len()]),
+            learned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The next backend for a new request, skipping unavailable ones and those in `tried`.
+    pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Option<usize> {
+        let ok = |i: &usize| self.backends[*i].available() && !tried.contains(i);
+        let candidates: Vec<usize> = (0..self.backends.len()).filter(ok).collect();
+        match self.scheduler {
+            Scheduler::Wrr => {
+                let mut cw = self.wrr.lock().ok()?;
+                let total: i64 = candidates
+                    .iter()
+                    .map(|&i| i64::from(self.backends[i].weight))
+                    .sum();
+                let best = *candidates.iter().max_by_key(|&&i| {
+                    cw[i] += i64::from(self.backends[i].weight);
+                    // Ties go to the lower index: max_by_key keeps the last maximum.
+                    (cw[i], std::cmp::Reverse(i))
+                })?;
+                cw[best] -= total;
+                Some(best)
+            }
+            Scheduler::Wlc => candidates.into_iter().min_by(|&a, &b| {
+                // (active_a + 1) / w_a against (active_b + 1) / w_b, without division.
+                let (ba, bb) = (&self.backends[a], &self.backends[b]);
+                let la = (ba.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(bb.weight);
+                let lb = (bb.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(ba.weight);
+                la.cmp(&lb).then(a.cmp(&b))
+            }),
+            // Validation refuses maglev on http/https; a client hash is the nearest meaning.
+            Scheduler::SourceIp | Scheduler::Maglev => self.by_source(client, &candidates),
+        }
+    }
+
+    /// A stable choice by client address (rendezvous hashing: few clients move when the set of
+    /// available backends changes).
+    pub fn by_source(&self, client: IpAddr, candidates: &[usize]) -> Option<usize> {
+        candidates.iter().copied().max_by_key(|&i| {
+            let mut h = DefaultHasher::new();
+            (client, self.backends[i].addr).hash(&mut h);
+            h.finish()
+        })
+    }
+
+    pub fn available_by_cookie(&self, value: &str) -> Option<usize> {
+        self.backends
+            .iter()
+            .position(|b| b.cookie == value && b.available())
+    }
+
+    pub fn learn(&self, value: &str, backend: usize, ttl: Duration) {
+        if let Ok(mut m) = self.learned.lock() {
+            let now = Instant::now();
+            // Bounded by pruning expired entries whenever the table doubles.
+            if m.len() >= 1024 && m.len().is_power_of_two() {
+                m.retain(|_, (_, exp)| *exp > now);
+            }
+            m.insert(value.to_string(), (backend, now + ttl));
+        }
+    }
+
+    pub fn learned(&self, value: &str) -> Option<usize> {
+        let m = self.learned.lock().ok()?;
+        m.get(value)
+            .filter(|(i, exp)| *exp > Instant::now() && self.backends[*i].available())
+            .map(|(i, _)| *i)
+    }
+}

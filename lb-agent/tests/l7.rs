@@ -1,0 +1,988 @@
+//! End to end through the L7 proxy on loopback: real hyper backends (and misbehaving raw TCP
+//! ones), real clients (hyper, rustls, raw sockets), certificates made here with rcgen.
+//! Everything binds ephemeral 127.0.0.1 ports; every wait is bounded.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb_agent::{config, proxy};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+/// Upper bound for anything a test waits on.
+const LIMIT: Duration = Duration::from_secs(20);
+
+// === backends ===
+
+/// A hyper backend answering with its name, the path and the request headers it saw; `/ws`
+/// upgrades and echoes, `/app-cookie` sets `sid`, `/slow` sleeps 3 s.
+async fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| answer(name, req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn answer(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().to_string();
+    if path == "/ws" {
+        let up = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = up.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::default())
+            .unwrap());
+    }
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let mut text = format!("{name}\npath: {path}\n");
+    for (k, v) in req.headers() {
+        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    text.push_str(&format!("body-bytes: {body}\n"));
+    let mut res = Response::builder()
+        .header("x-backend", name)
+        .header("keep-alive", "timeout=99");
+    if path == "/app-cookie" {
+        res = res.header("set-cookie", format!("sid={name}-session; Path=/"));
+    }
+    Ok(res.body(Full::new(Bytes::from(text))).unwrap())
+}
+
+/// A backend that accepts, reads the request and resets the connection.
+async fn resetting_backend() -> SocketAddr {
+    raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        // SO_LINGER 0: closing sends a reset instead of a FIN.
+        #[allow(
+            deprecated,
+            reason = "the point is the reset; the close does not block with a zero linger"
+        )]
+        let _ = s.set_linger(Some(Duration::ZERO));
+    })
+    .await
+}
+
+/// A backend that answers with something that is not HTTP.
+async fn garbage_backend() -> SocketAddr {
+    raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"SSH-2.0-OpenSSH_9.6 definitely not http\r\n\r\n")
+            .await;
+    })
+    .await
+}
+
+async fn raw_backend<F, Fut>(f: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(f(s));
+        }
+    });
+    addr
+}
+
+/// An address nothing listens on (connects are refused).
+fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+// === the proxy ===
+
+struct Lb {
+    addrs: Vec<(String, SocketAddr)>,
+    stop: watch::Sender<()>,
+    done: tokio::task::JoinSet<()>,
+    _dir: TempDir,
+    log: PathBuf,
+}
+
+impl Lb {
+    fn addr(&self, listener: &str) -> SocketAddr {
+        self.addrs.iter().find(|(n, _)| n == listener).unwrap().1
+    }
+
+    /// Access log lines, waiting until at least `n` are written.
+    async fn log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines.len() >= n || tokio::time::Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn shutdown(mut self, grace: Duration) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(grace + LIMIT, async {
+            while self.done.join_next().await.is_some() {}
+        })
+        .await
+        .expect("the proxy drains within its grace period");
+    }
+}
+
+/// Starts the proxy for `listeners` (YAML list items, indented 2) and `pools`; every listener
+/// logs to the same file. `{log}` and `{dir}` in the text are replaced.
+async fn lb(listeners: &str, pools: &str) -> Lb {
+    lb_in(TempDir::new(), listeners, pools).await
+}
+
+async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
+    let log = dir.path().join("access.log");
+    let text = format!("agent:\n  interfaces: [lo]\nlisteners:\n{listeners}pools:\n{pools}")
+        .replace("{log}", &log.display().to_string())
+        .replace("{dir}", &dir.path().display().to_string());
+    let cfg = config::parse("test.yaml", &text, &config::Host::default())
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let servers = proxy::servers(&cfg, |_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .await
+        .unwrap();
+    let (stop, stopped) = watch::channel(());
+    let mut done = tokio::task::JoinSet::new();
+    let mut addrs = Vec::new();
+    for (s, l) in servers
+        .into_iter()
+        .zip(cfg.listeners.iter().filter(|l| l.protocol.is_l7()))
+    {
+        addrs.push((l.name.clone(), s.local_addr().unwrap()));
+        done.spawn(s.run(stopped.clone(), Duration::from_secs(5)));
+    }
+    Lb {
+        addrs,
+        stop,
+        done,
+        _dir: dir,
+        log,
+    }
+}
+
+fn pool(name: &str, backends: &[SocketAddr]) -> String {
+    let mut s = format!("  - name: {name}\n    backends:\n");
+    for b in backends {
+        s.push_str(&format!(
+            "      - {{ address: {}, port: {} }}\n",
+            b.ip(),
+            b.port()
+        ));
+    }
+    s
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "lb-l7-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// === clients ===
+
+struct Answer {
+    status: StatusCode,
+    headers: hyper::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn backend(&self) -> &str {
+        self.body.lines().next().unwrap_or_default()
+    }
+    /// A header line the backend reported seeing.
+    fn seen(&self, name: &str) -> Option<&str> {
+        self.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
+    tokio::time::timeout(LIMIT, async {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        read_answer(tx.send_request(req).await.unwrap()).await
+    })
+    .await
+    .expect("answer in time")
+}
+
+async fn read_answer(res: Response<Incoming>) -> Answer {
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into(),
+    }
+}
+
+fn get(host: &str, path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", host)
+        .body(Full::default())
+        .unwrap()
+}
+
+/// Sends raw bytes and returns everything the proxy answers until it closes.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    tokio::time::timeout(LIMIT, async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("answer in time")
+}
+
+fn status_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
+}
+
+// === routing and headers ===
+
+#[tokio::test]
+async fn routes_by_host_and_path_first_match_wins_else_the_default_pool() {
+    let (web, api, v1, wild) = (
+        backend("web").await,
+        backend("api").await,
+        backend("v1").await,
+        backend("wild").await,
+    );
+    let lb = lb(
+        "  - name: site
+    protocol: http
+    vip: 127.0.0.1
+    port: 8080
+    pool: web
+    access_log: {log}
+    routes:
+      - { host: api.example.com, path_prefix: /v1, pool: v1 }
+      - { host: api.example.com, pool: api }
+      - { host: '*.wild.example.com', pool: wild }
+",
+        &[
+            pool("web", &[web]),
+            pool("api", &[api]),
+            pool("v1", &[v1]),
+            pool("wild", &[wild]),
+        ]
+        .concat(),
+    )
+    .await;
+    let a = lb.addr("site");
+    for (host, path, want) in [
+        ("api.example.com", "/v1/users", "v1"),
+        ("API.example.com:8080", "/v1", "v1"),
+        ("api.example.com", "/v2", "api"),
+        ("a.b.wild.example.com", "/", "wild"),
+        ("wild.example.com", "/", "web"),
+        ("www.example.com", "/v1", "web"),
+    ] {
+        let r = send(a, get(host, path)).await;
+        assert_eq!(r.status, 200, "{host}{path}");
+        assert_eq!(r.backend(), want, "{host}{path}");
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_added_host_kept_and_hop_by_hop_removed() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    let req = Request::get("/x?q=1")
+        .header("host", "shop.example.com")
+        .header("x-forwarded-for", "203.0.113.7, 198.51.100.1")
+        .header("x-real-ip", "6.6.6.6")
+        .header("x-forwarded-proto", "gopher")
+        .header("connection", "x-drop-me")
+        .header("x-drop-me", "1")
+        .header("proxy-authorization", "secret")
+        .header("te", "trailers")
+        .body(Full::default())
+        .unwrap();
+    let r = send(lb.addr("site"), req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen("path"), Some("/x?q=1"));
+    assert_eq!(r.seen("host"), Some("shop.example.com"));
+    assert_eq!(
+        r.seen("x-forwarded-for"),
+        Some("203.0.113.7, 198.51.100.1, 127.0.0.1")
+    );
+    assert_eq!(r.seen("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(r.seen("x-forwarded-proto"), Some("http"));
+    assert_eq!(r.seen("x-forwarded-port"), Some("8080"));
+    for gone in ["x-drop-me", "proxy-authorization", "te"] {
+        assert_eq!(r.seen(gone), None, "{gone} reached the backend");
+    }
+    // The backend's own hop-by-hop header does not reach the client.
+    assert!(r.headers.get("keep-alive").is_none());
+    assert_eq!(r.headers["x-backend"], "web");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+// === errors ===
+
+#[tokio::test]
+async fn every_error_code_is_provoked_and_logged() {
+    let (web, slow, reset, garbage) = (
+        backend("web").await,
+        backend("slow").await,
+        resetting_backend().await,
+        garbage_backend().await,
+    );
+    let dead = [dead_port(), dead_port()];
+    let lb = lb(
+        "  - name: site
+    protocol: http
+    vip: 127.0.0.1
+    port: 8080
+    pool: web
+    access_log: {log}
+    max_body_bytes: 1000
+    timeouts: { connect: 1s, request: 1s, response: 1s }
+    routes:
+      - { path_prefix: /slow, pool: slow }
+      - { path_prefix: /reset, pool: reset }
+      - { path_prefix: /garbage, pool: garbage }
+      - { path_prefix: /dead, pool: dead }
+",
+        &[
+            pool("web", &[web]),
+            pool("slow", &[slow]),
+            pool("reset", &[reset]),
+            pool("garbage", &[garbage]),
+            pool("dead", &dead),
+        ]
+        .concat(),
+    )
+    .await;
+    let a = lb.addr("site");
+    let status = |r: Answer| {
+        assert!(
+            r.body.contains(&r.status.as_u16().to_string()),
+            "page says the code: {}",
+            r.body
+        );
+        r.status.as_u16()
+    };
+    assert_eq!(status(send(a, get("x", "/slow")).await), 504);
+    assert_eq!(status(send(a, get("x", "/reset")).await), 502);
+    assert_eq!(status(send(a, get("x", "/garbage")).await), 502);
+    assert_eq!(status(send(a, get("x", "/dead")).await), 503);
+    // Both dead backends are now marked down: 503 without trying.
+    assert_eq!(status(send(a, get("x", "/dead")).await), 503);
+
+    let big = Request::post("/")
+        .header("host", "x")
+        .body(Full::new(Bytes::from(vec![b'a'; 1001])))
+        .unwrap();
+    assert_eq!(status(send(a, big).await), 413);
+    // The same without a declared length: chunked, stopped at the limit.
+    let chunked = raw(
+        a,
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n{}\r\n0\r\n\r\n",
+            "b".repeat(2000)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(status_line(&chunked).contains(" 413 "), "{chunked}");
+
+    let malformed = raw(a, b"GET / HTTP/1.1\r\nHost x\r\n\r\n").await;
+    assert!(status_line(&malformed).contains(" 400 "), "{malformed}");
+    let huge_header = raw(
+        a,
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "h".repeat(70 << 10)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(status_line(&huge_header).contains(" 431 "), "{huge_header}");
+    let long_uri = raw(
+        a,
+        format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(9000)).as_bytes(),
+    )
+    .await;
+    assert!(status_line(&long_uri).contains(" 414 "), "{long_uri}");
+    let te = raw(
+        a,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(status_line(&te).contains(" 501 "), "{te}");
+    // A body that stops halfway: 408 after the request timeout.
+    let stalled = raw(
+        a,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part of it",
+    )
+    .await;
+    assert!(status_line(&stalled).contains(" 408 "), "{stalled}");
+
+    // A client that leaves before the (slow) answer: logged as 499.
+    {
+        let mut s = TcpStream::connect(a).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let lines = lb.log_lines(13).await;
+    let statuses: Vec<u64> = lines
+        .iter()
+        .map(|l| l["status"].as_u64().unwrap())
+        .collect();
+    for code in [504, 502, 503, 413, 414, 501, 408, 499] {
+        assert!(statuses.contains(&code), "{code} not logged: {statuses:?}");
+    }
+    let dead_line = lines.iter().find(|l| l["status"] == 503).unwrap();
+    assert_eq!(
+        dead_line["upstream_addr"],
+        format!("{}, {}", dead[0], dead[1]).as_str(),
+        "both dead backends were tried: {dead_line}"
+    );
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_refused_connect_moves_on_to_the_next_backend_and_is_logged() {
+    let web = backend("web").await;
+    let dead = dead_port();
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
+        &pool("web", &[dead, web]),
+    )
+    .await;
+    let post = Request::post("/form")
+        .header("host", "x")
+        .body(Full::new(Bytes::from_static(b"hello")))
+        .unwrap();
+    let r = send(lb.addr("site"), post).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.seen("body-bytes"),
+        Some("5"),
+        "the body went to the second backend"
+    );
+    let line = &lb.log_lines(1).await[0];
+    assert_eq!(line["upstream_addr"], format!("{dead}, {web}").as_str());
+    assert_eq!(line["upstream_status"], "-, 200");
+    assert_eq!(line["bytes_in"], 5);
+    for field in [
+        "time",
+        "listener",
+        "client",
+        "host",
+        "method",
+        "path",
+        "request_time",
+        "upstream_connect_time",
+        "upstream_header_time",
+        "upstream_response_time",
+        "bytes_out",
+    ] {
+        assert!(!line[field].is_null(), "{field} missing: {line}");
+    }
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["listener"], "site");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+// === balancing and persistence ===
+
+#[tokio::test]
+async fn insert_cookie_keeps_a_client_on_one_backend_over_30_requests() {
+    let bs = [
+        backend("b1").await,
+        backend("b2").await,
+        backend("b3").await,
+    ];
+    let lb = lb(
+        "  - name: site
+    protocol: http
+    vip: 127.0.0.1
+    port: 8080
+    pool: web
+    access_log: {log}
+    session_persistence: { type: insert_cookie, cookie: SERVERID, timeout: 20m }
+",
+        &pool("web", &bs),
+    )
+    .await;
+    let a = lb.addr("site");
+    // Without the cookie, wrr spreads requests.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(send(a, get("x", "/")).await.backend().to_string());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let first = send(a, get("x", "/")).await;
+    let set = first.headers["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set.starts_with("SERVERID=") && set.contains("Max-Age=1200"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    for _ in 0..30 {
+        let req = Request::get("/")
+            .header("host", "x")
+            .header("cookie", format!("other=1; {cookie}"))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(a, req).await.backend(), first.backend());
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn app_cookie_follows_the_backends_own_session_cookie() {
+    let bs = [backend("b1").await, backend("b2").await];
+    let lb = lb(
+        "  - name: site
+    protocol: http
+    vip: 127.0.0.1
+    port: 8080
+    pool: web
+    access_log: {log}
+    session_persistence: { type: app_cookie, cookie: sid }
+",
+        &pool("web", &bs),
+    )
+    .await;
+    let a = lb.addr("site");
+    let first = send(a, get("x", "/app-cookie")).await;
+    let who = first.backend().to_string();
+    for _ in 0..10 {
+        let req = Request::get("/")
+            .header("host", "x")
+            .header("cookie", format!("sid={who}-session"))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(a, req).await.backend(), who);
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_serves_100_requests_then_closes() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    tokio::time::timeout(LIMIT, async {
+        let s = TcpStream::connect(lb.addr("site")).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        for i in 1..=100 {
+            let r = read_answer(tx.send_request(get("x", "/")).await.unwrap()).await;
+            assert_eq!(r.status, 200);
+            let close = r.headers.get("connection").is_some_and(|v| v == "close");
+            assert_eq!(close, i == 100, "request {i}");
+        }
+        conn.await.unwrap().unwrap();
+        assert!(tx.send_request(get("x", "/")).await.is_err());
+    })
+    .await
+    .unwrap();
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn http_redirects_to_the_https_listener() {
+    let web = backend("web").await;
+    let dir = TempDir::new();
+    let certs = Certs::new(&dir, &[("site", &["www.example.com"])]);
+    let lb = lb_in(
+        dir,
+        &format!(
+            "  - name: plain
+    protocol: http
+    vip: 127.0.0.1
+    port: 8080
+    access_log: {{log}}
+    redirect: {{ to: https, code: 301 }}
+  - name: site
+    protocol: https
+    vip: 127.0.0.1
+    port: 8443
+    pool: web
+    access_log: {{log}}
+    tls: {{ certificates: [{}] }}
+",
+            certs.pair("site")
+        ),
+        &pool("web", &[web]),
+    )
+    .await;
+    let r = send(lb.addr("plain"), get("www.example.com:8080", "/a/b?c=d")).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        r.headers["location"],
+        "https://www.example.com:8443/a/b?c=d"
+    );
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+// === TLS ===
+
+struct Certs {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+    dir: PathBuf,
+}
+
+impl Certs {
+    /// A CA and, for each `(name, dns names)`, `name.pem` (leaf + CA chain) and `name.key`.
+    fn new(dir: &TempDir, leaves: &[(&str, &[&str])]) -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        let certs = Self {
+            ca,
+            ca_key,
+            dir: dir.path().to_path_buf(),
+        };
+        for (name, dns) in leaves {
+            certs.issue(name, dns);
+        }
+        certs
+    }
+
+    fn issue(&self, name: &str, dns: &[&str]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        // Written aside and renamed, as a deployment would: a reader never sees half a file.
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, key.serialize_pem()).unwrap();
+        std::fs::rename(&tmp, self.dir.join(format!("{name}.key"))).unwrap();
+        std::fs::write(&tmp, format!("{}{}", cert.pem(), self.ca.pem())).unwrap();
+        std::fs::rename(&tmp, self.dir.join(format!("{name}.pem"))).unwrap();
+        cert.der().to_vec()
+    }
+
+    fn pair(&self, name: &str) -> String {
+        format!(
+            "{{ cert: {}/{name}.pem, key: {}/{name}.key }}",
+            self.dir.display(),
+            self.dir.display()
+        )
+    }
+
+    fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A TLS connection with SNI `name`, verified against the test CA (so it only succeeds with a
+/// certificate valid for `name`); returns it and the leaf the server presented.
+async fn tls(certs: &Certs, addr: SocketAddr, name: &str, alpn: &[&[u8]]) -> (Tls, Vec<u8>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let sni = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let s = tokio::time::timeout(LIMIT, certs.connector(alpn).connect(sni, tcp))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("TLS to {name}: {e}"));
+    let leaf = s.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (s, leaf)
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate_including_wildcards_and_h2_is_offered() {
+    let web = backend("web").await;
+    let dir = TempDir::new();
+    let certs = Certs::new(&dir, &[]);
+    let site = certs.issue("site", &["www.example.com"]);
+    let wild = certs.issue("wild", &["*.api.example.com"]);
+    let lb = lb_in(
+        dir,
+        &format!(
+            "  - name: site
+    protocol: https
+    vip: 127.0.0.1
+    port: 8443
+    pool: web
+    access_log: {{log}}
+    tls: {{ certificates: [{}, {}] }}
+",
+            certs.pair("site"),
+            certs.pair("wild")
+        ),
+        &pool("web", &[web]),
+    )
+    .await;
+    let a = lb.addr("site");
+    assert_eq!(tls(&certs, a, "www.example.com", &[]).await.1, site);
+    assert_eq!(tls(&certs, a, "eu.api.example.com", &[]).await.1, wild);
+
+    // HTTP/2 over ALPN; the backend gets HTTP/1.1 with the Host from :authority.
+    let (s, _) = tls(&certs, a, "eu.api.example.com", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://eu.api.example.com/h2")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.version(), hyper::Version::HTTP_2);
+    let r = read_answer(res).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen("host"), Some("eu.api.example.com"));
+    assert_eq!(r.seen("x-forwarded-proto"), Some("https"));
+    assert_eq!(r.seen("x-forwarded-port"), Some("8443"));
+    let line = &lb.log_lines(1).await[0];
+    assert_eq!(line["protocol"], "HTTP/2.0");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_serves_new_handshakes_and_live_connections_continue() {
+    let web = backend("web").await;
+    let dir = TempDir::new();
+    let certs = Certs::new(&dir, &[]);
+    let old = certs.issue("site", &["www.example.com"]);
+    let lb = lb_in(
+        dir,
+        &format!(
+            "  - {{ name: site, protocol: https, vip: 127.0.0.1, port: 8443, pool: web, access_log: '{{log}}', tls: {{ certificates: [{}] }} }}\n",
+            certs.pair("site")
+        ),
+        &pool("web", &[web]),
+    )
+    .await;
+    let a = lb.addr("site");
+    let (live, leaf) = tls(&certs, a, "www.example.com", &[b"http/1.1"]).await;
+    assert_eq!(leaf, old);
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(live))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        read_answer(tx.send_request(get("www.example.com", "/")).await.unwrap())
+            .await
+            .status,
+        200
+    );
+
+    // mtime granularity: make sure the replacement is visibly newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let new = certs.issue("site", &["www.example.com"]);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if tls(&certs, a, "www.example.com", &[]).await.1 == new {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The connection made before the reload still works.
+    assert_eq!(
+        read_answer(tx.send_request(get("www.example.com", "/")).await.unwrap())
+            .await
+            .status,
+        200
+    );
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn bad_pem_is_a_config_error_naming_the_file() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.path().join("bad.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("bad.key"), "nothing here").unwrap();
+    let text = format!(
+        "agent:\n  interfaces: [lo]\nlisteners:\n  - name: s\n    protocol: https\n    vip: 127.0.0.1\n    port: 443\n    pool: web\n    tls:\n      certificates:\n        - {{ cert: {d}/bad.pem, key: {d}/bad.key }}\npools:\n  - name: web\n    backends: [{{ address: 127.0.0.1, port: 1 }}]\n",
+        d = dir.path().display()
+    );
+    let e = config::parse("lb.yaml", &text, &config::Host::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("lb.yaml:11:19: listeners[0].tls.certificates[0].cert: ")
+            && e.contains("listeners[0].tls.certificates[0].cert")
+            && e.contains("bad.pem"),
+        "{e}"
+    );
+}
+
+// === WebSocket and shutdown ===
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled_and_echoes() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    tokio::time::timeout(LIMIT, async {
+        let mut s = TcpStream::connect(lb.addr("site")).await.unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(s.read(&mut b).await.unwrap(), 1);
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        for msg in [&b"ping"[..], b"frame two"] {
+            s.write_all(msg).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg);
+        }
+    })
+    .await
+    .unwrap();
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    let a = lb.addr("site");
+    let in_flight = tokio::spawn(send(a, get("x", "/slow")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = lb.stop.send(());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(TcpStream::connect(a).await.is_err(), "still accepting");
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.backend(), "web");
+    lb.shutdown(Duration::from_secs(5)).await;
+}

@@ -10,6 +10,7 @@ use lb_tests::Netns;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
 pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];

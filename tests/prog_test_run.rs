@@ -568,3 +568,36 @@ fn toa_carries_the_client_to_the_backend_on_the_handshake_only() {
         assert_eq!(out.len(), ack.len());
     });
 }
+
+#[test]
+fn a_syn_with_no_backend_to_take_it_is_answered_with_rst() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let drained = CONFIG.replace("port: 8080 }", "port: 8080, weight: 0 }");
+        let mut f = Fixture::new(&drained);
+        let syn = tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S");
+        let (action, out) = f.run(&syn, f.ext);
+        assert_eq!(action, XDP_TX, "straight back to the client");
+        let h = PacketHeaders::from_ethernet_slice(&out).unwrap();
+        let eth = h.link.clone().and_then(|l| l.ethernet2()).unwrap();
+        assert_eq!((eth.source, eth.destination), (LB_EXT_MAC, CLIENT_MAC));
+        let Some(NetHeaders::Ipv4(ip, _)) = &h.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        assert_eq!((ip.source, ip.destination), (VIP.0, CLIENT.0));
+        let Some(TransportHeader::Tcp(tcp)) = &h.transport else {
+            panic!("not TCP")
+        };
+        assert!(tcp.rst && tcp.ack && !tcp.syn);
+        assert_eq!((tcp.source_port, tcp.destination_port), (VIP.1, CLIENT.1));
+        assert_eq!(
+            tcp.acknowledgment_number, 1001,
+            "acknowledges the SYN (seq 1000)"
+        );
+        let payload = h.payload.slice();
+        assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(ip, payload).unwrap());
+        assert_eq!(f.dp.snapshot(1).unwrap().get(Counter::RstNoBackend), 1);
+        assert!(f.dp.conntrack_entries().is_empty());
+    });
+}

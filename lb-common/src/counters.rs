@@ -28,10 +28,12 @@ pub enum Counter {
     PassFragment,
     /// A new flow from a client the listener's ACL refuses.
     DropAcl,
+    /// A SYN for a listener with no backend to take it, answered with RST (sent back).
+    RstNoBackend,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Pass,
         Counter::Forwarded,
         Counter::FwdKernel,
@@ -43,6 +45,7 @@ impl Counter {
         Counter::DropConntrackFull,
         Counter::PassFragment,
         Counter::DropAcl,
+        Counter::RstNoBackend,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Counter {
             Counter::DropConntrackFull => "drop_conntrack_full",
             Counter::PassFragment => "pass_fragment",
             Counter::DropAcl => "drop_acl",
+            Counter::RstNoBackend => "rst_no_backend",
         }
     }
 }

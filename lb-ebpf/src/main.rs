@@ -16,6 +16,7 @@ mod fwd;
 mod maps;
 mod nat;
 mod parse;
+mod rst;
 mod sched;
 mod stats;
 mod toa;
@@ -71,7 +72,12 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
                 return Err(Verdict::drop(Counter::DropNoConntrack));
             }
             acl::check(&vip, &pkt.flow)?;
-            let backend_id = sched::pick_backend(vip, &pkt.flow)?;
+            let backend_id = match sched::pick_backend(vip, &pkt.flow) {
+                Ok(id) => id,
+                // No backend can take it (all down or drained): refuse the TCP connection.
+                Err(_) if pkt.flow.proto == PROTO_TCP => return rst::refuse(ctx, &pkt),
+                Err(v) => return Err(v),
+            };
             conntrack::create(&pkt, &vip, backend_id)?;
             stats::new_flow(vip.listener_id);
             let entry =

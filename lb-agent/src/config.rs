@@ -4,6 +4,8 @@
 //! rules and facts about this host). Every error is a [`ConfigError::Invalid`] carrying the
 //! position of the offending node, found through [`locate::Positions`].
 
+#[cfg(test)]
+mod fuzz;
 mod locate;
 #[cfg(test)]
 mod tests;

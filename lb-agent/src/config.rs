@@ -824,7 +824,10 @@ impl Config {
 
 fn is_prime(n: u32) -> bool {
     let n = n as u64;
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 impl Config {

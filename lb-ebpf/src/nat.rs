@@ -80,8 +80,7 @@ pub fn rewrite_icmp_error(
     let (inner_l3, inner_l4) = (inner_l3 & 0xff, inner_l4 & 0xff);
     let is_v4 = pkt.flow.family == FAMILY_V4;
     // Difference over the ICMP message (quoted headers), and for ICMPv6 its pseudo-header too.
-    let mut icmp_diff = 0;
-    if is_v4 {
+    let mut icmp_diff = if is_v4 {
         let outer: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
         let inner: *mut Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
@@ -90,16 +89,16 @@ pub fn rewrite_icmp_error(
         let old_check = inner.check;
         let d = inner.set_addrs(e.nat_dst_be[0], e.nat_src_be[0]);
         // The quoted header's checksum field is part of the ICMP message too.
-        icmp_diff = diff16(d, old_check, inner.check);
+        diff16(d, old_check, inner.check)
     } else {
         let outer: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
         let inner: *mut Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
         let (outer, inner) = unsafe { (&mut *outer, &mut *inner) };
         // ICMPv6's checksum covers a pseudo-header with the outer addresses.
-        icmp_diff = outer.set_addrs(&e.nat_src_be, &e.nat_dst_be)
-            + inner.set_addrs(&e.nat_dst_be, &e.nat_src_be);
-    }
+        outer.set_addrs(&e.nat_src_be, &e.nat_dst_be)
+            + inner.set_addrs(&e.nat_dst_be, &e.nat_src_be)
+    };
     let ports: *mut Ports = ptr_at(ctx, inner_l4).ok_or(bad)?;
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { &mut *ports };

@@ -33,10 +33,18 @@ struct TcpHead {
 }
 
 #[inline(always)]
+#[expect(
+    clippy::manual_swap,
+    reason = "mem::swap goes byte by byte through the stack"
+)]
 pub fn refuse(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     let counted = Verdict::drop(Counter::RstNoBackend);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(counted)?;
     // SAFETY: bounds checked by ptr_at.
+    #[expect(
+        clippy::manual_swap,
+        reason = "mem::swap goes byte by byte through the stack"
+    )]
     unsafe {
         let src = (*eth).src;
         (*eth).src = (*eth).dst;
@@ -52,7 +60,7 @@ pub fn refuse(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
         }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3_off).ok_or(counted)?;
-        // SAFETY: bounds checked by ptr_at. Copies, not mem::swap (byte by byte via the stack).
+        // SAFETY: bounds checked by ptr_at.
         unsafe {
             let src = (*ip).saddr_be;
             (*ip).saddr_be = (*ip).daddr_be;

@@ -10,8 +10,8 @@ use std::{
 };
 
 use lb_tests::{
-    topology::{NameServer, SNAT},
-    Topology,
+    topology::{backend_addr, NameServer, SNAT},
+    Agent, Topology,
 };
 
 const PORT: u16 = 8080;
@@ -34,10 +34,7 @@ fn config(topo: &Topology, backup: Option<usize>) -> String {
         &format!("    health_check: {CHECK}\n    backends:\n"),
     );
     if let Some(i) = backup {
-        let line = format!(
-            "address: {}, port: {PORT}, weight: 1 }}",
-            lb_tests::topology::backend_addr(i)
-        );
+        let line = format!("address: {}, port: {PORT}, weight: 1 }}", backend_addr(i));
         c = c.replace(&line, &line.replace(" }", ", backup: true }"));
     }
     c
@@ -186,4 +183,93 @@ fn a_backup_serves_only_while_every_primary_is_down_then_nothing_is_left() {
         refused || counted,
         "all-down SYNs neither refused nor counted:\n{out}"
     );
+}
+
+/// Waits for the agent to log `backend <to>` for `backend` and then the table update that
+/// follows; how long that took.
+fn transition(agent: &mut Agent, backend: &str, to: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let left = within
+            .checked_sub(started.elapsed())
+            .unwrap_or_else(|| panic!("{backend} not {to} within {within:?}"));
+        agent.wait_for(backend, left);
+        let line = agent.log.last().expect("the line just read");
+        if line.contains(&format!("backend {to}")) {
+            let left = within.saturating_sub(started.elapsed()) + Duration::from_secs(1);
+            agent.wait_for("backend tables updated", left);
+            return started.elapsed();
+        }
+    }
+}
+
+#[test]
+fn udp_probes_see_port_unreachable_and_icmp_probes_see_a_downed_interface() {
+    let topo = Topology::new(3);
+    // udp pool: port 8080; icmp pool: port 8081, so log lines name one pool's backend each.
+    let mut udp_servers: Vec<Option<NameServer>> = (0..3).map(|i| Some(server(&topo, i))).collect();
+    let _tcp_servers: Vec<NameServer> = (0..3)
+        .map(|i| NameServer::start(&topo.backends[i], 8081, format!("backend-{}", i + 1)))
+        .collect();
+    let timing = "interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2";
+    let mut cfg = format!(
+        "agent:\n  interfaces: [lb-ext, lb-int]\n  xdp_mode: native\n\
+         snat:\n  addresses: [{SNAT}]\n\
+         listeners:\n\
+         \x20 - {{ name: web, protocol: tcp, vip: 10.91.0.100, port: 80, pool: web }}\n\
+         \x20 - {{ name: dns, protocol: udp, vip: 10.91.0.100, port: 53, pool: dns }}\n\
+         pools:\n"
+    );
+    for (pool, protocol, port) in [("web", "icmp", 8081), ("dns", "udp", PORT)] {
+        cfg += &format!(
+            "  - name: {pool}\n    health_check: {{ protocol: {protocol}, {timing} }}\n    backends:\n"
+        );
+        for i in 0..3 {
+            cfg += &format!("      - {{ address: {}, port: {port} }}\n", backend_addr(i));
+        }
+    }
+    let mut agent = topo.start_agent(&cfg);
+    let (udp_b2, icmp_b2) = ("10.91.2.12:8080", "10.91.2.12:8081");
+    transition(&mut agent, udp_b2, "healthy", Duration::from_secs(5));
+    let dns: SocketAddr = "10.91.0.100:53".parse().unwrap();
+
+    // The UDP service stops: the backend's ICMP port unreachable fails the probes.
+    udp_servers[1] = None;
+    let detection = transition(&mut agent, udp_b2, "unhealthy", DETECTION + SLACK);
+    println!("udp: backend-2 stopped, unhealthy after {detection:?} (bound {DETECTION:?})");
+    let reason = |agent: &Agent, backend: &str| {
+        let line = agent
+            .log
+            .iter()
+            .rev()
+            .find(|l| l.contains(backend))
+            .unwrap();
+        line.clone()
+    };
+    let line = reason(&agent, udp_b2);
+    assert!(line.contains("port unreachable"), "{line}");
+    let answers = topo.udp_many(dns, 20);
+    let per = lb_tests::topology::tally("udp without backend-2", &answers, SNAT);
+    assert!(!per.contains_key("backend-2"), "{per:?}");
+    udp_servers[1] = Some(server(&topo, 1));
+    // Silence is success, so each passing probe lasts its timeout.
+    let bound = RECOVERY + Duration::from_secs(1);
+    let recovery = transition(&mut agent, udp_b2, "healthy", bound + SLACK);
+    println!("udp: backend-2 restarted, healthy after {recovery:?} (bound {bound:?})");
+
+    // The host goes away: no echo reply for the ICMP pool (whose host stayed up so far).
+    topo.backends[1].ip(&["link", "set", "eth0", "down"]);
+    let detection = transition(&mut agent, icmp_b2, "unhealthy", DETECTION + SLACK);
+    println!("icmp: backend-2 interface down, unhealthy after {detection:?} (bound {DETECTION:?})");
+    let line = reason(&agent, icmp_b2);
+    assert!(line.contains("timeout"), "{line}");
+    let answers = topo.connect_many(vip(), 20);
+    let per = lb_tests::topology::tally("tcp without backend-2", &answers, SNAT);
+    assert!(!per.contains_key("backend-2"), "{per:?}");
+    topo.backends[1].ip(&["link", "set", "eth0", "up"]);
+    let recovery = transition(&mut agent, icmp_b2, "healthy", RECOVERY + SLACK);
+    println!("icmp: backend-2 interface up, healthy after {recovery:?} (bound {RECOVERY:?})");
+
+    let out = agent.stop_cleanly();
+    println!("{out}");
 }

@@ -108,7 +108,11 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 _ = health.changed() => {
                     plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
                     match tokio::task::block_in_place(|| dp.apply(&plan)) {
-                        Ok(()) => debug!("backend tables updated for health"),
+                        Ok(()) => info!(
+                            healthy = health.members().filter(|m| m.is_up()).count(),
+                            backends = plan.backends.len(),
+                            "backend tables updated for health"
+                        ),
                         Err(e) => error!(error = %e, "updating the backend tables for health"),
                     }
                 }

@@ -1060,6 +1060,15 @@ fn validate_health_check(i: usize, pool: &Pool) -> Result<(), Invalid> {
             "`protocol: none` runs no probes: it takes no port, interval or timeout".into(),
         ));
     }
+    if hc.protocol == CheckProtocol::Icmp && hc.port.is_some() {
+        return Err((at("port"), "an icmp health check has no port".into()));
+    }
+    if hc.expect.as_ref().is_some_and(String::is_empty) {
+        return Err((
+            at("expect"),
+            "must not be empty (leave it out to accept silence)".into(),
+        ));
+    }
     if let Some(p) = &hc.path {
         if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err((at("path"), format!("`{p}` is not an absolute path (/...)")));

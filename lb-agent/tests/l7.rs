@@ -1039,7 +1039,7 @@ async fn http_probes_take_a_failing_backend_out_and_back_and_none_left_is_503() 
     let pools =
         pool("web", &[a, b]).replacen("    backends:\n", &format!("{check}    backends:\n"), 1);
     let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web }\n",
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
         &pools,
     )
     .await;

@@ -593,6 +593,14 @@ fn health_check_errors_name_file_line_column_and_path() {
             "lb.yaml:15:53: pools[0].health_check.expected_codes: at least one code is needed",
         ),
         (
+            "{ protocol: icmp, port: 80 }",
+            "lb.yaml:15:43: pools[0].health_check.port: an icmp health check has no port",
+        ),
+        (
+            "{ protocol: udp, expect: '' }",
+            "lb.yaml:15:43: pools[0].health_check.expect: must not be empty (leave it out to accept silence)",
+        ),
+        (
             "{ protocol: none, interval: 2s }",
             "lb.yaml:15:19: pools[0].health_check: `protocol: none` runs no probes: it takes no port, interval or timeout",
         ),

@@ -275,7 +275,9 @@ impl Health {
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     pub interval: Duration,
-    pub timeout: Duration,
+    /// How long one probe may take in all: the timeout, twice for udp (the echo and the
+    /// datagram each get it).
+    pub limit: Duration,
     pub healthy_threshold: u32,
     pub unhealthy_threshold: u32,
 }
@@ -284,7 +286,10 @@ impl Timing {
     pub fn of(hc: &config::HealthCheck) -> Self {
         Self {
             interval: hc.interval(),
-            timeout: hc.timeout(),
+            limit: match hc.protocol {
+                config::CheckProtocol::Udp => hc.timeout() * 2,
+                _ => hc.timeout(),
+            },
             healthy_threshold: hc.healthy_threshold(),
             unhealthy_threshold: hc.unhealthy_threshold(),
         }
@@ -314,7 +319,7 @@ where
     loop {
         ticks.tick().await;
         let began = Instant::now();
-        let result = tokio::time::timeout(t.timeout, probe())
+        let result = tokio::time::timeout(t.limit, probe())
             .await
             .unwrap_or(Err(ProbeError::Timeout));
         if member.record(&mut tracker, result, began.elapsed()) {

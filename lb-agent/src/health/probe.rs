@@ -19,6 +19,9 @@ use tokio::{
 
 use crate::config::{CheckMethod, CheckProtocol, CodeRange, HealthCheck};
 
+#[cfg(test)]
+mod tests;
+
 /// Why a probe failed; the text is the `reason` in logs and the status output.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -83,7 +86,7 @@ impl Prober {
         }
     }
 
-    /// One probe; the caller bounds it by the timeout.
+    /// One probe; the caller bounds it (`super::Timing::limit`).
     pub async fn probe(self: Arc<Self>) -> Result<(), ProbeError> {
         match self.protocol {
             CheckProtocol::None => Ok(()),

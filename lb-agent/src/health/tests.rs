@@ -100,7 +100,7 @@ async fn transitions(
 
 const TIMING: Timing = Timing {
     interval: Duration::from_secs(2),
-    timeout: Duration::from_secs(5),
+    limit: Duration::from_secs(5),
     healthy_threshold: 3,
     unhealthy_threshold: 3,
 };
@@ -171,7 +171,7 @@ async fn a_probe_that_hangs_counts_as_a_timeout_and_delays_the_next() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     // Probe 2 starts one interval after probe 1 and times out 5 s later; probe 3 starts right
     // after (the interval has passed) and times out 5 s after that.
-    assert_eq!(seen[1] - seen[0], t.interval + t.timeout * 2);
+    assert_eq!(seen[1] - seen[0], t.interval + t.limit * 2);
     assert!(!m.is_up());
     assert_eq!(m.status().reason.as_deref(), Some("timeout"));
     assert_eq!(m.status().state, State::Unhealthy);

@@ -598,7 +598,7 @@ fn health_check_errors_name_file_line_column_and_path() {
         ),
         (
             "{ protocol: udp, expect: '' }",
-            "lb.yaml:15:43: pools[0].health_check.expect: must not be empty (leave it out to accept silence)",
+            "lb.yaml:15:44: pools[0].health_check.expect: must not be empty (leave it out to accept silence)",
         ),
         (
             "{ protocol: none, interval: 2s }",

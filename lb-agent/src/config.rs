@@ -404,6 +404,175 @@ pub enum BackendProtocol {
 pub struct Pool {
     pub name: String,
     pub backends: Vec<BackendConfig>,
+    /// Active probes; without it every backend counts as healthy (as with `protocol: none`).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health probes of a pool's backends (`crate::health`). Unset fields take the
+/// vendors' defaults for the protocol (see the accessors).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub protocol: CheckProtocol,
+    /// Default: each backend's own port.
+    #[serde(default)]
+    pub port: Option<Port>,
+    #[serde(default, deserialize_with = "duration")]
+    pub interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub timeout: Option<Duration>,
+    /// Consecutive successes that bring an unhealthy backend back.
+    #[serde(default)]
+    pub healthy_threshold: Option<u32>,
+    /// Consecutive failures that take a healthy backend out.
+    #[serde(default)]
+    pub unhealthy_threshold: Option<u32>,
+    // http/https only:
+    #[serde(default)]
+    pub method: Option<CheckMethod>,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Sent as Host; the backend's address when left out.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Status codes or `MIN-MAX` ranges that count as healthy (default 200-399).
+    #[serde(default)]
+    pub expected_codes: Option<Vec<CodeRange>>,
+    // udp only:
+    /// Payload of the UDP probe (default: an empty datagram).
+    #[serde(default)]
+    pub send: Option<String>,
+    /// When set, the backend must answer with a datagram containing it (silence fails).
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckProtocol {
+    Icmp,
+    Tcp,
+    Udp,
+    Http,
+    Https,
+    /// No probes: every backend is always healthy.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum CheckMethod {
+    /// The vendors' default for HTTP health checks.
+    #[default]
+    Head,
+    Get,
+}
+
+/// An inclusive range of HTTP status codes: `200` or `200-399`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl CodeRange {
+    pub fn contains(&self, code: u16) -> bool {
+        (self.min..=self.max).contains(&code)
+    }
+}
+
+impl<'de> Deserialize<'de> for CodeRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(u16),
+            Range(String),
+        }
+        let bad = |s: &str| {
+            de::Error::custom(format!(
+                "`{s}` is not a status code or MIN-MAX range of them"
+            ))
+        };
+        let (min, max) = match Raw::deserialize(d)? {
+            Raw::One(c) => (c, c),
+            Raw::Range(s) => {
+                let (a, b) = s.split_once('-').ok_or_else(|| bad(&s))?;
+                match (a.trim().parse(), b.trim().parse()) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    _ => return Err(bad(&s)),
+                }
+            }
+        };
+        if !(100..=599).contains(&min) || !(100..=599).contains(&max) || min > max {
+            return Err(de::Error::custom(format!(
+                "{min}-{max} is not a range of HTTP status codes (100-599)"
+            )));
+        }
+        Ok(CodeRange { min, max })
+    }
+}
+
+impl HealthCheck {
+    /// Whether probes run at all.
+    pub fn active(&self) -> bool {
+        self.protocol != CheckProtocol::None
+    }
+
+    /// Default: 5 s for udp, 2 s otherwise (the vendors' recommended values).
+    pub fn interval(&self) -> Duration {
+        self.interval
+            .unwrap_or(Duration::from_secs(match self.protocol {
+                CheckProtocol::Udp => 5,
+                _ => 2,
+            }))
+    }
+
+    /// Default: 10 s for udp, 5 s otherwise.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or(Duration::from_secs(match self.protocol {
+                CheckProtocol::Udp => 10,
+                _ => 5,
+            }))
+    }
+
+    pub fn healthy_threshold(&self) -> u32 {
+        self.healthy_threshold.unwrap_or(3)
+    }
+
+    pub fn unhealthy_threshold(&self) -> u32 {
+        self.unhealthy_threshold.unwrap_or(3)
+    }
+
+    pub fn method(&self) -> CheckMethod {
+        self.method.unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    /// Default: 2xx and 3xx.
+    pub fn expected_codes(&self) -> Vec<CodeRange> {
+        self.expected_codes
+            .clone()
+            .unwrap_or_else(|| vec![CodeRange { min: 200, max: 399 }])
+    }
+}
+
+impl fmt::Display for CheckProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckProtocol::Icmp => "icmp",
+            CheckProtocol::Tcp => "tcp",
+            CheckProtocol::Udp => "udp",
+            CheckProtocol::Http => "http",
+            CheckProtocol::Https => "https",
+            CheckProtocol::None => "none",
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -414,6 +583,9 @@ pub struct BackendConfig {
     /// Share of new connections; 0 drains (no new connections, existing ones continue).
     #[serde(default = "default_weight", deserialize_with = "weight")]
     pub weight: u32,
+    /// Gets traffic only while no primary (non-backup) backend of the pool is healthy.
+    #[serde(default)]
+    pub backup: bool,
 }
 
 fn default_weight() -> u32 {
@@ -627,6 +799,7 @@ impl Config {
                     format!("pool `{}` has no backends", pool.name),
                 ));
             }
+            validate_health_check(i, pool)?;
             let mut seen = HashSet::new();
             for (j, b) in pool.backends.iter().enumerate() {
                 if !seen.insert((b.address, b.port)) {
@@ -820,6 +993,102 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Largest healthy/unhealthy threshold (the vendors' "max retries" range is 1-10).
+const MAX_THRESHOLD: u32 = 10;
+
+fn validate_health_check(i: usize, pool: &Pool) -> Result<(), Invalid> {
+    let at = |field: &str| format!("pools[{i}].health_check.{field}");
+    if let Some(j) = pool.backends.iter().position(|b| b.backup) {
+        let at = format!("pools[{i}].backends[{j}].backup");
+        if pool.backends.iter().all(|b| b.backup) {
+            return Err((
+                at,
+                format!("pool `{}` has no primary (non-backup) backend", pool.name),
+            ));
+        }
+        if !pool.health_check.as_ref().is_some_and(HealthCheck::active) {
+            return Err((
+                at,
+                "a backup needs an active `health_check` on its pool (without probes the primaries never fail)".into(),
+            ));
+        }
+    }
+    let Some(hc) = &pool.health_check else {
+        return Ok(());
+    };
+    if let Some(d) = hc.interval {
+        if d < Duration::from_secs(1) || d > Duration::from_secs(50) {
+            return Err((
+                at("interval"),
+                format!("{} is outside 1s-50s", humantime::format_duration(d)),
+            ));
+        }
+    }
+    for (field, t) in [
+        ("healthy_threshold", hc.healthy_threshold),
+        ("unhealthy_threshold", hc.unhealthy_threshold),
+    ] {
+        if t.is_some_and(|t| t == 0 || t > MAX_THRESHOLD) {
+            return Err((at(field), format!("must be 1 to {MAX_THRESHOLD}")));
+        }
+    }
+    let http = matches!(hc.protocol, CheckProtocol::Http | CheckProtocol::Https);
+    let http_only = [
+        ("method", hc.method.is_some()),
+        ("path", hc.path.is_some()),
+        ("host", hc.host.is_some()),
+        ("expected_codes", hc.expected_codes.is_some()),
+    ];
+    let udp_only = [("send", hc.send.is_some()), ("expect", hc.expect.is_some())];
+    for (fields, applies, what) in [
+        (&http_only[..], http, "http/https"),
+        (&udp_only[..], hc.protocol == CheckProtocol::Udp, "udp"),
+    ] {
+        if let Some((field, _)) = fields.iter().find(|(_, set)| *set && !applies) {
+            return Err((
+                at(field),
+                format!(
+                    "`{field}` applies to {what} health checks only (this one is {})",
+                    hc.protocol
+                ),
+            ));
+        }
+    }
+    if !hc.active() && (hc.port.is_some() || hc.interval.is_some() || hc.timeout.is_some()) {
+        return Err((
+            format!("pools[{i}].health_check"),
+            "`protocol: none` runs no probes: it takes no port, interval or timeout".into(),
+        ));
+    }
+    if hc.protocol == CheckProtocol::Icmp && hc.port.is_some() {
+        return Err((at("port"), "an icmp health check has no port".into()));
+    }
+    if hc.expect.as_ref().is_some_and(String::is_empty) {
+        return Err((
+            at("expect"),
+            "must not be empty (leave it out to accept silence)".into(),
+        ));
+    }
+    if let Some(p) = &hc.path {
+        if !p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err((at("path"), format!("`{p}` is not an absolute path (/...)")));
+        }
+    }
+    if let Some(h) = &hc.host {
+        if h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        {
+            return Err((at("host"), format!("`{h}` is not a host name")));
+        }
+    }
+    if hc.expected_codes.as_ref().is_some_and(Vec::is_empty) {
+        return Err((at("expected_codes"), "at least one code is needed".into()));
+    }
+    Ok(())
 }
 
 fn is_prime(n: u32) -> bool {

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod gc;
+pub mod health;
 pub mod maglev;
 pub mod netif;
 pub mod plan;

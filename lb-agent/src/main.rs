@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{config, dataplane::Dataplane, gc, netif, plan, proxy, stats};
+use lb_agent::{config, dataplane::Dataplane, gc, health::Health, netif, plan, proxy, stats};
 use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
@@ -60,7 +60,9 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = config::load(&path)?;
-    let plan = plan::build(&cfg);
+    let health = std::sync::Arc::new(Health::new(&cfg));
+    // Probed backends start offline (a new backend is online after its first success).
+    let mut plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
     let mut dp = Dataplane::load().context("loading the XDP program")?;
     dp.apply(&plan).context("filling the maps")?;
     for iface in &cfg.agent.interfaces {
@@ -87,10 +89,13 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         let (stop, stopped) = tokio::sync::watch::channel(());
-        let proxies = proxy::start(&cfg, stopped, SHUTDOWN_GRACE)
+        let proxies = proxy::start(&cfg, &health, stopped, SHUTDOWN_GRACE)
             .await
             .context("starting the L7 proxy")?;
+        // Dropped at the end of this block, which stops the probes.
+        let _checks = health.start(&cfg);
         info!(config = %path.display(), listeners = cfg.listeners.len(), backends = plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
         let mut last = gc::Report::default();
@@ -98,6 +103,19 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM"); break; }
                 _ = int.recv() => { info!("SIGINT"); break; }
+                _ = usr1.recv() => print!("{}", stats::render_health(&health)),
+                // L7 pools read the health directly; the L4 tables are rebuilt and swapped in.
+                _ = health.changed() => {
+                    plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
+                    match tokio::task::block_in_place(|| dp.apply(&plan)) {
+                        Ok(()) => info!(
+                            healthy = health.members().filter(|m| m.is_up()).count(),
+                            backends = plan.backends.len(),
+                            "backend tables updated for health"
+                        ),
+                        Err(e) => error!(error = %e, "updating the backend tables for health"),
+                    }
+                }
                 // A sweep is blocking map syscalls: keep it off the proxy's workers' queue.
                 _ = sweep.tick() => match tokio::task::block_in_place(|| dp.gc(&plan, gc::monotonic_ns())) {
                     Ok(r) => {
@@ -117,7 +135,11 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
 
     dp.detach_all();
     match dp.snapshot(plan.listeners.len()) {
-        Ok(s) => print!("{}", stats::render(&s, &plan, &last_sweep.active)),
+        Ok(s) => print!(
+            "{}{}",
+            stats::render(&s, &plan, &last_sweep.active),
+            stats::render_health(&health)
+        ),
         Err(e) => error!(error = %e, "reading counters"),
     }
     Ok(())

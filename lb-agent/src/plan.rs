@@ -13,8 +13,11 @@ use lb_common::{
 
 use crate::{
     config::{ClientIp, Config, Protocol, Scheduler},
-    maglev, wrr,
+    health, maglev, wrr,
 };
+
+#[cfg(test)]
+mod tests;
 
 /// Everything the datapath needs, indexed the way its maps are.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,7 +74,16 @@ pub fn family(a: IpAddr) -> u8 {
     }
 }
 
+/// The plan with every backend healthy (backups idle, since their primaries are up).
 pub fn build(config: &Config) -> Plan {
+    build_with(config, |_, _| true)
+}
+
+/// The plan for the backends `up(pool, backend)` says are healthy (indices into
+/// `config.pools`). Unhealthy backends and idle backups keep their ids, so existing flows to
+/// them are untouched, but leave every listener's table; a listener with no backend left gets
+/// an empty one.
+pub fn build_with(config: &Config, up: impl Fn(usize, usize) -> bool) -> Plan {
     let mut global = GlobalConfig::default();
     let mut snat_addrs = Vec::new();
     if let Some(snat) = &config.snat {
@@ -89,13 +101,19 @@ pub fn build(config: &Config) -> Plan {
     let mut backends = Vec::new();
     // (first id, members) per pool, in config order.
     let mut pools = Vec::new();
-    for pool in &config.pools {
+    for (p, pool) in config.pools.iter().enumerate() {
         let first = backends.len() as u32;
         let mut members = Vec::new();
-        for b in &pool.backends {
+        let backup: Vec<bool> = pool.backends.iter().map(|b| b.backup).collect();
+        let available: Vec<bool> = (0..pool.backends.len())
+            .map(|i| up(p, i) && pool.backends[i].weight > 0)
+            .collect();
+        let serving = health::serving(&backup, &available);
+        for (b, serving) in pool.backends.iter().zip(serving) {
             members.push(maglev::Member {
                 key: maglev::member_key(b.address, b.port.0),
-                weight: b.weight,
+                // Weight 0 keeps the member's identity (and so everyone else's slots) stable.
+                weight: if serving { b.weight } else { 0 },
             });
             backends.push(BackendPlan {
                 pool: pool.name.clone(),
@@ -125,6 +143,7 @@ pub fn build(config: &Config) -> Plan {
                 .find(|(name, ..)| Some(*name) == l.pool.as_deref())
                 .map(|(_, first, members)| {
                     let slots = match l.scheduler() {
+                        // Every table below is empty when no member has a weight.
                         Scheduler::Wrr => {
                             let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
                             wrr::sequence(&weights, lb_common::maps::MAX_RING)

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::{dataplane::Snapshot, plan::Plan};
+use crate::{dataplane::Snapshot, health::Health, plan::Plan};
 
 /// The global counters, then one line per listener (`active`: live flows per listener at the
 /// last conntrack sweep).
@@ -29,6 +29,30 @@ pub fn render(s: &Snapshot, plan: &Plan, active: &[u64]) -> String {
             st.bytes_out,
             active.get(i).copied().unwrap_or(0),
             st.new_flows
+        );
+    }
+    out
+}
+
+/// One line per backend: its health (or draining), the last failure reason and probe latency.
+pub fn render_health(health: &Health) -> String {
+    let mut out = format!(
+        "backends:\n  {:<16} {:<24} {:<22} {:<18} {:>10}\n",
+        "pool", "backend", "health", "reason", "latency"
+    );
+    for m in health.members() {
+        let status = m.status();
+        let latency = status
+            .latency
+            .map_or("-".into(), |l| format!("{:.1}ms", l.as_secs_f64() * 1e3));
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<24} {:<22} {:<18} {:>10}",
+            m.pool,
+            format!("{}{}", m.addr, if m.backup { " (backup)" } else { "" }),
+            m.label(),
+            status.reason.as_deref().unwrap_or("-"),
+            latency
         );
     }
     out

@@ -6,6 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     sync::Arc,
     time::Duration,
 };
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb_agent::{config, proxy};
+use lb_agent::{config, health::Health, proxy};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -148,6 +149,8 @@ struct Lb {
     addrs: Vec<(String, SocketAddr)>,
     stop: watch::Sender<()>,
     done: tokio::task::JoinSet<()>,
+    /// The health probes; dropping them stops them.
+    _checks: tokio::task::JoinSet<()>,
     _dir: TempDir,
     log: PathBuf,
 }
@@ -196,9 +199,12 @@ async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
         .replace("{dir}", &dir.path().display().to_string());
     let cfg = config::parse("test.yaml", &text, &config::Host::default())
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let servers = proxy::servers(&cfg, |_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .await
-        .unwrap();
+    let health = Arc::new(Health::new(&cfg));
+    let servers = proxy::servers(&cfg, &health, |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+    })
+    .await
+    .unwrap();
     let (stop, stopped) = watch::channel(());
     let mut done = tokio::task::JoinSet::new();
     let mut addrs = Vec::new();
@@ -213,6 +219,7 @@ async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
         addrs,
         stop,
         done,
+        _checks: health.start(&cfg),
         _dir: dir,
         log,
     }
@@ -985,4 +992,83 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
     assert_eq!(r.status, 200);
     assert_eq!(r.backend(), "web");
     lb.shutdown(Duration::from_secs(5)).await;
+}
+
+// === active health checks ===
+
+/// A backend answering every request with its name, or with 500 while `sick` is set.
+async fn switchable_backend(name: &'static str, sick: Arc<AtomicBool>) -> SocketAddr {
+    raw_backend(move |mut s| {
+        let sick = sick.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let answer = if sick.load(Ordering::Relaxed) {
+                "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\nconnection: close\r\n\r\nsick".to_string()
+            } else {
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}", name.len())
+            };
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    })
+    .await
+}
+
+/// Sends requests until `done` holds for ten in a row; the time that took.
+async fn until(lb: SocketAddr, within: Duration, done: impl Fn(&Answer) -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    let mut streak = 0;
+    while streak < 10 {
+        assert!(started.elapsed() < within, "not within {within:?}");
+        let a = send(lb, get("site", "/")).await;
+        streak = if done(&a) { streak + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn http_probes_take_a_failing_backend_out_and_back_and_none_left_is_503() {
+    let (sick_a, sick_b) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let a = switchable_backend("a", sick_a.clone()).await;
+    let b = switchable_backend("b", sick_b.clone()).await;
+    let check = "    health_check: { protocol: http, path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
+    let pools =
+        pool("web", &[a, b]).replacen("    backends:\n", &format!("{check}    backends:\n"), 1);
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
+        &pools,
+    )
+    .await;
+    let addr = lb.addr("site");
+    // Both online after their first probe (within one interval): both answer.
+    let (mut seen_a, mut seen_b) = (false, false);
+    let started = std::time::Instant::now();
+    while !(seen_a && seen_b) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "both backends online"
+        );
+        let ans = send(addr, get("site", "/")).await;
+        seen_a |= ans.body == "a";
+        seen_b |= ans.body == "b";
+    }
+
+    // interval × unhealthy_threshold + timeout = 3 s.
+    sick_b.store(true, Ordering::Relaxed);
+    let detection = until(addr, Duration::from_secs(4), |ans| ans.body == "a").await;
+    println!("http: b out after {detection:?}");
+    sick_a.store(true, Ordering::Relaxed);
+    until(addr, Duration::from_secs(4), |ans| {
+        ans.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    // interval × healthy_threshold = 2 s (plus the probe in flight).
+    sick_b.store(false, Ordering::Relaxed);
+    let recovery = until(addr, Duration::from_millis(3500), |ans| ans.body == "b").await;
+    println!("http: b back after {recovery:?}");
+    lb.shutdown(Duration::from_secs(1)).await;
 }

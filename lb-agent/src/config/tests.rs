@@ -517,3 +517,141 @@ fn maglev_is_refused_on_http_listeners() {
         "lb.yaml:9:16: listeners[0].scheduler: maglev hashes flows: http/https listeners use wrr, wlc or source_ip"
     );
 }
+
+/// EXAMPLE with `hc` as the web pool's `health_check` (flow style, on line 15).
+fn with_check(hc: &str) -> String {
+    EXAMPLE.replace(
+        "  - name: web\n    backends:",
+        &format!("  - name: web\n    health_check: {hc}\n    backends:"),
+    )
+}
+
+#[test]
+fn health_check_defaults_are_the_vendors() {
+    let c = parse("lb.yaml", &with_check("{ protocol: tcp }"), &host()).unwrap();
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.interval(), Duration::from_secs(2));
+    assert_eq!(hc.timeout(), Duration::from_secs(5));
+    assert_eq!((hc.healthy_threshold(), hc.unhealthy_threshold()), (3, 3));
+    let c = parse("lb.yaml", &with_check("{ protocol: udp }"), &host()).unwrap();
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.interval(), Duration::from_secs(5));
+    assert_eq!(hc.timeout(), Duration::from_secs(10));
+    let c = parse(
+        "lb.yaml",
+        &with_check(
+            "{ protocol: http, path: /healthz, expected_codes: [200, 300-302], method: GET }",
+        ),
+        &host(),
+    )
+    .unwrap();
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.method(), CheckMethod::Get);
+    let codes = hc.expected_codes();
+    assert!(codes.iter().any(|r| r.contains(200)) && codes.iter().any(|r| r.contains(302)));
+    assert!(!codes.iter().any(|r| r.contains(204)));
+    let c = parse("lb.yaml", &with_check("{ protocol: http }"), &host()).unwrap();
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!((hc.method(), hc.path()), (CheckMethod::Head, "/"));
+    assert!(hc.expected_codes().iter().any(|r| r.contains(399)));
+    assert!(!hc.expected_codes().iter().any(|r| r.contains(404)));
+}
+
+#[test]
+fn health_check_errors_name_file_line_column_and_path() {
+    let cases = [
+        (
+            "{ protocol: tcp, interval: 51s }",
+            "lb.yaml:15:46: pools[0].health_check.interval: 51s is outside 1s-50s",
+        ),
+        (
+            "{ protocol: tcp, interval: 500ms }",
+            "lb.yaml:15:46: pools[0].health_check.interval: 500ms is outside 1s-50s",
+        ),
+        (
+            "{ protocol: tcp, unhealthy_threshold: 0 }",
+            "lb.yaml:15:57: pools[0].health_check.unhealthy_threshold: must be 1 to 10",
+        ),
+        (
+            "{ protocol: tcp, path: /x }",
+            "lb.yaml:15:42: pools[0].health_check.path: `path` applies to http/https health checks only (this one is tcp)",
+        ),
+        (
+            "{ protocol: http, send: ping }",
+            "lb.yaml:15:43: pools[0].health_check.send: `send` applies to udp health checks only (this one is http)",
+        ),
+        (
+            "{ protocol: http, path: healthz }",
+            "lb.yaml:15:43: pools[0].health_check.path: `healthz` is not an absolute path (/...)",
+        ),
+        (
+            "{ protocol: http, expected_codes: [200-99] }",
+            "lb.yaml:15:54: pools[0].health_check.expected_codes[0]: 200-99 is not a range of HTTP status codes (100-599)",
+        ),
+        (
+            "{ protocol: http, expected_codes: [] }",
+            "lb.yaml:15:53: pools[0].health_check.expected_codes: at least one code is needed",
+        ),
+        (
+            "{ protocol: icmp, port: 80 }",
+            "lb.yaml:15:43: pools[0].health_check.port: an icmp health check has no port",
+        ),
+        (
+            "{ protocol: udp, expect: '' }",
+            "lb.yaml:15:44: pools[0].health_check.expect: must not be empty (leave it out to accept silence)",
+        ),
+        (
+            "{ protocol: none, interval: 2s }",
+            "lb.yaml:15:19: pools[0].health_check: `protocol: none` runs no probes: it takes no port, interval or timeout",
+        ),
+    ];
+    for (hc, want) in cases {
+        assert_eq!(err(&with_check(hc)), want, "{hc}");
+    }
+}
+
+#[test]
+fn unknown_health_check_fields_and_values_are_errors() {
+    let e = err(&with_check("{ protocol: tcp, retries: 3 }"));
+    assert!(e.starts_with("lb.yaml:15:45:"), "{e}");
+    assert!(
+        e.contains("pools[0].health_check") && e.contains("retries"),
+        "{e}"
+    );
+    let e = err(&with_check("{ protocol: grpc }"));
+    assert!(
+        e.contains("pools[0].health_check.protocol") && e.contains("grpc"),
+        "{e}"
+    );
+    let e = err(&with_check("{ protocol: http, method: POST }"));
+    assert!(e.contains("pools[0].health_check.method"), "{e}");
+}
+
+#[test]
+fn a_backup_needs_a_primary_and_an_active_check() {
+    let backup_second = |text: &str| {
+        text.replace(
+            "{ address: 10.91.2.12, port: 8080, weight: 1 }",
+            "{ address: 10.91.2.12, port: 8080, weight: 1, backup: true }",
+        )
+    };
+    let c = parse(
+        "lb.yaml",
+        &backup_second(&with_check("{ protocol: tcp }")),
+        &host(),
+    )
+    .unwrap();
+    assert!(c.pools[0].backends[1].backup && !c.pools[0].backends[0].backup);
+    assert_eq!(
+        err(&backup_second(EXAMPLE)),
+        "lb.yaml:17:63: pools[0].backends[1].backup: a backup needs an active `health_check` on its pool (without probes the primaries never fail)"
+    );
+    let both = backup_second(&with_check("{ protocol: tcp }")).replace(
+        "{ address: 10.91.2.11, port: 8080, weight: 1 }",
+        "{ address: 10.91.2.11, port: 8080, weight: 1, backup: true }",
+    );
+    assert_eq!(
+        err(&both),
+        "lb.yaml:17:63: pools[0].backends[0].backup: pool `web` has no primary (non-backup) backend"
+    );
+}

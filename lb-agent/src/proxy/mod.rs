@@ -49,7 +49,10 @@ use self::{
     log::{AccessLog, Attempt, Record},
     upstream::{ActiveGuard, Backend, ConnectError, Pool},
 };
-use crate::config::{BackendProtocol, Config, Listener, Persistence, PersistenceKind, Timeouts};
+use crate::{
+    config::{BackendProtocol, Config, Listener, Persistence, PersistenceKind, Timeouts},
+    health::Health,
+};
 
 /// Defaults of the optional listener settings (the vendors' values; 8 KiB for the request
 /// target is nginx's `large_client_header_buffers`).
@@ -87,6 +90,7 @@ pub enum ProxyError {
 /// for it (the VIP and port in production, an ephemeral loopback port in tests).
 pub async fn servers(
     cfg: &Config,
+    health: &Health,
     mut bind: impl FnMut(&Listener) -> io::Result<std::net::TcpListener>,
 ) -> Result<Vec<Server>, ProxyError> {
     let mut out = Vec::new();
@@ -100,7 +104,7 @@ pub async fn servers(
         let std = bind(l).map_err(bind_err)?;
         std.set_nonblocking(true).map_err(bind_err)?;
         let tcp = TcpListener::from_std(std).map_err(bind_err)?;
-        let site = Site::new(cfg, l).await?;
+        let site = Site::new(cfg, health, l).await?;
         let tls = match &l.tls {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(
                 tls::server_config(t).map_err(|source| ProxyError::Tls {
@@ -280,7 +284,7 @@ struct Site {
 }
 
 impl Site {
-    async fn new(cfg: &Config, l: &Listener) -> Result<Self, ProxyError> {
+    async fn new(cfg: &Config, health: &Health, l: &Listener) -> Result<Self, ProxyError> {
         let scheduler = l.scheduler();
         let mut pools: Vec<Arc<Pool>> = Vec::new();
         let mut pool = |name: &str| -> Arc<Pool> {
@@ -293,8 +297,10 @@ impl Site {
                 def.unwrap_or(&crate::config::Pool {
                     name: name.into(),
                     backends: Vec::new(),
+                    health_check: None,
                 }),
                 scheduler,
+                health.pool(name),
             ));
             pools.push(p.clone());
             p
@@ -986,10 +992,11 @@ impl Drop for ResponseBody {
 /// `shutdown` changes. Resolves once all have drained.
 pub async fn start(
     cfg: &Config,
+    health: &Health,
     shutdown: watch::Receiver<()>,
     grace: Duration,
 ) -> Result<impl Future<Output = ()>, ProxyError> {
-    let servers = servers(cfg, |l| {
+    let servers = servers(cfg, health, |l| {
         std::net::TcpListener::bind(SocketAddr::new(l.vip, l.port.0))
     })
     .await?;

@@ -24,7 +24,10 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::RequestBody as ProxyBody;
-use crate::config::{self, Scheduler};
+use crate::{
+    config::{self, Scheduler},
+    health,
+};
 
 /// How long a backend that refused or timed out a connect gets no new requests (nginx's
 /// `fail_timeout`).
@@ -57,6 +60,10 @@ pub struct Backend {
     pub weight: u32,
     /// The value of the insert_cookie cookie that pins a client to this backend.
     pub cookie: String,
+    /// Gets requests only while no primary backend of the pool is available.
+    pub backup: bool,
+    /// Active health (`crate::health`); `None` in pools built without it.
+    health: Option<Arc<health::Member>>,
     /// Requests in flight (for wlc).
     active: AtomicUsize,
     down_until: Mutex<Option<Instant>>,
@@ -64,7 +71,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn new(pool: &str, b: &config::BackendConfig) -> Self {
+    fn new(pool: &str, b: &config::BackendConfig, health: Option<Arc<health::Member>>) -> Self {
         let addr = SocketAddr::new(b.address, b.port.0);
         // Stable across restarts and agents, so cookies survive both; says nothing readable.
         let mut h = DefaultHasher::new();
@@ -72,6 +79,8 @@ impl Backend {
         Self {
             addr,
             weight: b.weight,
+            backup: b.backup,
+            health,
             cookie: format!("{:016x}", h.finish()),
             active: AtomicUsize::new(0),
             down_until: Mutex::new(None),
@@ -79,9 +88,11 @@ impl Backend {
         }
     }
 
-    /// Takes new requests: weight above 0 and no recent connect failure.
+    /// Takes new requests: weight above 0, healthy by its probes and no recent connect
+    /// failure (whether a backup is used is the pool's decision: `Pool::pick`).
     pub fn available(&self) -> bool {
         self.weight > 0
+            && self.health.as_ref().is_none_or(|h| h.is_up())
             && self
                 .down_until
                 .lock()
@@ -207,13 +218,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(pool: &config::Pool, scheduler: Scheduler) -> Self {
+    /// `health`: the pool's members in `crate::health::Health`, in backend order.
+    pub fn new(pool: &config::Pool, scheduler: Scheduler, health: &[Arc<health::Member>]) -> Self {
         Self {
             name: pool.name.clone(),
             backends: pool
                 .backends
                 .iter()
-                .map(|b| Arc::new(Backend::new(&pool.name, b)))
+                .enumerate()
+                .map(|(i, b)| Arc::new(Backend::new(&pool.name, b, health.get(i).cloned())))
                 .collect(),
             scheduler,
             wrr: Mutex::new(vec![0; pool.backends.len()]),
@@ -221,10 +234,15 @@ impl Pool {
         }
     }
 
-    /// The next backend for a new request, skipping unavailable ones and those in `tried`.
+    /// The next backend for a new request, skipping unavailable ones and those in `tried`;
+    /// backups only when no primary is left.
     pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Option<usize> {
-        let ok = |i: &usize| self.backends[*i].available() && !tried.contains(i);
-        let candidates: Vec<usize> = (0..self.backends.len()).filter(ok).collect();
+        let backup: Vec<bool> = self.backends.iter().map(|b| b.backup).collect();
+        let available: Vec<bool> = (0..self.backends.len())
+            .map(|i| self.backends[i].available() && !tried.contains(&i))
+            .collect();
+        let serving = health::serving(&backup, &available);
+        let candidates: Vec<usize> = (0..self.backends.len()).filter(|&i| serving[i]).collect();
         match self.scheduler {
             Scheduler::Wrr => {
                 let mut cw = self.wrr.lock().ok()?;

@@ -1,0 +1,337 @@
+//! Active health checks: one tokio task per backend of every pool with a `health_check`, a
+//! threshold state machine per backend, and the shared view the L4 plan and the L7 pools read.
+//!
+//! Semantics are the vendors' (Alibaba SLB, Huawei ELB): the first probe runs at a random point
+//! of the first interval; a new backend is online after its first success; after that it takes
+//! `unhealthy_threshold` consecutive failures to go offline and `healthy_threshold`
+//! consecutive successes to come back.
+
+mod probe;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    future::Future,
+    hash::{BuildHasher, Hasher},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio::{sync::Notify, task::JoinSet, time::Instant};
+use tracing::{info, warn};
+
+pub use probe::{ProbeError, Prober};
+
+use crate::config::{self, Config};
+
+/// Where a backend stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Probed but never succeeded yet: offline, as a newly added backend is.
+    Pending,
+    Healthy,
+    Unhealthy,
+}
+
+/// The last transition and probe of a backend, for logs and the status output.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub state: State,
+    /// Why the last failing probe failed (timeout, refused, status 500, port unreachable).
+    pub reason: Option<String>,
+    pub latency: Option<Duration>,
+}
+
+/// One backend of one pool, as health checking sees it. Shared with the L7 pools.
+#[derive(Debug)]
+pub struct Member {
+    pub pool: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub backup: bool,
+    /// Whether the pool is probed at all (`false`: always healthy).
+    pub checked: bool,
+    up: AtomicBool,
+    status: Mutex<Status>,
+}
+
+impl Member {
+    /// Healthy (or not checked): may take new traffic if its weight and group allow.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// What the status output shows: weight 0 is draining whatever the probes say.
+    pub fn label(&self) -> &'static str {
+        match (self.weight, self.checked, self.status().state) {
+            (0, ..) => "draining",
+            (_, false, _) => "healthy (not checked)",
+            (_, true, State::Pending) => "pending",
+            (_, true, State::Healthy) => "healthy",
+            (_, true, State::Unhealthy) => "unhealthy",
+        }
+    }
+
+    /// Records one probe result; true when the backend changed state.
+    fn record(
+        &self,
+        tracker: &mut Tracker,
+        result: Result<(), ProbeError>,
+        latency: Duration,
+    ) -> bool {
+        let reason = result.as_ref().err().map(ToString::to_string);
+        let transition = tracker.record(result.is_ok());
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.latency = Some(latency);
+        if reason.is_some() || transition.is_some() {
+            status.reason = reason.clone();
+        }
+        let Some(state) = transition else {
+            return false;
+        };
+        status.state = state;
+        self.up.store(state == State::Healthy, Ordering::Relaxed);
+        let latency_ms = latency.as_secs_f64() * 1e3;
+        let reason = reason.as_deref().unwrap_or("ok");
+        match state {
+            State::Healthy => {
+                info!(pool = %self.pool, backend = %self.addr, reason, latency_ms, "backend healthy")
+            }
+            _ => {
+                warn!(pool = %self.pool, backend = %self.addr, reason, latency_ms, "backend unhealthy")
+            }
+        }
+        true
+    }
+}
+
+/// The consecutive-result thresholds; pure, so its rules are tested without time or sockets.
+#[derive(Debug)]
+pub struct Tracker {
+    state: State,
+    /// Consecutive results that disagree with `state`.
+    streak: u32,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl Tracker {
+    pub fn new(healthy_threshold: u32, unhealthy_threshold: u32) -> Self {
+        Self {
+            state: State::Pending,
+            streak: 0,
+            healthy_threshold,
+            unhealthy_threshold,
+        }
+    }
+
+    /// Feeds one probe result; returns the new state on a transition.
+    pub fn record(&mut self, ok: bool) -> Option<State> {
+        let (next, needed) = match (self.state, ok) {
+            // A new backend goes online after one success.
+            (State::Pending, true) => (State::Healthy, 1),
+            (State::Pending | State::Healthy, false) => {
+                (State::Unhealthy, self.unhealthy_threshold)
+            }
+            (State::Unhealthy, true) => (State::Healthy, self.healthy_threshold),
+            (State::Healthy, true) | (State::Unhealthy, false) => {
+                self.streak = 0;
+                return None;
+            }
+        };
+        self.streak += 1;
+        if self.streak < needed {
+            return None;
+        }
+        self.streak = 0;
+        self.state = next;
+        Some(next)
+    }
+}
+
+/// Which backends of a pool take new traffic: the available primaries, or the available
+/// backups while no primary is available (`backup[i]`, `available[i]` per backend).
+pub fn serving(backup: &[bool], available: &[bool]) -> Vec<bool> {
+    let primary_up = backup.iter().zip(available).any(|(b, a)| !b && *a);
+    backup
+        .iter()
+        .zip(available)
+        .map(|(b, a)| *a && (*b != primary_up))
+        .collect()
+}
+
+/// Health of every backend of every pool, indexed like the config.
+#[derive(Debug)]
+pub struct Health {
+    pools: Vec<Vec<Arc<Member>>>,
+    changed: Notify,
+}
+
+impl Health {
+    /// Backends of probed pools start pending (offline until a first success); the others are
+    /// healthy for good.
+    pub fn new(cfg: &Config) -> Self {
+        let pools = cfg
+            .pools
+            .iter()
+            .map(|p| {
+                let checked = p.health_check.as_ref().is_some_and(|h| h.active());
+                p.backends
+                    .iter()
+                    .map(|b| {
+                        Arc::new(Member {
+                            pool: p.name.clone(),
+                            addr: SocketAddr::new(b.address, b.port.0),
+                            weight: b.weight,
+                            backup: b.backup,
+                            checked,
+                            up: AtomicBool::new(!checked),
+                            status: Mutex::new(Status {
+                                state: if checked {
+                                    State::Pending
+                                } else {
+                                    State::Healthy
+                                },
+                                reason: None,
+                                latency: None,
+                            }),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            pools,
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn is_up(&self, pool: usize, backend: usize) -> bool {
+        self.pools[pool][backend].is_up()
+    }
+
+    /// The members of the pool named `name` (empty if there is none).
+    pub fn pool(&self, name: &str) -> &[Arc<Member>] {
+        self.pools
+            .iter()
+            .find(|p| p.first().is_some_and(|m| m.pool == name))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Arc<Member>> {
+        self.pools.iter().flatten()
+    }
+
+    /// Resolves when some backend changed state since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Spawns the probe tasks (on the current runtime); dropping the set stops them.
+    /// Probes leave from the SNAT address of the backend's family, when there is one.
+    pub fn start(self: &Arc<Self>, cfg: &Config) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        for (pool, members) in cfg.pools.iter().zip(&self.pools) {
+            let Some(hc) = pool.health_check.as_ref().filter(|h| h.active()) else {
+                continue;
+            };
+            for m in members {
+                let source = cfg.snat.as_ref().and_then(|s| {
+                    s.addresses
+                        .iter()
+                        .copied()
+                        .find(|a| a.is_ipv4() == m.addr.is_ipv4())
+                });
+                let prober = Arc::new(Prober::new(hc, m.addr, source));
+                let timing = Timing::of(hc);
+                let (health, member) = (self.clone(), m.clone());
+                tasks.spawn(async move {
+                    run(
+                        &member,
+                        timing,
+                        || prober.clone().probe(),
+                        || health.changed.notify_one(),
+                    )
+                    .await
+                });
+            }
+        }
+        tasks
+    }
+}
+
+/// When and how often one backend is probed.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub interval: Duration,
+    /// How long one probe may take in all: the timeout, twice for udp (the echo and the
+    /// datagram each get it).
+    pub limit: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl Timing {
+    pub fn of(hc: &config::HealthCheck) -> Self {
+        Self {
+            interval: hc.interval(),
+            limit: match hc.protocol {
+                config::CheckProtocol::Udp => hc.timeout() * 2,
+                _ => hc.timeout(),
+            },
+            healthy_threshold: hc.healthy_threshold(),
+            unhealthy_threshold: hc.unhealthy_threshold(),
+        }
+    }
+}
+
+/// A random number from the standard library's per-process random keys (no extra crate for
+/// jitter and ICMP identifiers).
+fn random() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// Probes `member` forever: first at a random point of the first interval, then every
+/// interval (a probe slower than the interval delays the next one). `changed` runs after every
+/// transition.
+async fn run<P, F>(member: &Member, t: Timing, mut probe: P, changed: impl Fn())
+where
+    P: FnMut() -> F,
+    F: Future<Output = Result<(), ProbeError>>,
+{
+    let jitter = t.interval.mul_f64((random() % 1000) as f64 / 1000.0);
+    let mut ticks = tokio::time::interval_at(Instant::now() + jitter, t.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tracker = Tracker::new(t.healthy_threshold, t.unhealthy_threshold);
+    loop {
+        ticks.tick().await;
+        let began = Instant::now();
+        let result = tokio::time::timeout(t.limit, probe())
+            .await
+            .unwrap_or(Err(ProbeError::Timeout));
+        if member.record(&mut tracker, result, began.elapsed()) {
+            changed();
+        }
+    }
+}
+
+/// `addr`, with brackets for IPv6 (an HTTP Host value).
+fn host_of(a: IpAddr) -> String {
+    match a {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}

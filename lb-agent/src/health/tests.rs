@@ -1,0 +1,204 @@
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use super::*;
+
+#[test]
+fn a_new_backend_is_online_after_one_success_then_thresholds_apply() {
+    let mut t = Tracker::new(2, 3);
+    assert_eq!(t.record(true), Some(State::Healthy));
+    assert_eq!(t.record(false), None);
+    assert_eq!(t.record(false), None);
+    // A success in between restarts the count.
+    assert_eq!(t.record(true), None);
+    assert_eq!(t.record(false), None);
+    assert_eq!(t.record(false), None);
+    assert_eq!(t.record(false), Some(State::Unhealthy));
+    assert_eq!(t.record(true), None);
+    assert_eq!(t.record(false), None);
+    assert_eq!(t.record(true), None);
+    assert_eq!(t.record(true), Some(State::Healthy));
+}
+
+#[test]
+fn a_new_backend_that_never_answers_turns_unhealthy_after_the_threshold() {
+    let mut t = Tracker::new(3, 2);
+    assert_eq!(t.record(false), None);
+    assert_eq!(t.record(false), Some(State::Unhealthy));
+    // From unhealthy, the healthy threshold applies (not the first-success rule).
+    assert_eq!(t.record(true), None);
+    assert_eq!(t.record(true), None);
+    assert_eq!(t.record(true), Some(State::Healthy));
+}
+
+#[test]
+fn backups_serve_only_while_no_primary_is_available() {
+    let backup = [false, false, true];
+    assert_eq!(serving(&backup, &[true, false, true]), [true, false, false]);
+    assert_eq!(
+        serving(&backup, &[false, false, true]),
+        [false, false, true]
+    );
+    assert_eq!(
+        serving(&backup, &[false, false, false]),
+        [false, false, false]
+    );
+}
+
+fn member(checked: bool) -> Member {
+    Member {
+        pool: "web".into(),
+        addr: "10.0.0.1:80".parse().unwrap(),
+        weight: 1,
+        backup: false,
+        checked,
+        up: AtomicBool::new(!checked),
+        status: Mutex::new(Status {
+            state: State::Pending,
+            reason: None,
+            latency: None,
+        }),
+    }
+}
+
+/// Runs the real probe loop on a scripted probe under paused time; returns the virtual times
+/// (since start) of the transitions and the state after each.
+async fn transitions(
+    t: Timing,
+    script: Vec<Result<(), ProbeError>>,
+    run_for: Duration,
+) -> Vec<(Duration, bool, Option<String>)> {
+    let m = Arc::new(member(true));
+    let start = Instant::now();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let script = Arc::new(Mutex::new(VecDeque::from(script)));
+    let (m2, seen2) = (m.clone(), seen.clone());
+    let task = tokio::spawn(async move {
+        run(
+            &m2,
+            t,
+            || {
+                let next = script.lock().unwrap().pop_front().unwrap_or(Ok(()));
+                async move { next }
+            },
+            || {
+                seen2
+                    .lock()
+                    .unwrap()
+                    .push((start.elapsed(), m2.is_up(), m2.status().reason))
+            },
+        )
+        .await
+    });
+    tokio::time::sleep(run_for).await;
+    task.abort();
+    let out = seen.lock().unwrap().clone();
+    out
+}
+
+const TIMING: Timing = Timing {
+    interval: Duration::from_secs(2),
+    limit: Duration::from_secs(5),
+    healthy_threshold: 3,
+    unhealthy_threshold: 3,
+};
+
+#[tokio::test(start_paused = true)]
+async fn detection_and_recovery_follow_interval_and_thresholds() {
+    let script = vec![
+        Ok(()),
+        Ok(()),
+        Err(ProbeError::Refused),
+        Err(ProbeError::Refused),
+        Err(ProbeError::Refused),
+        Ok(()),
+        Ok(()),
+        Ok(()),
+    ];
+    let seen = transitions(TIMING, script, Duration::from_secs(30)).await;
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let first = seen[0].0;
+    // The first probe is at a random point of the first interval.
+    assert!(first < TIMING.interval, "{seen:?}");
+    assert!(seen[0].1);
+    // Down at the third failure: probes 3, 4, 5, two intervals apart each.
+    assert_eq!(seen[1].0 - first, TIMING.interval * 4);
+    assert!(!seen[1].1);
+    assert_eq!(seen[1].2.as_deref(), Some("refused"));
+    // Back after three successes: probes 6, 7, 8.
+    assert_eq!(seen[2].0 - seen[1].0, TIMING.interval * 3);
+    assert!(seen[2].1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_hangs_counts_as_a_timeout_and_delays_the_next() {
+    let t = Timing {
+        unhealthy_threshold: 2,
+        ..TIMING
+    };
+    let m = Arc::new(member(true));
+    let start = Instant::now();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (m2, seen2) = (m.clone(), seen.clone());
+    let calls = Arc::new(Mutex::new(0u32));
+    let task = tokio::spawn(async move {
+        run(
+            &m2,
+            t,
+            || {
+                let n = {
+                    let mut c = calls.lock().unwrap();
+                    *c += 1;
+                    *c
+                };
+                async move {
+                    if n == 1 {
+                        Ok(())
+                    } else {
+                        std::future::pending().await
+                    }
+                }
+            },
+            || seen2.lock().unwrap().push(start.elapsed()),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    task.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // Probe 2 starts one interval after probe 1 and times out 5 s later; probe 3 starts right
+    // after (the interval has passed) and times out 5 s after that.
+    assert_eq!(seen[1] - seen[0], t.interval + t.limit * 2);
+    assert!(!m.is_up());
+    assert_eq!(m.status().reason.as_deref(), Some("timeout"));
+    assert_eq!(m.status().state, State::Unhealthy);
+}
+
+#[test]
+fn unchecked_pools_are_healthy_and_checked_ones_start_pending() {
+    let text = "\
+agent:
+  interfaces: [lo]
+pools:
+  - name: a
+    backends: [{ address: 10.0.0.1, port: 80 }]
+  - name: b
+    health_check: { protocol: tcp }
+    backends: [{ address: 10.0.0.2, port: 80 }, { address: 10.0.0.3, port: 80, weight: 0 }]
+  - name: c
+    health_check: { protocol: none }
+    backends: [{ address: 10.0.0.4, port: 80 }]
+";
+    let cfg = crate::config::parse("t.yaml", text, &Default::default()).unwrap();
+    let h = Health::new(&cfg);
+    assert!(h.is_up(0, 0));
+    assert!(!h.is_up(1, 0));
+    assert!(h.is_up(2, 0));
+    assert_eq!(h.pool("b")[0].label(), "pending");
+    assert_eq!(h.pool("b")[1].label(), "draining");
+    assert_eq!(h.pool("c")[0].label(), "healthy (not checked)");
+    assert!(h.pool("nope").is_empty());
+}

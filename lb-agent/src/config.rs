@@ -704,10 +704,20 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates `text`; `file` only names it in errors.
 pub fn parse(file: &str, text: &str, host: &Host) -> Result<Config, ConfigError> {
-    let invalid = |at, message| ConfigError::Invalid {
+    let invalid = |at, message: String| ConfigError::Invalid {
         file: file.to_string(),
         at,
-        message,
+        // One line whatever the file holds: YAML keys and values may contain line breaks.
+        message: message
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
     };
     let positions = Positions::index(text);
     let mut config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(

@@ -188,6 +188,15 @@ impl Lb {
 
 /// Starts the proxy for `listeners` (YAML list items, indented 2) and `pools`; every listener
 /// logs to the same file. `{log}` and `{dir}` in the text are replaced.
+/// The common case: one plain http listener `site` in front of pool `web`.
+async fn site(pools: &str) -> Lb {
+    lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
+        pools,
+    )
+    .await
+}
+
 async fn lb(listeners: &str, pools: &str) -> Lb {
     lb_in(TempDir::new(), listeners, pools).await
 }
@@ -380,11 +389,7 @@ async fn routes_by_host_and_path_first_match_wins_else_the_default_pool() {
 #[tokio::test]
 async fn forwarded_headers_are_added_host_kept_and_hop_by_hop_removed() {
     let web = backend("web").await;
-    let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
-        &pool("web", &[web]),
-    )
-    .await;
+    let lb = site(&pool("web", &[web])).await;
     let req = Request::get("/x?q=1")
         .header("host", "shop.example.com")
         .header("x-forwarded-for", "203.0.113.7, 198.51.100.1")
@@ -547,11 +552,7 @@ async fn every_error_code_is_provoked_and_logged() {
 async fn a_refused_connect_moves_on_to_the_next_backend_and_is_logged() {
     let web = backend("web").await;
     let dead = dead_port();
-    let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
-        &pool("web", &[dead, web]),
-    )
-    .await;
+    let lb = site(&pool("web", &[dead, web])).await;
     let post = Request::post("/form")
         .header("host", "x")
         .body(Full::new(Bytes::from_static(b"hello")))
@@ -665,11 +666,7 @@ async fn app_cookie_follows_the_backends_own_session_cookie() {
 #[tokio::test]
 async fn a_keep_alive_connection_serves_100_requests_then_closes() {
     let web = backend("web").await;
-    let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
-        &pool("web", &[web]),
-    )
-    .await;
+    let lb = site(&pool("web", &[web])).await;
     tokio::time::timeout(LIMIT, async {
         let s = TcpStream::connect(lb.addr("site")).await.unwrap();
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
@@ -941,11 +938,7 @@ async fn bad_pem_is_a_config_error_naming_the_file() {
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled_and_echoes() {
     let web = backend("web").await;
-    let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
-        &pool("web", &[web]),
-    )
-    .await;
+    let lb = site(&pool("web", &[web])).await;
     tokio::time::timeout(LIMIT, async {
         let mut s = TcpStream::connect(lb.addr("site")).await.unwrap();
         s.write_all(
@@ -977,11 +970,7 @@ async fn websocket_upgrade_is_tunnelled_and_echoes() {
 #[tokio::test]
 async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
     let web = backend("web").await;
-    let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
-        &pool("web", &[web]),
-    )
-    .await;
+    let lb = site(&pool("web", &[web])).await;
     let a = lb.addr("site");
     let in_flight = tokio::spawn(send(a, get("x", "/slow")));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1038,11 +1027,7 @@ async fn http_probes_take_a_failing_backend_out_and_back_and_none_left_is_503() 
     let check = "    health_check: { protocol: http, path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
     let pools =
         pool("web", &[a, b]).replacen("    backends:\n", &format!("{check}    backends:\n"), 1);
-    let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log} }\n",
-        &pools,
-    )
-    .await;
+    let lb = site(&pools).await;
     let addr = lb.addr("site");
     // Both online after their first probe (within one interval): both answer.
     let (mut seen_a, mut seen_b) = (false, false);

@@ -22,7 +22,8 @@ pools:
       - { address: 10.91.2.12, port: 8080, weight: 1 }
 ";
 
-fn host() -> Host {
+/// The machine the config tests pretend to run on (also used by the fuzz tests).
+pub(super) fn host() -> Host {
     Host {
         addresses: Some(vec![
             "10.91.2.1".parse().unwrap(),
@@ -654,4 +655,13 @@ fn a_backup_needs_a_primary_and_an_active_check() {
         err(&both),
         "lb.yaml:17:63: pools[0].backends[0].backup: pool `web` has no primary (non-backup) backend"
     );
+}
+
+#[test]
+fn errors_stay_on_one_line_whatever_the_file_holds() {
+    // Found by the fuzz tests: a quoted key with a line break, echoed in "unknown field".
+    let e = err("\"~\\n'\": 1\n");
+    assert!(!e.contains('\n'), "{e}");
+    assert!(e.starts_with("lb.yaml:1:"), "{e}");
+    assert!(e.contains("unknown field `~\\n'`"), "{e}");
 }

@@ -209,9 +209,17 @@ fn transition(agent: &mut Agent, backend: &str, to: &str, within: Duration) -> D
         agent.wait_for(backend, left);
         let line = agent.log.last().expect("the line just read");
         if line.contains(&format!("backend {to}")) {
-            let left = within.saturating_sub(started.elapsed()) + Duration::from_secs(1);
-            agent.wait_for("backend tables updated", left);
-            return started.elapsed();
+            // The update that includes this transition: an update already under way when it
+            // happened was built from an older snapshot (its `down` list tells).
+            let deadline = Instant::now() + within.saturating_sub(started.elapsed()) + SLACK;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                agent.wait_for("backend tables updated", left);
+                let update = agent.log.last().expect("the line just read");
+                if update.contains(&format!("/{backend}")) == (to == "unhealthy") {
+                    return started.elapsed();
+                }
+            }
         }
     }
 }
@@ -256,7 +264,7 @@ fn udp_probes_see_port_unreachable_and_icmp_probes_see_a_downed_interface() {
             .log
             .iter()
             .rev()
-            .find(|l| l.contains(backend))
+            .find(|l| l.contains(&format!("backend={backend}")))
             .unwrap();
         line.clone()
     };

@@ -35,6 +35,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not for journald or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -106,11 +108,14 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 _ = usr1.recv() => print!("{}", stats::render_health(&health)),
                 // L7 pools read the health directly; the L4 tables are rebuilt and swapped in.
                 _ = health.changed() => {
-                    plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
+                    // One snapshot for the tables and the log line: probes keep changing it.
+                    let up = health.snapshot();
+                    plan = plan::build_with(&cfg, |p, b| up.is_up(p, b));
                     match tokio::task::block_in_place(|| dp.apply(&plan)) {
                         Ok(()) => info!(
-                            healthy = health.members().filter(|m| m.is_up()).count(),
+                            healthy = up.healthy(),
                             backends = plan.backends.len(),
+                            down = %up.down(&cfg, 10),
                             "backend tables updated for health"
                         ),
                         Err(e) => error!(error = %e, "updating the backend tables for health"),

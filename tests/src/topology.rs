@@ -497,7 +497,15 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.terminate();
+        let (out, _) = self.terminate();
+        // A failing test shows what the agent saw and counted (the harness prints captured
+        // output of failed tests only).
+        if std::thread::panicking() {
+            println!(
+                "lb-agent log:\n{}\nlb-agent counters:\n{out}",
+                self.log.join("\n")
+            );
+        }
         let _ = std::fs::remove_file(&self.config_path);
     }
 }

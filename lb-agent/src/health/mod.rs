@@ -116,6 +116,42 @@ impl Member {
     }
 }
 
+/// Up or not, per pool and backend (config order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot(pub Vec<Vec<bool>>);
+
+impl Snapshot {
+    pub fn is_up(&self, pool: usize, backend: usize) -> bool {
+        self.0[pool][backend]
+    }
+
+    pub fn healthy(&self) -> usize {
+        self.0.iter().flatten().filter(|&&up| up).count()
+    }
+
+    /// The backends out of service as `pool/address:port`, comma-separated, at most `max` of
+    /// them (then `+N`); `-` when all are up. One token, so a log line stays greppable.
+    pub fn down(&self, cfg: &Config, max: usize) -> String {
+        let all: Vec<String> = cfg
+            .pools
+            .iter()
+            .zip(&self.0)
+            .flat_map(|(p, up)| {
+                p.backends
+                    .iter()
+                    .zip(up)
+                    .filter(|(_, up)| !**up)
+                    .map(|(b, _)| format!("{}/{}", p.name, SocketAddr::new(b.address, b.port.0)))
+            })
+            .collect();
+        match all.len() {
+            0 => "-".into(),
+            n if n <= max => all.join(","),
+            n => format!("{},+{}", all[..max].join(","), n - max),
+        }
+    }
+}
+
 /// The consecutive-result thresholds; pure, so its rules are tested without time or sockets.
 #[derive(Debug)]
 pub struct Tracker {
@@ -231,6 +267,17 @@ impl Health {
 
     pub fn members(&self) -> impl Iterator<Item = &Arc<Member>> {
         self.pools.iter().flatten()
+    }
+
+    /// Which backends are up, per pool, at one moment: a table update is built from one
+    /// snapshot and logged with it.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot(
+            self.pools
+                .iter()
+                .map(|p| p.iter().map(|m| m.is_up()).collect())
+                .collect(),
+        )
     }
 
     /// Resolves when some backend changed state since the last call.

@@ -63,6 +63,17 @@ pub struct AgentConfig {
     pub interfaces: Vec<String>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// Where the dataplane's pins (in a bpffs the agent mounts at `{state_dir}/bpf`) and the
+    /// agent's pid live, so a restarted agent adopts the running dataplane.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Reload when the config file changes (checked every second), as on SIGHUP.
+    #[serde(default)]
+    pub watch_config: bool,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(crate::state::DEFAULT_STATE_DIR)
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -790,6 +801,10 @@ impl Config {
                     ));
                 }
             }
+        }
+
+        if !self.agent.state_dir.is_absolute() {
+            return Err(("agent.state_dir".into(), "must be an absolute path".into()));
         }
 
         let mut pools = HashMap::new();

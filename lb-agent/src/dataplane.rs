@@ -1,9 +1,15 @@
 //! The loaded XDP program and typed handles to its maps.
 
+use std::path::{Path, PathBuf};
+
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, ProgramError, Xdp, XdpMode},
-    Ebpf, EbpfError,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, Xdp, XdpMode,
+    },
+    Btf, Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
     counters::{Counter, ListenerStats},
@@ -41,6 +47,20 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("parsing the XDP object: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -61,6 +81,8 @@ pub struct Dataplane {
     acl_deny: LpmTrie<MapData, AclKey, u8>,
     backend_active: Array<MapData, u64>,
     links: Vec<(String, XdpLinkId)>,
+    /// Where maps and links are pinned (`None`: nothing is, as in tests and benchmarks).
+    pins: Option<PathBuf>,
 }
 
 /// Per-listener totals over all CPUs.
@@ -84,10 +106,57 @@ impl Dataplane {
     /// Loads the embedded object into the kernel (maps created, program verified, nothing
     /// attached yet).
     pub fn load() -> Result<Self, DataplaneError> {
+        let btf = Btf::from_sys_fs().ok();
+        Self::load_with(EbpfLoader::new().btf(btf.as_ref()), None)
+    }
+
+    /// Loads the program on the maps pinned in `pins`, creating and pinning the missing ones:
+    /// a restarted or upgraded agent keeps the conntrack table, counters and tables of the
+    /// one before. Pins whose layout no longer matches the program are replaced (and said so).
+    /// `fresh` unpins everything first (links too, which detaches them).
+    pub fn open(pins: &Path, fresh: bool) -> Result<Self, DataplaneError> {
         if OBJECT.is_empty() {
             return Err(DataplaneError::NotBuilt);
         }
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        if fresh {
+            remove_pins(pins)?;
+        }
+        let obj = aya_obj::Object::parse(OBJECT)?;
+        let btf = Btf::from_sys_fs().ok();
+        let mut loader = EbpfLoader::new();
+        loader.btf(btf.as_ref());
+        let mut adopted = 0;
+        for (name, def) in &obj.maps {
+            // Sections such as .rodata are the program's own data, filled in at load.
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = pins.join(name);
+            if let Ok(info) = MapInfo::from_pin(&path) {
+                let same = (info.key_size(), info.value_size(), info.max_entries())
+                    == (def.key_size(), def.value_size(), def.max_entries());
+                if same {
+                    adopted += 1;
+                } else {
+                    warn!(map = %name, "pinned map has another layout (an upgrade changed it): starting it empty");
+                    std::fs::remove_file(&path).map_err(|source| DataplaneError::Pin {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+            }
+            loader.map_pin_path(name.as_str(), path);
+        }
+        let dp = Self::load_with(&mut loader, Some(pins.to_path_buf()))?;
+        info!(pins = %pins.display(), adopted, "dataplane maps opened");
+        Ok(dp)
+    }
+
+    fn load_with(loader: &mut EbpfLoader, pins: Option<PathBuf>) -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NotBuilt);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let prog: &mut Xdp = ebpf
             .program_mut(maps::PROG_LB)
             .ok_or(DataplaneError::Missing(maps::PROG_LB))?
@@ -126,6 +195,7 @@ impl Dataplane {
             acl_deny,
             backend_active,
             links: Vec::new(),
+            pins,
         })
     }
 
@@ -153,12 +223,42 @@ impl Dataplane {
     }
 
     /// Attaches to `iface`; `auto` tries native (driver) mode and falls back to generic.
-    /// Returns the mode used.
+    /// With pins, a link an earlier agent pinned for `iface` is taken over by swapping this
+    /// program in atomically (no packet sees the interface without a program; the mode stays
+    /// the link's), else the new link is pinned, so the program stays attached when the agent
+    /// exits. Returns the mode used, or `"adopted"`.
     pub fn attach(
         &mut self,
         iface: &str,
         mode: config::XdpMode,
     ) -> Result<&'static str, DataplaneError> {
+        let pin = self.pins.as_ref().map(|p| link_pin(p, iface));
+        if let Some(pin) = pin.as_deref().filter(|p| p.exists()) {
+            let link = PinnedLink::from_pin(pin)
+                .map_err(|source| DataplaneError::Link {
+                    path: pin.into(),
+                    source,
+                })
+                .and_then(|l| {
+                    XdpLink::try_from(FdLink::from(l)).map_err(|source| DataplaneError::Link {
+                        path: pin.into(),
+                        source,
+                    })
+                });
+            match link.map(|l| self.program().attach_to_link(l)) {
+                Ok(Ok(id)) => {
+                    info!(iface, "XDP program swapped in on the pinned link");
+                    self.links.push((iface.to_string(), id));
+                    return Ok("adopted");
+                }
+                // The interface was deleted and created again: its old link is defunct.
+                Ok(Err(e)) => {
+                    warn!(iface, error = %e, "pinned XDP link not usable, attaching anew")
+                }
+                Err(e) => warn!(iface, error = %e, "pinned XDP link not usable, attaching anew"),
+            }
+            unpin(pin)?;
+        }
         let tries: &[(XdpMode, &'static str)] = match mode {
             config::XdpMode::Native => &[(XdpMode::Driver, "native")],
             config::XdpMode::Generic => &[(XdpMode::Skb, "generic")],
@@ -167,9 +267,13 @@ impl Dataplane {
         let mut last = None;
         for &(flags, name) in tries {
             match self.program().attach(iface, flags) {
-                Ok(link) => {
+                Ok(id) => {
                     info!(iface, mode = name, "XDP attached");
-                    self.links.push((iface.to_string(), link));
+                    let id = match &pin {
+                        Some(pin) => self.pin_link(id, pin)?,
+                        None => id,
+                    };
+                    self.links.push((iface.to_string(), id));
                     return Ok(name);
                 }
                 Err(e) => {
@@ -187,14 +291,47 @@ impl Dataplane {
         Err(last.expect("at least one mode was tried"))
     }
 
-    /// Detaches from every interface (also done when the dataplane is dropped).
-    pub fn detach_all(&mut self) {
-        for (iface, link) in std::mem::take(&mut self.links) {
-            match self.program().detach(link) {
-                Ok(()) => info!(iface, "XDP detached"),
-                Err(e) => warn!(iface, error = %e, "XDP detach failed"),
+    /// Pins the link `id` at `pin` and gives the program back an id for it.
+    fn pin_link(&mut self, id: XdpLinkId, pin: &Path) -> Result<XdpLinkId, DataplaneError> {
+        let link_err = |source| DataplaneError::Link {
+            path: pin.into(),
+            source,
+        };
+        let link = self.program().take_link(id)?;
+        let pinned = FdLink::try_from(link)
+            .map_err(link_err)?
+            .pin(pin)
+            .map_err(|e| DataplaneError::Pin {
+                path: pin.into(),
+                source: std::io::Error::other(e),
+            })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+        Ok(self.program().attach_to_link(link)?)
+    }
+
+    /// Detaches from the interfaces not in `keep` (pinned links are unpinned).
+    pub fn detach_others(&mut self, keep: &[String]) -> Result<(), DataplaneError> {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(iface, _)| !keep.contains(iface));
+        self.links = kept;
+        for (iface, link) in gone {
+            if let Some(pins) = &self.pins {
+                unpin(&link_pin(pins, &iface))?;
+            }
+            self.program().detach(link)?;
+            info!(iface, "XDP detached");
+        }
+        // Links an earlier agent pinned for interfaces no longer configured.
+        if let Some(pins) = self.pins.clone() {
+            for (iface, pin) in pinned_links(&pins) {
+                if !keep.contains(&iface) {
+                    unpin(&pin)?;
+                    info!(iface, "XDP detached (pinned by an earlier agent)");
+                }
             }
         }
+        Ok(())
     }
 
     /// Writes `plan` into the maps. Each listener's Maglev table goes into the half of its
@@ -213,12 +350,23 @@ impl Dataplane {
                 .set(id as u32, b.slot, 0)
                 .map_err(map_err(maps::BACKENDS))?;
         }
+        // The ring slices packets read now: (VIP, listener id, half).
+        let mut reading: Vec<(VipKey, u32, u32)> = self
+            .vips
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, m)| (k, m.listener_id, m.ring_half))
+            .collect();
         for (id, l) in plan.listeners.iter().enumerate() {
             let id = id as u32;
+            // A listener whose id changed (a reload reordered them) must not write into the
+            // slice another VIP still reads.
             let half = match self.vips.get(&l.key, 0) {
                 Ok(old) if old.listener_id == id => old.ring_half ^ 1,
-                _ => 0,
+                _ => u32::from(reading.iter().any(|&(_, i, h)| (i, h) == (id, 0))),
             };
+            reading.retain(|(k, ..)| *k != l.key);
+            reading.push((l.key, id, half));
             // Slots past ring_size are never read, so a shrinking table needs no clearing.
             let base = ring_base(id, half);
             for (slot, backend) in l.ring.iter().enumerate() {
@@ -252,9 +400,42 @@ impl Dataplane {
             .filter_map(Result::ok)
             .filter(|k| !plan.listeners.iter().any(|l| l.key == *k))
             .collect();
-        for k in stale {
-            self.vips.remove(&k).map_err(map_err(maps::VIPS))?;
+        for k in &stale {
+            self.vips.remove(k).map_err(map_err(maps::VIPS))?;
         }
+        if !stale.is_empty() {
+            self.purge(&stale)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the flows (both entries) of VIPs that are no listener any more, so a removed
+    /// listener stops forwarding at once. Original entries are keyed client → VIP.
+    fn purge(&mut self, gone: &[VipKey]) -> Result<(), DataplaneError> {
+        use lb_common::conn::DIR_ORIGINAL;
+        let doomed: Vec<(FlowKey, FlowKey)> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| {
+                e.dir == DIR_ORIGINAL
+                    && gone.iter().any(|v| {
+                        (v.addr_be, v.port_be, v.proto, v.family)
+                            == (k.dst_be, k.dport_be, k.proto, k.family)
+                    })
+            })
+            .map(|(k, e)| (k, e.pair_key(k.proto, k.family)))
+            .collect();
+        for (key, pair) in &doomed {
+            // Gone already (LRU, the sweep) is fine.
+            let _ = self.conntrack.remove(key);
+            let _ = self.conntrack.remove(pair);
+        }
+        info!(
+            vips = gone.len(),
+            flows = doomed.len(),
+            "removed listeners' flows dropped"
+        );
         Ok(())
     }
 
@@ -394,8 +575,117 @@ fn sync_acl<'a>(
     Ok(())
 }
 
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        self.detach_all();
+/// Unpinned links detach when the agent drops them; pinned ones stay (see `attach`).
+fn link_pin(pins: &Path, iface: &str) -> PathBuf {
+    pins.join(format!("link_{iface}"))
+}
+
+/// The links pinned in `pins`, by interface.
+fn pinned_links(pins: &Path) -> Vec<(String, PathBuf)> {
+    std::fs::read_dir(pins)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            Some((name.strip_prefix("link_")?.to_string(), e.path()))
+        })
+        .collect()
+}
+
+/// Removes a pin (a map's or a link's: the last reference to a link detaches it).
+fn unpin(path: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DataplaneError::Pin {
+            path: path.into(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
+}
+
+/// Whether any link pinned in `pins` is still attached to an interface. Links of a deleted
+/// network namespace lose their interface but live on (holding program and maps) while
+/// pinned: `false` tells their state may go.
+pub fn attached(pins: &Path) -> bool {
+    pinned_links(pins)
+        .iter()
+        .any(|(_, pin)| link_ifindex(pin).is_none_or(|i| i != 0))
+}
+
+/// The interface an XDP link is attached to (0: none any more), by `BPF_OBJ_GET` and
+/// `BPF_OBJ_GET_INFO_BY_FD` (aya 0.14 does not expose a link's interface).
+fn link_ifindex(pin: &Path) -> Option<u32> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: BPF_OBJ_GET reads `get` (a valid C string pointer) and returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET as i32,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall just returned this fd; the OwnedFd closes it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: all-zero is a valid bpf_link_info (plain integers and unions of them).
+    let mut info: aya_obj::generated::bpf_link_info = unsafe { std::mem::zeroed() };
+    let attr = InfoByFd {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as i32,
+            &attr as *const InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: an XDP link's info fills the union's `xdp` member.
+    Some(unsafe { info.__bindgen_anon_1.xdp.ifindex })
+}
+
+/// Unpins everything in `pins`: links first (which detaches the program from every
+/// interface), then the maps. The directory itself stays.
+pub fn remove_pins(pins: &Path) -> Result<(), DataplaneError> {
+    let links = pinned_links(pins);
+    for (iface, pin) in &links {
+        unpin(pin)?;
+        info!(iface, "XDP detached");
+    }
+    for entry in std::fs::read_dir(pins).into_iter().flatten().flatten() {
+        unpin(&entry.path())?;
+    }
+    Ok(())
 }

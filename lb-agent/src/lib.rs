@@ -8,5 +8,6 @@ pub mod maglev;
 pub mod netif;
 pub mod plan;
 pub mod proxy;
+pub mod state;
 pub mod stats;
 pub mod wrr;

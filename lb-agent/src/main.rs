@@ -1,10 +1,31 @@
-//! `lb-agent run | check`: the command line. Everything else lives in the library.
+//! `lb-agent run | check | reload | stop`: the command line. Everything else lives in the
+//! library.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use lb_agent::{config, dataplane::Dataplane, gc, health::Health, netif, plan, proxy, stats};
+use lb_agent::{
+    config::{self, Config},
+    dataplane::{self, Dataplane},
+    gc,
+    health::Health,
+    netif, plan,
+    plan::Plan,
+    proxy,
+    state::{State, DEFAULT_STATE_DIR},
+    stats,
+};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use tokio::{sync::watch, task::JoinSet};
 use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
@@ -16,16 +37,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the XDP program, fill its maps from the config and run until SIGINT/SIGTERM, then
-    /// detach and clean up.
+    /// Attach the XDP program, fill its maps from the config and keep them up to date until
+    /// SIGINT/SIGTERM. The dataplane is pinned and keeps forwarding after the agent exits; the
+    /// next `run` adopts it (established flows survive), `stop --detach` removes it.
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Start from empty maps (unpins what an earlier agent left, dropping its flows).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Validate a config file (syntax, fields, cross-references, addresses of this host).
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Make the agent of this network namespace re-read its config file (as SIGHUP does):
+    /// an invalid file is reported here with its file:line:column and changes nothing.
+    Reload {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Stop the agent of this network namespace. The dataplane keeps forwarding unless
+    /// `--detach` is given, which also detaches the program, removes its pinned maps and the
+    /// VIP addresses the agent added.
+    Stop {
+        #[arg(long)]
+        detach: bool,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
 }
 
@@ -45,7 +85,9 @@ fn main() -> ExitCode {
                 println!("{}: ok", config.display());
             })
             .map_err(anyhow::Error::from),
-        Command::Run { config } => run(config),
+        Command::Run { config, fresh } => run(config, fresh),
+        Command::Reload { state_dir } => reload(&state_dir),
+        Command::Stop { detach, state_dir } => stop(&state_dir, detach),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,95 +99,347 @@ fn main() -> ExitCode {
     }
 }
 
-/// How long in-flight L7 requests get to finish after SIGTERM.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long in-flight L7 requests get to finish after SIGTERM or a reload that replaces
+/// their listener.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-fn run(path: PathBuf) -> anyhow::Result<()> {
+/// The agent's running state: what the config became in the kernel and on the host.
+struct Agent {
+    path: PathBuf,
+    cfg: Config,
+    state: State,
+    dp: Dataplane,
+    health: Arc<Health>,
+    plan: Plan,
+    /// VIP addresses agents added to interfaces.
+    added: Vec<netif::Added>,
+    /// The probe tasks of `health` (dropping them stops the probes).
+    checks: JoinSet<()>,
+    /// Stops the current L7 proxies; they finish in the background.
+    proxies: Option<watch::Sender<()>>,
+    l7_done: JoinSet<()>,
+    /// Reloads so far, reported to `lb-agent reload`.
+    generation: u64,
+    /// The last conntrack sweep's findings.
+    swept: gc::Report,
+}
+
+fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
     let cfg = config::load(&path)?;
-    let health = std::sync::Arc::new(Health::new(&cfg));
+    let state = State::open(&cfg.agent.state_dir, &path).context("opening the state directory")?;
+    remove_dead_states(&state);
+    let dp = Dataplane::open(state.pins(), fresh).context("loading the XDP program")?;
+    let health = Arc::new(Health::new(&cfg));
     // Probed backends start offline (a new backend is online after its first success).
-    let mut plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
-    let mut dp = Dataplane::load().context("loading the XDP program")?;
-    dp.apply(&plan).context("filling the maps")?;
-    for iface in &cfg.agent.interfaces {
-        netif::prepare_interface(iface).with_context(|| format!("preparing {iface}"))?;
-    }
-    if cfg.listeners.iter().any(|l| l.vip.is_ipv6()) {
-        netif::enable_ipv6_forwarding()?;
-    }
-    if let Some(snat) = &cfg.snat {
-        netif::reserve_ports(snat.ports).context("reserving the SNAT port range")?;
-    }
-    let local = config::Host::current()?.addresses.unwrap_or_default();
-    let vips: Vec<_> = cfg.listeners.iter().map(|l| l.vip).collect();
-    let _vips = netif::VipAddresses::add(&vips, &local, &cfg.agent.interfaces[0])?;
-    for iface in &cfg.agent.interfaces {
-        dp.attach(iface, cfg.agent.xdp_mode)?;
-    }
+    let plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
+    let added = state.added_addresses();
+    let mut agent = Agent {
+        path,
+        cfg: cfg.clone(),
+        state,
+        dp,
+        health,
+        plan,
+        added,
+        checks: JoinSet::new(),
+        proxies: None,
+        l7_done: JoinSet::new(),
+        generation: 0,
+        swept: gc::Report::default(),
+    };
+    agent.dp.apply(&agent.plan).context("filling the maps")?;
+    agent.prepare_host(None)?;
 
     // Multi-threaded for the L7 proxy (one worker per core); the L4 path needs no runtime.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let last_sweep = rt.block_on(async {
+    let result = rt.block_on(agent.serve());
+    agent.state.release();
+    result?;
+    match agent.dp.snapshot(agent.plan.listeners.len()) {
+        Ok(s) => print!(
+            "{}{}",
+            stats::render(&s, &agent.plan, &agent.swept.active),
+            stats::render_health(&agent.health)
+        ),
+        Err(e) => error!(error = %e, "reading counters"),
+    }
+    info!("exiting; the dataplane keeps forwarding (`lb-agent stop --detach` removes it)");
+    Ok(())
+}
+
+impl Agent {
+    /// Interfaces, sysctls, reserved ports, VIP addresses and XDP attachments for `self.cfg`,
+    /// undoing what `old` had and `self.cfg` no longer has.
+    fn prepare_host(&mut self, old: Option<&Config>) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        for iface in &cfg.agent.interfaces {
+            netif::prepare_interface(iface).with_context(|| format!("preparing {iface}"))?;
+        }
+        if cfg.listeners.iter().any(|l| l.vip.is_ipv6()) {
+            netif::enable_ipv6_forwarding()?;
+        }
+        if let Some(snat) = &cfg.snat {
+            if old.and_then(|o| o.snat.as_ref()).map(|s| s.ports) != Some(snat.ports) {
+                netif::reserve_ports(snat.ports).context("reserving the SNAT port range")?;
+            }
+        }
+        let local = config::Host::current()?.addresses.unwrap_or_default();
+        let vips: Vec<_> = cfg.listeners.iter().map(|l| l.vip).collect();
+        self.added =
+            netif::sync_vip_addresses(&vips, &local, &cfg.agent.interfaces[0], &self.added)?;
+        self.state.set_added_addresses(&self.added)?;
+        let had = old.map_or(&[][..], |o| &o.agent.interfaces[..]);
+        for iface in &cfg.agent.interfaces {
+            if !had.contains(iface) {
+                self.dp.attach(iface, cfg.agent.xdp_mode)?;
+            }
+        }
+        self.dp.detach_others(&cfg.agent.interfaces)?;
+        Ok(())
+    }
+
+    /// Probes, L7 proxies, signals, the conntrack sweep and reloads, until SIGTERM/SIGINT.
+    async fn serve(&mut self) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
-        let (stop, stopped) = tokio::sync::watch::channel(());
-        let proxies = proxy::start(&cfg, &health, stopped, SHUTDOWN_GRACE)
-            .await
-            .context("starting the L7 proxy")?;
-        // Dropped at the end of this block, which stops the probes.
-        let _checks = health.start(&cfg);
-        info!(config = %path.display(), listeners = cfg.listeners.len(), backends = plan.backends.len(), "running");
+        self.start_proxies().await?;
+        self.checks = self.health.start(&self.cfg);
+        info!(config = %self.path.display(), listeners = self.cfg.listeners.len(), backends = self.plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
-        let mut last = gc::Report::default();
+        let mut modified = mtime(&self.path);
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM"); break; }
                 _ = int.recv() => { info!("SIGINT"); break; }
-                _ = usr1.recv() => print!("{}", stats::render_health(&health)),
+                _ = hup.recv() => { info!("SIGHUP: reloading"); self.reload().await; }
+                _ = usr1.recv() => print!("{}", stats::render_health(&self.health)),
                 // L7 pools read the health directly; the L4 tables are rebuilt and swapped in.
-                _ = health.changed() => {
-                    // One snapshot for the tables and the log line: probes keep changing it.
-                    let up = health.snapshot();
-                    plan = plan::build_with(&cfg, |p, b| up.is_up(p, b));
-                    match tokio::task::block_in_place(|| dp.apply(&plan)) {
-                        Ok(()) => info!(
-                            healthy = up.healthy(),
-                            backends = plan.backends.len(),
-                            down = %up.down(&cfg, 10),
-                            "backend tables updated for health"
-                        ),
-                        Err(e) => error!(error = %e, "updating the backend tables for health"),
+                _ = self.health.changed() => self.apply_health(),
+                // A sweep is blocking map syscalls: keep it off the proxy's workers' queue.
+                _ = sweep.tick() => {
+                    let (dp, plan) = (&mut self.dp, &self.plan);
+                    match tokio::task::block_in_place(|| dp.gc(plan, gc::monotonic_ns())) {
+                        Ok(r) => {
+                            if r.expired > 0 {
+                                debug!(expired = r.expired, entries = r.entries, "conntrack sweep");
+                            }
+                            self.swept = r;
+                        }
+                        Err(e) => warn!(error = %e, "conntrack sweep failed"),
+                    }
+                    if self.cfg.agent.watch_config {
+                        let now = mtime(&self.path);
+                        if now != modified {
+                            modified = now;
+                            info!("config file changed: reloading");
+                            self.reload().await;
+                        }
                     }
                 }
-                // A sweep is blocking map syscalls: keep it off the proxy's workers' queue.
-                _ = sweep.tick() => match tokio::task::block_in_place(|| dp.gc(&plan, gc::monotonic_ns())) {
-                    Ok(r) => {
-                        if r.expired > 0 {
-                            debug!(expired = r.expired, entries = r.entries, "conntrack sweep");
-                        }
-                        last = r;
-                    }
-                    Err(e) => warn!(error = %e, "conntrack sweep failed"),
-                },
             }
         }
-        let _ = stop.send(());
-        proxies.await;
-        anyhow::Ok(last)
-    })?;
+        if let Some(stop) = self.proxies.take() {
+            let _ = stop.send(());
+        }
+        while self.l7_done.join_next().await.is_some() {}
+        Ok(())
+    }
 
-    dp.detach_all();
-    match dp.snapshot(plan.listeners.len()) {
-        Ok(s) => print!(
-            "{}{}",
-            stats::render(&s, &plan, &last_sweep.active),
-            stats::render_health(&health)
-        ),
-        Err(e) => error!(error = %e, "reading counters"),
+    fn apply_health(&mut self) {
+        // One snapshot for the tables and the log line: probes keep changing it.
+        let up = self.health.snapshot();
+        self.plan = plan::build_with(&self.cfg, |p, b| up.is_up(p, b));
+        let (dp, plan) = (&mut self.dp, &self.plan);
+        match tokio::task::block_in_place(|| dp.apply(plan)) {
+            Ok(()) => info!(
+                healthy = up.healthy(),
+                backends = self.plan.backends.len(),
+                down = %up.down(&self.cfg, 10),
+                "backend tables updated for health"
+            ),
+            Err(e) => error!(error = %e, "updating the backend tables for health"),
+        }
+    }
+
+    /// Starts the L7 proxies of `self.cfg` next to the ones running (SO_REUSEPORT), then tells
+    /// those to stop accepting and finish their connections.
+    async fn start_proxies(&mut self) -> anyhow::Result<()> {
+        let (stop, stopped) = watch::channel(());
+        let done = proxy::start(&self.cfg, &self.health, stopped, SHUTDOWN_GRACE)
+            .await
+            .context("starting the L7 proxy")?;
+        self.l7_done.spawn(done);
+        if let Some(old) = self.proxies.replace(stop) {
+            let _ = old.send(());
+        }
+        Ok(())
+    }
+
+    /// Re-reads the config file and applies what changed; an invalid file changes nothing.
+    async fn reload(&mut self) {
+        self.generation += 1;
+        let result = match config::load(&self.path) {
+            // Certificate files may have changed under the same config.
+            Ok(cfg) if cfg == self.cfg && !has_tls(&cfg) => {
+                info!("config unchanged");
+                Ok(())
+            }
+            Ok(cfg) => self.apply_config(cfg).await,
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
+        let report = match &result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => {
+                error!("reload failed, still running the previous config: {e:#}");
+                format!("error: {e:#}")
+            }
+        };
+        if let Err(e) = self.state.set_reload(self.generation, &report) {
+            warn!(error = %e, "recording the reload result");
+        }
+    }
+
+    async fn apply_config(&mut self, cfg: Config) -> anyhow::Result<()> {
+        if cfg.agent.state_dir != self.cfg.agent.state_dir {
+            bail!("agent.state_dir cannot change while the agent runs (restart it)");
+        }
+        let old = std::mem::replace(&mut self.cfg, cfg);
+        let health = Arc::new(Health::carrying(&self.cfg, Some(&self.health)));
+        let up = health.snapshot();
+        let plan = plan::build_with(&self.cfg, |p, b| up.is_up(p, b));
+        // The maps first: a bad interface or address below leaves the tables right anyway.
+        let (dp, new_plan) = (&mut self.dp, &plan);
+        if let Err(e) = tokio::task::block_in_place(|| dp.apply(new_plan)) {
+            self.cfg = old;
+            let (dp, plan) = (&mut self.dp, &self.plan);
+            let _ = tokio::task::block_in_place(|| dp.apply(plan));
+            return Err(e).context("updating the maps");
+        }
+        self.plan = plan;
+        self.health = health;
+        self.checks = self.health.start(&self.cfg);
+        tokio::task::block_in_place(|| self.prepare_host(Some(&old)))?;
+        if l7_part(&old) != l7_part(&self.cfg) || has_tls(&self.cfg) {
+            self.start_proxies().await?;
+            info!("L7 listeners replaced; the old ones finish their connections");
+        }
+        info!(
+            listeners = self.cfg.listeners.len(),
+            backends = self.plan.backends.len(),
+            "config reloaded"
+        );
+        Ok(())
+    }
+}
+
+/// What the L7 proxies are built from: their listeners and the pools they name.
+fn l7_part(cfg: &Config) -> (Vec<&config::Listener>, Vec<&config::Pool>) {
+    let listeners: Vec<_> = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.protocol.is_l7())
+        .collect();
+    let named = |p: &config::Pool| {
+        listeners.iter().any(|l| {
+            l.pool.as_deref() == Some(p.name.as_str()) || l.routes.iter().any(|r| r.pool == p.name)
+        })
+    };
+    let pools = cfg.pools.iter().filter(|p| named(p)).collect();
+    (listeners, pools)
+}
+
+/// Whether some listener terminates TLS (its certificate files are re-read on reload).
+fn has_tls(cfg: &Config) -> bool {
+    cfg.listeners.iter().any(|l| l.tls.is_some())
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Pins of network namespaces that were deleted without `lb-agent stop --detach` hold their
+/// program and maps (hundreds of MB with a full-size conntrack table) until removed: no agent
+/// runs there and no link has an interface any more.
+fn remove_dead_states(own: &State) {
+    for other in own.others() {
+        if other.agent_pid().is_some() || dataplane::attached(other.pins()) {
+            continue;
+        }
+        let pins = other.pins().display().to_string();
+        match dataplane::remove_pins(other.pins())
+            .map_err(anyhow::Error::from)
+            .and_then(|()| other.remove().map_err(anyhow::Error::from))
+        {
+            Ok(()) => info!(pins, "removed the state of a deleted network namespace"),
+            Err(e) => warn!(pins, error = %e, "removing a deleted namespace's state"),
+        }
+    }
+}
+
+/// The state of this namespace's agent, or a message saying there is none.
+fn find_state(state_dir: &Path) -> anyhow::Result<State> {
+    State::find(state_dir)?.with_context(|| {
+        format!(
+            "no lb-agent state in {} for this network namespace",
+            state_dir.display()
+        )
+    })
+}
+
+fn reload(state_dir: &Path) -> anyhow::Result<()> {
+    let state = find_state(state_dir)?;
+    let pid = state
+        .agent_pid()
+        .context("no lb-agent is running in this network namespace")?;
+    let path = state
+        .config_path()
+        .context("the running agent's config path is unknown")?;
+    // Checked here first, so the error shows where it was typed; the agent checks again.
+    config::load(&path)?;
+    let before = state.reload_result().map_or(0, |(g, _)| g);
+    kill(Pid::from_raw(pid), Signal::SIGHUP).context("signalling the agent")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match state.reload_result() {
+            Some((g, report)) if g > before => {
+                if report == "ok" {
+                    println!("{}: reloaded", path.display());
+                    return Ok(());
+                }
+                bail!("{}", report.trim_start_matches("error: "));
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    bail!("the agent (pid {pid}) did not report the reload within 30 s")
+}
+
+fn stop(state_dir: &Path, detach: bool) -> anyhow::Result<()> {
+    let state = find_state(state_dir)?;
+    if let Some(pid) = state.agent_pid() {
+        kill(Pid::from_raw(pid), Signal::SIGTERM).context("signalling the agent")?;
+        // L7 connections get SHUTDOWN_GRACE to finish.
+        let deadline = Instant::now() + SHUTDOWN_GRACE + Duration::from_secs(5);
+        while kill(Pid::from_raw(pid), None).is_ok() {
+            if Instant::now() > deadline {
+                bail!("the agent (pid {pid}) is still running");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("lb-agent (pid {pid}) stopped");
+    }
+    if detach {
+        if !state.pins().as_os_str().is_empty() {
+            dataplane::remove_pins(state.pins())?;
+        }
+        netif::remove_addresses(&state.added_addresses());
+        state.remove()?;
+        println!("dataplane detached and removed");
     }
     Ok(())
 }

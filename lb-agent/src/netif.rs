@@ -109,47 +109,53 @@ fn ip(args: &[&str]) -> Result<(), NetifError> {
     }
 }
 
-/// VIP addresses this agent added; removed again on drop.
-#[derive(Debug, Default)]
-pub struct VipAddresses {
-    added: Vec<(String, String)>,
-}
+/// An address the agent added, as `ip addr` takes it: (`cidr`, `dev`).
+pub type Added = (String, String);
 
-impl VipAddresses {
-    /// Makes every VIP a local address unless it already is one.
-    pub fn add(vips: &[IpAddr], local: &[IpAddr], v6_iface: &str) -> Result<Self, NetifError> {
-        let mut this = Self::default();
-        for vip in vips {
-            if local.contains(vip)
-                || this
-                    .added
-                    .iter()
-                    .any(|(a, _)| a.starts_with(&format!("{vip}/")))
-            {
+/// Makes every VIP a local address unless it already is one, and removes the addresses in
+/// `added` (what agents added before) that are no VIP any more. Returns what is added now:
+/// the addresses stay when the agent exits (the dataplane keeps serving), and
+/// `remove_addresses` takes them away on `lb-agent stop --detach`.
+pub fn sync_vip_addresses(
+    vips: &[IpAddr],
+    local: &[IpAddr],
+    v6_iface: &str,
+    added: &[Added],
+) -> Result<Vec<Added>, NetifError> {
+    let mut now: Vec<Added> = Vec::new();
+    for vip in vips {
+        let (cidr, dev) = match vip {
+            IpAddr::V4(_) => (format!("{vip}/32"), "lo".to_string()),
+            IpAddr::V6(_) => (format!("{vip}/128"), v6_iface.to_string()),
+        };
+        let entry = (cidr, dev);
+        if now.contains(&entry) {
+            continue;
+        }
+        if !added.contains(&entry) {
+            if local.contains(vip) {
                 continue;
             }
-            let (cidr, dev) = match vip {
-                IpAddr::V4(_) => (format!("{vip}/32"), "lo".to_string()),
-                IpAddr::V6(_) => (format!("{vip}/128"), v6_iface.to_string()),
-            };
-            let mut args = vec!["addr", "add", &cidr, "dev", &dev];
+            let mut args = vec!["addr", "add", &entry.0, "dev", &entry.1];
             if vip.is_ipv6() {
                 args.push("nodad");
             }
             ip(&args)?;
-            info!(%vip, dev, "VIP address added");
-            this.added.push((cidr, dev));
+            info!(%vip, dev = entry.1, "VIP address added");
         }
-        Ok(this)
+        now.push(entry);
     }
+    let gone: Vec<Added> = added.iter().filter(|a| !now.contains(a)).cloned().collect();
+    remove_addresses(&gone);
+    Ok(now)
 }
 
-impl Drop for VipAddresses {
-    fn drop(&mut self) {
-        for (cidr, dev) in self.added.drain(..) {
-            if let Err(e) = ip(&["addr", "del", &cidr, "dev", &dev]) {
-                warn!(error = %e, "removing VIP address");
-            }
+/// Removes addresses the agent added (failures are logged: the interface may be gone).
+pub fn remove_addresses(added: &[Added]) {
+    for (cidr, dev) in added {
+        match ip(&["addr", "del", cidr, "dev", dev]) {
+            Ok(()) => info!(address = cidr, dev, "VIP address removed"),
+            Err(e) => warn!(error = %e, "removing VIP address"),
         }
     }
 }

@@ -17,7 +17,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
-    process::{Child, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc,
@@ -374,9 +374,12 @@ impl Drop for NameServer {
 /// `lb-agent run` as a child process in a namespace; SIGTERM (then SIGKILL) on drop.
 pub struct Agent {
     child: Option<Child>,
+    ns: String,
     config_path: PathBuf,
     stderr: mpsc::Receiver<String>,
     pub log: Vec<String>,
+    /// Whether dropping this handle detaches the dataplane (not when a successor adopted it).
+    owns_dataplane: bool,
 }
 
 /// The agent binary: `LB_AGENT_BIN`, else the workspace's debug build.
@@ -392,14 +395,18 @@ impl Agent {
     pub fn start(ns: &Netns, config: &str) -> Self {
         let config_path = std::env::temp_dir().join(format!("{}.yaml", ns.name));
         std::fs::write(&config_path, config).expect("write config");
+        Self::spawn(&ns.name, config_path)
+    }
+
+    fn spawn(ns: &str, config_path: PathBuf) -> Self {
         let bin = agent_bin();
         assert!(
             bin.exists(),
             "{} not built (cargo xtask build, or set LB_AGENT_BIN)",
             bin.display()
         );
-        let mut child = ns
-            .command(bin.to_str().expect("utf-8 path"))
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, bin.to_str().expect("utf-8 path")])
             .args(["run", "--config", config_path.to_str().expect("utf-8 path")])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -416,9 +423,11 @@ impl Agent {
         });
         let mut agent = Agent {
             child: Some(child),
+            ns: ns.to_string(),
             config_path,
             stderr: rx,
             log: Vec::new(),
+            owns_dataplane: true,
         };
         agent.wait_for("running", Duration::from_secs(30));
         agent
@@ -448,12 +457,53 @@ impl Agent {
         self.terminate().0
     }
 
+    /// Runs `lb-agent <args>` in the agent's namespace (e.g. `reload`, `stop --detach`).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                agent_bin().to_str().expect("utf-8 path"),
+            ])
+            .args(args)
+            .output()
+            .expect("spawn lb-agent")
+    }
+
+    /// Sends `signal` (SIGTERM, SIGKILL), waits for the exit, and starts a new agent with the
+    /// same config, which adopts the pinned dataplane.
+    pub fn restart(mut self, signal: nix::sys::signal::Signal) -> Agent {
+        self.signal_and_wait(signal);
+        self.owns_dataplane = false;
+        Agent::spawn(&self.ns, self.config_path.clone())
+    }
+
+    /// Rewrites the config file (for reloads).
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, config).expect("write config");
+    }
+
     fn terminate(&mut self) -> (String, bool) {
+        let (out, clean) = self.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+        if self.owns_dataplane {
+            self.owns_dataplane = false;
+            let detach = self.cli(&["stop", "--detach"]);
+            if !detach.status.success() {
+                self.log
+                    .push(String::from_utf8_lossy(&detach.stderr).into_owned());
+                return (out, false);
+            }
+        }
+        (out, clean)
+    }
+
+    fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) -> (String, bool) {
         let Some(mut child) = self.child.take() else {
             return (String::new(), true);
         };
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(pid, signal);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut clean = true;
         loop {
@@ -497,6 +547,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        let owned = self.owns_dataplane;
         let (out, _) = self.terminate();
         // A failing test shows what the agent saw and counted (the harness prints captured
         // output of failed tests only).
@@ -506,6 +557,162 @@ impl Drop for Agent {
                 self.log.join("\n")
             );
         }
-        let _ = std::fs::remove_file(&self.config_path);
+        if owned {
+            let _ = std::fs::remove_file(&self.config_path);
+        }
+    }
+}
+
+/// A TCP echo server on a thread inside a namespace (a thread per connection); stops on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &Netns, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = {
+            let _in = ns.enter();
+            TcpListener::bind(("::", port)).expect("bind echo server")
+        };
+        listener.set_nonblocking(true).expect("nonblocking");
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                        let flag = flag.clone();
+                        std::thread::spawn(move || {
+                            let mut buf = [0u8; 4096];
+                            while !flag.load(Ordering::Relaxed) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        if s.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e)
+                                        if e.kind() == std::io::ErrorKind::WouldBlock
+                                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Long-lived connections from the client namespace, each sending a numbered 64-byte message
+/// every `every` and checking its echo, until `finish`.
+pub struct Chatter {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<ChatterReport>>,
+}
+
+/// What the chatter saw: connections that broke (with why), messages and bytes echoed intact.
+#[derive(Debug, Default)]
+pub struct ChatterReport {
+    pub connections: usize,
+    pub broken: Vec<String>,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl Chatter {
+    pub fn start(ns: &Netns, addr: SocketAddr, connections: usize, every: Duration) -> Self {
+        let streams: Vec<TcpStream> = ns.scoped(|| {
+            (0..connections)
+                .map(|i| {
+                    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                        .unwrap_or_else(|e| panic!("chatter connection {i}: {e}"));
+                    s.set_read_timeout(Some(Duration::from_secs(3)))
+                        .expect("timeout");
+                    s.set_nodelay(true).expect("nodelay");
+                    s
+                })
+                .collect()
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut report = ChatterReport {
+                connections: streams.len(),
+                ..Default::default()
+            };
+            let mut live: Vec<Option<TcpStream>> = streams.into_iter().map(Some).collect();
+            let mut round = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                for (i, slot) in live.iter_mut().enumerate() {
+                    let Some(s) = slot else { continue };
+                    let msg = format!("{i:>8} {round:>16} {}", "x".repeat(38));
+                    let mut back = [0u8; 64];
+                    let result = s
+                        .write_all(msg.as_bytes())
+                        .and_then(|()| s.read_exact(&mut back));
+                    match result {
+                        Ok(()) if back == msg.as_bytes() => {
+                            report.messages += 1;
+                            report.bytes += 64;
+                        }
+                        Ok(()) => {
+                            report.broken.push(format!("connection {i}: garbled echo"));
+                            *slot = None;
+                        }
+                        Err(e) => {
+                            report
+                                .broken
+                                .push(format!("connection {i} round {round}: {e}"));
+                            *slot = None;
+                        }
+                    }
+                }
+                round += 1;
+                std::thread::sleep(every);
+            }
+            report
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> ChatterReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("not finished yet")
+            .join()
+            .expect("chatter thread")
+    }
+}
+
+impl Drop for Chatter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

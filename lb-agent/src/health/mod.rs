@@ -218,6 +218,13 @@ impl Health {
     /// Backends of probed pools start pending (offline until a first success); the others are
     /// healthy for good.
     pub fn new(cfg: &Config) -> Self {
+        Self::carrying(cfg, None)
+    }
+
+    /// Like `new`, but a backend `previous` knew (same pool, address, weight, role and
+    /// probing) keeps its member, state and all: a reload takes no healthy backend out of
+    /// service, and L7 pools still holding the member keep seeing its probes.
+    pub fn carrying(cfg: &Config, previous: Option<&Health>) -> Self {
         let pools = cfg
             .pools
             .iter()
@@ -226,22 +233,31 @@ impl Health {
                 p.backends
                     .iter()
                     .map(|b| {
-                        Arc::new(Member {
-                            pool: p.name.clone(),
-                            addr: SocketAddr::new(b.address, b.port.0),
-                            weight: b.weight,
-                            backup: b.backup,
-                            checked,
-                            up: AtomicBool::new(!checked),
-                            status: Mutex::new(Status {
-                                state: if checked {
-                                    State::Pending
-                                } else {
-                                    State::Healthy
-                                },
-                                reason: None,
-                                latency: None,
-                            }),
+                        let addr = SocketAddr::new(b.address, b.port.0);
+                        let kept = previous.and_then(|h| {
+                            h.pool(&p.name).iter().find(|m| {
+                                (m.addr, m.weight, m.backup, m.checked)
+                                    == (addr, b.weight, b.backup, checked)
+                            })
+                        });
+                        kept.cloned().unwrap_or_else(|| {
+                            Arc::new(Member {
+                                pool: p.name.clone(),
+                                addr,
+                                weight: b.weight,
+                                backup: b.backup,
+                                checked,
+                                up: AtomicBool::new(!checked),
+                                status: Mutex::new(Status {
+                                    state: if checked {
+                                        State::Pending
+                                    } else {
+                                        State::Healthy
+                                    },
+                                    reason: None,
+                                    latency: None,
+                                }),
+                            })
                         })
                     })
                     .collect()

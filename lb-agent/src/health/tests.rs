@@ -202,3 +202,36 @@ pools:
     assert_eq!(h.pool("c")[0].label(), "healthy (not checked)");
     assert!(h.pool("nope").is_empty());
 }
+
+#[test]
+fn a_reload_keeps_the_state_of_unchanged_backends_and_starts_changed_ones_pending() {
+    let config = |weight: u32| {
+        format!(
+            "\
+agent:
+  interfaces: [lo]
+pools:
+  - name: b
+    health_check: {{ protocol: tcp }}
+    backends: [{{ address: 10.0.0.2, port: 80 }}, {{ address: 10.0.0.3, port: 80, weight: {weight} }}]
+"
+        )
+    };
+    let parse = |text: &str| crate::config::parse("t.yaml", text, &Default::default()).unwrap();
+    let before = Health::new(&parse(&config(1)));
+    for m in before.pool("b") {
+        m.record(&mut Tracker::new(1, 1), Ok(()), Duration::from_millis(1));
+    }
+    assert_eq!(before.snapshot(), Snapshot(vec![vec![true, true]]));
+
+    let after = Health::carrying(&parse(&config(5)), Some(&before));
+    // The same member (L7 pools holding it keep seeing its probes), still healthy.
+    assert!(Arc::ptr_eq(&after.pool("b")[0], &before.pool("b")[0]));
+    assert_eq!(after.pool("b")[0].label(), "healthy");
+    // A changed weight is a new member: probed afresh.
+    assert_eq!(after.pool("b")[1].label(), "pending");
+    assert_eq!(
+        after.snapshot().down(&parse(&config(5)), 10),
+        "b/10.0.0.3:80"
+    );
+}

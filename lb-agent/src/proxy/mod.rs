@@ -990,6 +990,22 @@ impl Drop for ResponseBody {
 
 /// Starts a server for every http/https listener on its VIP and port; they stop when
 /// `shutdown` changes. Resolves once all have drained.
+/// A listening socket with SO_REUSEPORT, so a reloaded proxy listens next to the one it
+/// replaces until that one stops accepting: no connection is refused in between.
+fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    // nginx's default backlog.
+    s.listen(511)?;
+    Ok(s.into())
+}
+
 pub async fn start(
     cfg: &Config,
     health: &Health,
@@ -997,7 +1013,7 @@ pub async fn start(
     grace: Duration,
 ) -> Result<impl Future<Output = ()>, ProxyError> {
     let servers = servers(cfg, health, |l| {
-        std::net::TcpListener::bind(SocketAddr::new(l.vip, l.port.0))
+        bind_shared(SocketAddr::new(l.vip, l.port.0))
     })
     .await?;
     let tasks: Vec<_> = servers

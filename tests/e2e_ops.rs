@@ -1,0 +1,178 @@
+//! Operations end to end: long-lived connections through reloads and agent restarts (the
+//! dataplane is pinned and adopted), invalid reloads, removed listeners and weight changes.
+//! Needs root; run with `cargo xtask test`.
+
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    topology::{backend_addr, tally, Chatter, EchoServer, NameServer, SNAT, VIP},
+    Topology,
+};
+use nix::sys::signal::Signal;
+
+const ECHO_PORT: u16 = 9000;
+const NAME_PORT: u16 = 8080;
+
+/// `chat` (tcp/80, echo backends) plus `names` (tcp/81, name backends) whose weights the test
+/// varies, and `extra` listeners on ports 1000.. (the unrelated changes of reloads).
+fn config(weights: [u32; 3], extra: usize) -> String {
+    let mut s = format!(
+        "agent:\n  interfaces: [lb-ext, lb-int]\n  xdp_mode: native\n\
+         snat:\n  addresses: [{SNAT}]\n\
+         listeners:\n\
+         \x20 - {{ name: chat, protocol: tcp, vip: {VIP}, port: 80, pool: echo }}\n\
+         \x20 - {{ name: names, protocol: tcp, vip: {VIP}, port: 81, pool: names, scheduler: wrr }}\n"
+    );
+    for i in 0..extra {
+        s += &format!(
+            "  - {{ name: extra{i}, protocol: udp, vip: {VIP}, port: {}, pool: names }}\n",
+            1000 + i
+        );
+    }
+    s += "pools:\n  - name: echo\n    backends:\n";
+    for i in 0..3 {
+        s += &format!(
+            "      - {{ address: {}, port: {ECHO_PORT} }}\n",
+            backend_addr(i)
+        );
+    }
+    s += "  - name: names\n    backends:\n";
+    for (i, w) in weights.iter().enumerate() {
+        s += &format!(
+            "      - {{ address: {}, port: {NAME_PORT}, weight: {w} }}\n",
+            backend_addr(i)
+        );
+    }
+    s
+}
+
+fn reload(agent: &lb_tests::topology::Agent) -> Result<String, String> {
+    let out = agent.cli(&["reload"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// Three backends, each with an echo server and a name server.
+fn topology() -> (Topology, (Vec<EchoServer>, Vec<NameServer>)) {
+    let topo = Topology::new(3);
+    let echo = topo
+        .backends
+        .iter()
+        .map(|b| EchoServer::start(b, ECHO_PORT))
+        .collect();
+    let names = topo.serve_names(NAME_PORT);
+    (topo, (echo, names))
+}
+
+#[test]
+fn fifty_connections_survive_ten_reloads_a_sigterm_restart_and_a_sigkill_restart() {
+    let (topo, _servers) = topology();
+    let mut agent = topo.start_agent(&config([1, 1, 1], 0));
+    let chat = Chatter::start(
+        &topo.client,
+        format!("{VIP}:80").parse().unwrap(),
+        50,
+        Duration::from_millis(100),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // (a) Ten reloads with unrelated changes: listeners come and go, `names` weights move.
+    for i in 1..=10 {
+        let weights = [1 + i as u32 % 3, 1, 2];
+        agent.write_config(&config(weights, i % 4));
+        let started = Instant::now();
+        let out = reload(&agent).unwrap_or_else(|e| panic!("reload {i}: {e}"));
+        println!("reload {i}: {} in {:?}", out.trim(), started.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // An invalid file: reported with its position, nothing changes.
+    agent.write_config(&config([1, 1, 1], 2).replace("port: 81", "port: 81x"));
+    let err = reload(&agent).expect_err("an invalid config must be refused");
+    println!("invalid reload: {}", err.trim());
+    assert!(err.contains(".yaml:") && err.contains("port"), "{err}");
+    let names: std::net::SocketAddr = format!("{VIP}:81").parse().unwrap();
+    let answers = topo.connect_many(names, 30);
+    tally("names after the invalid reload", &answers, SNAT);
+
+    // (b) SIGTERM and a new agent; (c) SIGKILL and a new agent: both adopt the pins.
+    agent.write_config(&config([1, 1, 1], 0));
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let started = Instant::now();
+        agent = agent.restart(signal);
+        println!(
+            "{signal:?} + restart: running again after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            agent
+                .log
+                .iter()
+                .any(|l| l.contains("XDP program swapped in")),
+            "the new agent did not adopt the pinned links:\n{}",
+            agent.log.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+
+    let report = chat.finish();
+    println!(
+        "{} connections, {} broken, {} messages ({} bytes) echoed intact, 0 lost",
+        report.connections,
+        report.broken.len(),
+        report.messages,
+        report.bytes
+    );
+    assert!(report.broken.is_empty(), "broken: {:?}", report.broken);
+    // Each connection exchanged a message about every 100 ms for the whole run.
+    assert!(report.messages > 50 * 30, "{report:?}");
+    println!("{}", agent.stop_cleanly());
+}
+
+#[test]
+fn weight_changes_apply_to_new_flows_and_a_removed_listener_stops_at_once() {
+    let (topo, _servers) = topology();
+    let agent = topo.start_agent(&config([1, 1, 1], 0));
+    let names: std::net::SocketAddr = format!("{VIP}:81").parse().unwrap();
+
+    // backend-1 drained by weight 0 in a reload: new flows avoid it right after.
+    agent.write_config(&config([0, 1, 1], 0));
+    reload(&agent).expect("reload");
+    let per = tally(
+        "names, backend-1 at weight 0",
+        &topo.connect_many(names, 30),
+        SNAT,
+    );
+    assert!(!per.contains_key("backend-1"), "{per:?}");
+    agent.write_config(&config([4, 1, 1], 0));
+    reload(&agent).expect("reload");
+    let per = tally("names, weights 4:1:1", &topo.connect_many(names, 60), SNAT);
+    // 40 exactly on one CPU; each CPU keeps its own round-robin cursor.
+    let b1 = per.get("backend-1").copied().unwrap_or(0);
+    assert!((36..=44).contains(&b1), "wrr 4:1:1 over 60 flows: {per:?}");
+
+    // A connection on `chat`, then `chat` removed: its next exchange goes nowhere.
+    let chat = Chatter::start(
+        &topo.client,
+        format!("{VIP}:80").parse().unwrap(),
+        1,
+        Duration::from_millis(100),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let without_chat = config([4, 1, 1], 0).replace(
+        &format!("  - {{ name: chat, protocol: tcp, vip: {VIP}, port: 80, pool: echo }}\n"),
+        "",
+    );
+    agent.write_config(&without_chat);
+    reload(&agent).expect("reload");
+    std::thread::sleep(Duration::from_millis(500));
+    let report = chat.finish();
+    println!("chat after its listener was removed: {report:?}");
+    assert_eq!(report.broken.len(), 1, "{report:?}");
+    agent.stop_cleanly();
+}

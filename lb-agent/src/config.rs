@@ -450,6 +450,11 @@ pub struct HealthCheck {
     /// Status codes or `MIN-MAX` ranges that count as healthy (default 200-399).
     #[serde(default)]
     pub expected_codes: Option<Vec<CodeRange>>,
+    // https only:
+    /// PEM CA bundle: when set, backend certificates must chain to it and name `host` (or the
+    /// backend's address); without it they are not verified (the vendors' default).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     // udp only:
     /// Payload of the UDP probe (default: an empty datagram).
     #[serde(default)]
@@ -1067,8 +1072,14 @@ fn validate_health_check(i: usize, pool: &Pool) -> Result<(), Invalid> {
         ("expected_codes", hc.expected_codes.is_some()),
     ];
     let udp_only = [("send", hc.send.is_some()), ("expect", hc.expect.is_some())];
+    let https_only = [("ca", hc.ca.is_some())];
     for (fields, applies, what) in [
         (&http_only[..], http, "http/https"),
+        (
+            &https_only[..],
+            hc.protocol == CheckProtocol::Https,
+            "https",
+        ),
         (&udp_only[..], hc.protocol == CheckProtocol::Udp, "udp"),
     ] {
         if let Some((field, _)) = fields.iter().find(|(_, set)| *set && !applies) {
@@ -1086,6 +1097,9 @@ fn validate_health_check(i: usize, pool: &Pool) -> Result<(), Invalid> {
             format!("pools[{i}].health_check"),
             "`protocol: none` runs no probes: it takes no port, interval or timeout".into(),
         ));
+    }
+    if let Some(ca) = &hc.ca {
+        crate::proxy::tls::load_roots(ca).map_err(|e| (at("ca"), e.to_string()))?;
     }
     if hc.protocol == CheckProtocol::Icmp && hc.port.is_some() {
         return Err((at("port"), "an icmp health check has no port".into()));
@@ -1352,6 +1366,11 @@ impl Config {
             }
             if let Some(log) = &mut l.access_log {
                 fix(log);
+            }
+        }
+        for p in &mut self.pools {
+            if let Some(ca) = p.health_check.as_mut().and_then(|h| h.ca.as_mut()) {
+                fix(ca);
             }
         }
     }

@@ -284,8 +284,8 @@ impl Agent {
     async fn reload(&mut self) {
         self.generation += 1;
         let result = match config::load(&self.path) {
-            // Certificate files may have changed under the same config.
-            Ok(cfg) if cfg == self.cfg && !has_tls(&cfg) => {
+            // Certificate files are watched by the proxy itself.
+            Ok(cfg) if cfg == self.cfg => {
                 info!("config unchanged");
                 Ok(())
             }
@@ -324,7 +324,7 @@ impl Agent {
         self.health = health;
         self.checks = self.health.start(&self.cfg);
         tokio::task::block_in_place(|| self.prepare_host(Some(&old)))?;
-        if l7_part(&old) != l7_part(&self.cfg) || has_tls(&self.cfg) {
+        if l7_part(&old) != l7_part(&self.cfg) {
             self.start_proxies().await?;
             info!("L7 listeners replaced; the old ones finish their connections");
         }
@@ -351,11 +351,6 @@ fn l7_part(cfg: &Config) -> (Vec<&config::Listener>, Vec<&config::Pool>) {
     };
     let pools = cfg.pools.iter().filter(|p| named(p)).collect();
     (listeners, pools)
-}
-
-/// Whether some listener terminates TLS (its certificate files are re-read on reload).
-fn has_tls(cfg: &Config) -> bool {
-    cfg.listeners.iter().any(|l| l.tls.is_some())
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {

@@ -598,6 +598,14 @@ fn health_check_errors_name_file_line_column_and_path() {
             "lb.yaml:15:43: pools[0].health_check.port: an icmp health check has no port",
         ),
         (
+            "{ protocol: http, ca: ca.pem }",
+            "lb.yaml:15:41: pools[0].health_check.ca: `ca` applies to https health checks only (this one is http)",
+        ),
+        (
+            "{ protocol: https, ca: /nonexistent/ca.pem }",
+            "lb.yaml:15:42: pools[0].health_check.ca: /nonexistent/ca.pem: I/O error: No such file or directory (os error 2)",
+        ),
+        (
             "{ protocol: udp, expect: '' }",
             "lb.yaml:15:44: pools[0].health_check.expect: must not be empty (leave it out to accept silence)",
         ),

@@ -221,9 +221,9 @@ impl Health {
         Self::carrying(cfg, None)
     }
 
-    /// Like `new`, but a backend `previous` knew (same pool, address, weight, role and
-    /// probing) keeps its member, state and all: a reload takes no healthy backend out of
-    /// service, and L7 pools still holding the member keep seeing its probes.
+    /// Like `new`, but a backend `previous` knew (same pool, address, role and probing) keeps
+    /// its state: a reload takes no healthy backend out of service. With its weight unchanged
+    /// too it keeps the member itself, so L7 pools still holding it keep seeing its probes.
     pub fn carrying(cfg: &Config, previous: Option<&Health>) -> Self {
         let pools = cfg
             .pools
@@ -234,31 +234,34 @@ impl Health {
                     .iter()
                     .map(|b| {
                         let addr = SocketAddr::new(b.address, b.port.0);
-                        let kept = previous.and_then(|h| {
+                        let known = previous.and_then(|h| {
                             h.pool(&p.name).iter().find(|m| {
-                                (m.addr, m.weight, m.backup, m.checked)
-                                    == (addr, b.weight, b.backup, checked)
+                                (m.addr, m.backup, m.checked) == (addr, b.backup, checked)
                             })
                         });
-                        kept.cloned().unwrap_or_else(|| {
-                            Arc::new(Member {
+                        match known {
+                            Some(m) if m.weight == b.weight => m.clone(),
+                            _ => Arc::new(Member {
                                 pool: p.name.clone(),
                                 addr,
                                 weight: b.weight,
                                 backup: b.backup,
                                 checked,
-                                up: AtomicBool::new(!checked),
-                                status: Mutex::new(Status {
-                                    state: if checked {
-                                        State::Pending
-                                    } else {
-                                        State::Healthy
+                                up: AtomicBool::new(known.map_or(!checked, |m| m.is_up())),
+                                status: Mutex::new(known.map_or(
+                                    Status {
+                                        state: if checked {
+                                            State::Pending
+                                        } else {
+                                            State::Healthy
+                                        },
+                                        reason: None,
+                                        latency: None,
                                     },
-                                    reason: None,
-                                    latency: None,
-                                }),
-                            })
-                        })
+                                    |m| m.status(),
+                                )),
+                            }),
+                        }
                     })
                     .collect()
             })

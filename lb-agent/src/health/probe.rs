@@ -41,6 +41,8 @@ pub enum ProbeError {
     Io(#[from] io::Error),
     #[error("http: {0}")]
     Http(#[from] hyper::Error),
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 fn io_err(e: io::Error) -> ProbeError {
@@ -64,6 +66,9 @@ pub struct Prober {
     expected: Vec<CodeRange>,
     send: Vec<u8>,
     expect: Option<Vec<u8>>,
+    /// https: how backend certificates are checked (not at all unless a CA is configured); a
+    /// CA that no longer loads fails every probe with the reason.
+    tls: Result<Arc<rustls::ClientConfig>, String>,
 }
 
 impl Prober {
@@ -83,6 +88,11 @@ impl Prober {
             expected: hc.expected_codes(),
             send: hc.send.clone().unwrap_or_default().into_bytes(),
             expect: hc.expect.clone().map(String::into_bytes),
+            tls: match &hc.ca {
+                Some(ca) => crate::proxy::tls::verifying_client_config(ca)
+                    .map_err(|e| format!("CA {}: {e}", ca.display())),
+                None => Ok(crate::proxy::tls::backend_client_config()),
+            },
         }
     }
 
@@ -98,8 +108,8 @@ impl Prober {
             }
             CheckProtocol::Http => self.http(self.connect().await?).await,
             CheckProtocol::Https => {
-                let tls =
-                    tokio_rustls::TlsConnector::from(crate::proxy::tls::backend_client_config());
+                let config = self.tls.clone().map_err(ProbeError::Tls)?;
+                let tls = tokio_rustls::TlsConnector::from(config);
                 let name = ServerName::try_from(self.host.clone())
                     .unwrap_or_else(|_| ServerName::IpAddress(self.target.ip().into()));
                 let stream = tls

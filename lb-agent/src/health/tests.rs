@@ -204,7 +204,7 @@ pools:
 }
 
 #[test]
-fn a_reload_keeps_the_state_of_unchanged_backends_and_starts_changed_ones_pending() {
+fn a_reload_keeps_the_state_of_known_backends_even_when_reweighted() {
     let config = |weight: u32| {
         format!(
             "\
@@ -228,10 +228,10 @@ pools:
     // The same member (L7 pools holding it keep seeing its probes), still healthy.
     assert!(Arc::ptr_eq(&after.pool("b")[0], &before.pool("b")[0]));
     assert_eq!(after.pool("b")[0].label(), "healthy");
-    // A changed weight is a new member: probed afresh.
-    assert_eq!(after.pool("b")[1].label(), "pending");
-    assert_eq!(
-        after.snapshot().down(&parse(&config(5)), 10),
-        "b/10.0.0.3:80"
-    );
+    // A changed weight makes a new member (L7 pools read weights from members), which keeps
+    // the state: reweighting takes nothing out of service.
+    assert!(!Arc::ptr_eq(&after.pool("b")[1], &before.pool("b")[1]));
+    assert_eq!(after.pool("b")[1].weight, 5);
+    assert_eq!(after.pool("b")[1].label(), "healthy");
+    assert_eq!(after.snapshot().down(&parse(&config(5)), 10), "-");
 }

@@ -235,6 +235,17 @@ pub fn backend_client_config() -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
+/// A client configuration that verifies server certificates against the CA bundle at `ca`
+/// (health checks that ask for it).
+pub fn verifying_client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default protocol versions")
+        .with_root_certificates(load_roots(ca)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 #[derive(Debug)]
 struct AnyServerCert(Arc<CryptoProvider>);
 

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    topology::{backend_addr, NameServer, SNAT},
+    topology::{backend_addr, HttpServer, NameServer, SNAT},
     Agent, Topology,
 };
 
@@ -294,4 +294,98 @@ fn udp_probes_see_port_unreachable_and_icmp_probes_see_a_downed_interface() {
 
     let out = agent.stop_cleanly();
     println!("{out}");
+}
+
+#[test]
+fn http_probes_follow_the_status_code_and_https_probes_a_stopped_tls_service() {
+    let _turn = one_at_a_time();
+    let topo = Topology::new(3);
+    let _names: Vec<NameServer> = (0..3)
+        .flat_map(|i| {
+            [PORT, 8082]
+                .map(|p| NameServer::start(&topo.backends[i], p, format!("backend-{}", i + 1)))
+        })
+        .collect();
+    let name = |i: usize| format!("backend-{}", i + 1);
+    let http: Vec<HttpServer> = (0..3)
+        .map(|i| HttpServer::start(&topo.backends[i], 8081, name(i)))
+        .collect();
+    let tls_server = |i: usize| HttpServer::start_tls(&topo.backends[i], 8443, name(i));
+    let mut tls: Vec<Option<HttpServer>> = (0..3).map(|i| Some(tls_server(i))).collect();
+    let timing = "interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2";
+    let mut cfg = format!(
+        "agent:\n  interfaces: [lb-ext, lb-int]\n  xdp_mode: native\n\
+         snat:\n  addresses: [{SNAT}]\n\
+         listeners:\n\
+         \x20 - {{ name: web, protocol: tcp, vip: 10.91.0.100, port: 80, pool: web }}\n\
+         \x20 - {{ name: tls, protocol: tcp, vip: 10.91.0.100, port: 82, pool: tls }}\n\
+         pools:\n"
+    );
+    for (pool, check, port) in [
+        (
+            "web",
+            format!("protocol: http, port: 8081, path: /healthz, {timing}"),
+            PORT,
+        ),
+        (
+            "tls",
+            format!("protocol: https, port: 8443, {timing}"),
+            8082,
+        ),
+    ] {
+        cfg += &format!("  - name: {pool}\n    health_check: {{ {check} }}\n    backends:\n");
+        for i in 0..3 {
+            cfg += &format!("      - {{ address: {}, port: {port} }}\n", backend_addr(i));
+        }
+    }
+    let mut agent = topo.start_agent(&cfg);
+    let (web_b2, tls_b2) = ("10.91.2.12:8080", "10.91.2.12:8082");
+    transition(&mut agent, web_b2, "healthy", Duration::from_secs(5));
+    if !agent
+        .log
+        .iter()
+        .any(|l| l.contains(&format!("backend={tls_b2}")) && l.contains("backend healthy"))
+    {
+        transition(&mut agent, tls_b2, "healthy", Duration::from_secs(5));
+    }
+    let avoided = |port: u16, what: &str| {
+        let vip: SocketAddr = format!("10.91.0.100:{port}").parse().unwrap();
+        let per = lb_tests::topology::tally(what, &topo.connect_many(vip, 20), SNAT);
+        assert!(!per.contains_key("backend-2"), "{what}: {per:?}");
+    };
+    let reason = |agent: &Agent, backend: &str| {
+        agent
+            .log
+            .iter()
+            .rev()
+            .find(|l| l.contains(&format!("backend={backend}")))
+            .cloned()
+            .unwrap_or_default()
+    };
+
+    // The health endpoint answers 500: out, with the status as the reason.
+    http[1].set_status(500);
+    let detection = transition(&mut agent, web_b2, "unhealthy", DETECTION + SLACK);
+    println!("http: backend-2 answers 500, unhealthy after {detection:?} (bound {DETECTION:?})");
+    let line = reason(&agent, web_b2);
+    assert!(line.contains("status 500"), "{line}");
+    avoided(80, "web without backend-2");
+    http[1].set_status(200);
+    let recovery = transition(&mut agent, web_b2, "healthy", RECOVERY + SLACK);
+    println!("http: backend-2 answers 200 again, healthy after {recovery:?} (bound {RECOVERY:?})");
+
+    // The TLS service stops: refused.
+    tls[1] = None;
+    let detection = transition(&mut agent, tls_b2, "unhealthy", DETECTION + SLACK);
+    println!("https: backend-2's TLS service stopped, unhealthy after {detection:?} (bound {DETECTION:?})");
+    let line = reason(&agent, tls_b2);
+    assert!(line.contains("refused"), "{line}");
+    avoided(82, "tls without backend-2");
+    tls[1] = Some(tls_server(1));
+    let recovery = transition(&mut agent, tls_b2, "healthy", RECOVERY + SLACK + SLACK);
+    println!(
+        "https: backend-2's TLS service restarted, healthy after {recovery:?} (bound {RECOVERY:?})"
+    );
+
+    println!("{}", agent.stop_cleanly());
 }

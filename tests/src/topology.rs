@@ -716,3 +716,111 @@ impl Drop for Chatter {
         }
     }
 }
+
+/// A minimal HTTP/1.1 server on a thread inside a namespace, over TLS (a self-signed
+/// certificate) when asked: answers every request with the current status (settable, for
+/// health checks) and its name; stops on drop.
+pub struct HttpServer {
+    status: Arc<std::sync::atomic::AtomicU16>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    pub fn start(ns: &Netns, port: u16, name: String) -> Self {
+        Self::serve(ns, port, name, None)
+    }
+
+    pub fn start_tls(ns: &Netns, port: u16, name: String) -> Self {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.clone()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+        Self::serve(ns, port, name, Some(Arc::new(config)))
+    }
+
+    fn serve(ns: &Netns, port: u16, name: String, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        let listener = {
+            let _in = ns.enter();
+            TcpListener::bind(("::", port)).expect("bind http server")
+        };
+        listener.set_nonblocking(true).expect("nonblocking");
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (code, flag) = (status.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let answer = |io: &mut dyn ReadWrite| {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match io.read(&mut buf) {
+                            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let body = format!("{name}\n");
+                    let _ = write!(
+                        io,
+                        "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        code.load(Ordering::Relaxed),
+                        body.len()
+                    );
+                    let _ = io.flush();
+                };
+                match &tls {
+                    Some(config) => {
+                        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                            continue;
+                        };
+                        let mut stream = rustls::StreamOwned::new(conn, s);
+                        answer(&mut stream);
+                        stream.conn.send_close_notify();
+                        let _ = stream.flush();
+                    }
+                    None => answer(&mut s),
+                }
+            }
+        });
+        Self {
+            status,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn set_status(&self, code: u16) {
+        self.status.store(code, Ordering::Relaxed);
+    }
+}
+
+/// A byte stream: plain TCP or TLS over it.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

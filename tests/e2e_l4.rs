@@ -210,3 +210,45 @@ fn with_every_backend_drained_clients_are_refused_at_once() {
         "refused at once, took {took:?}"
     );
 }
+
+#[test]
+fn reset_on_idle_resets_both_ends_of_a_flow_that_idles_out() {
+    use std::io::{Read, Write};
+    let topo = Topology::new(1);
+    let _echo = lb_tests::topology::EchoServer::start(&topo.backends[0], 9000);
+    let config = topo.config(9000).replace(
+        "    pool: web\n",
+        "    pool: web\n    idle_timeout: 2s\n    reset_on_idle: true\n",
+    );
+    let agent = topo.start_agent(&config);
+    let mut s = topo.client.scoped(|| {
+        std::net::TcpStream::connect_timeout(
+            &"10.91.0.100:80".parse().unwrap(),
+            std::time::Duration::from_secs(3),
+        )
+        .expect("connect")
+    });
+    s.write_all(b"hello\n").unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).unwrap();
+    let established = |ns: &lb_tests::Netns| {
+        let out = ns.output(&["ss", "-Htn", "state", "established"]);
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(established(&topo.backends[0]), 1);
+
+    // Idle past the timeout and the next sweep: both ends were reset.
+    std::thread::sleep(std::time::Duration::from_millis(4000));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let err = s.read(&mut buf).expect_err("the LB reset the client");
+    println!("client after the idle timeout: {err}");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(
+        established(&topo.backends[0]),
+        0,
+        "the backend's connection was reset too"
+    );
+    let log = agent.stop_cleanly();
+    println!("{log}");
+}

@@ -601,3 +601,34 @@ fn a_syn_with_no_backend_to_take_it_is_answered_with_rst() {
         assert!(f.dp.conntrack_entries().is_empty());
     });
 }
+
+#[test]
+fn a_resetting_listener_keeps_each_directions_last_ack() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        for (config, kept) in [
+            (CONFIG, 0),
+            (
+                &*CONFIG.replace("pool: web }", "pool: web, reset_on_idle: true }"),
+                555,
+            ),
+        ] {
+            let mut f = Fixture::new(config);
+            let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+            let fwd = parse_checked(&out);
+            let (backend, snat) = (fwd.dst, fwd.src);
+            f.run(
+                &tcp_frame(BACKEND_MACS[0], LB_INT_MAC, backend, snat, "SA"),
+                f.int,
+            );
+            f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+            // (tcp_frame's ACKs acknowledge 555.)
+            let acks: Vec<u32> =
+                f.dp.conntrack_entries()
+                    .iter()
+                    .map(|(_, e)| u32::from_be(e.ack_be))
+                    .collect();
+            assert_eq!(acks, [kept; 2], "{config}");
+        }
+    });
+}

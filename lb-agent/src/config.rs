@@ -142,6 +142,10 @@ pub struct Listener {
     /// What source address the backends see.
     #[serde(default)]
     pub client_ip: ClientIp,
+    /// tcp only: when an established flow idles out, send RST to both ends (the vendors'
+    /// behaviour) instead of forgetting it silently.
+    #[serde(default)]
+    pub reset_on_idle: bool,
     // The fields below apply to http/https listeners only (validation rejects them elsewhere);
     // `proxy::Settings` applies their defaults.
     /// Certificates (chosen by SNI) and optional client-certificate CA; https only.
@@ -912,6 +916,15 @@ impl Config {
                     ));
                 }
                 self.validate_l7(i, l, &pools)?;
+                if l.reset_on_idle {
+                    return Err((
+                        format!("listeners[{i}].reset_on_idle"),
+                        format!(
+                            "applies to tcp listeners only (`{}` is {})",
+                            l.name, l.protocol
+                        ),
+                    ));
+                }
                 continue;
             }
             self.validate_l4_only_fields(i, l)?;
@@ -965,6 +978,15 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            if l.reset_on_idle && l.protocol != Protocol::Tcp {
+                return Err((
+                    format!("listeners[{i}].reset_on_idle"),
+                    format!(
+                        "applies to tcp listeners only (`{}` is {})",
+                        l.name, l.protocol
+                    ),
+                ));
             }
             if l.client_ip == ClientIp::Toa && (l.protocol != Protocol::Tcp || !l.vip.is_ipv4()) {
                 return Err((

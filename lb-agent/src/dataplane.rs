@@ -494,6 +494,7 @@ impl Dataplane {
             ..Default::default()
         };
         let mut doomed = Vec::new();
+        let mut resets = Vec::new();
         for (key, e) in &entries {
             let pair_key = e.pair_key(key.proto, key.family);
             let pair = entries.get(&pair_key);
@@ -509,8 +510,9 @@ impl Dataplane {
             let limit = gc::timeout(e.state, idle).as_nanos() as u64;
             if now_ns.saturating_sub(last) > limit {
                 doomed.push(*key);
-                if pair.is_some() {
+                if let Some(pair) = pair {
                     doomed.push(pair_key);
+                    resets.extend(crate::reset::for_flow(key, e, &pair_key, pair));
                 }
                 report.expired += 1;
             } else if e.state != STATE_CLOSING && e.state != STATE_CLOSED {
@@ -525,6 +527,12 @@ impl Dataplane {
         for key in doomed {
             // Already gone (LRU eviction, or the datapath re-created it) is fine.
             let _ = self.conntrack.remove(&key);
+        }
+        if !resets.is_empty() {
+            match crate::reset::send(&resets) {
+                Ok(n) => report.resets = n,
+                Err(e) => warn!(error = %e, "sending idle-timeout resets"),
+            }
         }
         // The exact counts replace the datapath's running ones, which miss flows that expired
         // without closing (flows created since the scan are missed until the next sweep).

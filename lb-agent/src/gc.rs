@@ -44,6 +44,8 @@ pub struct Report {
     pub active: Vec<u64>,
     /// Live flows per backend id.
     pub backend_active: Vec<u64>,
+    /// RSTs sent for idled-out flows of `reset_on_idle` listeners.
+    pub resets: usize,
 }
 
 #[cfg(test)]

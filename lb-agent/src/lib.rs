@@ -8,6 +8,7 @@ pub mod maglev;
 pub mod netif;
 pub mod plan;
 pub mod proxy;
+pub mod reset;
 pub mod state;
 pub mod stats;
 pub mod wrr;

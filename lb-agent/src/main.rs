@@ -228,6 +228,9 @@ impl Agent {
                             if r.expired > 0 {
                                 debug!(expired = r.expired, entries = r.entries, "conntrack sweep");
                             }
+                            if r.resets > 0 {
+                                info!(resets = r.resets, "idle TCP flows reset at both ends");
+                            }
                             self.swept = r;
                         }
                         Err(e) => warn!(error = %e, "conntrack sweep failed"),

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use lb_common::{
     flow::{
         AddrBe, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ACL_ALLOW, VIP_F_ACL_DENY,
-        VIP_F_PASSTHROUGH, VIP_F_SOURCE_IP, VIP_F_TOA, VIP_F_WLC, VIP_F_WRR,
+        VIP_F_PASSTHROUGH, VIP_F_RESET_IDLE, VIP_F_SOURCE_IP, VIP_F_TOA, VIP_F_WLC, VIP_F_WRR,
     },
     Backend, GlobalConfig, VipKey,
 };
@@ -177,6 +177,9 @@ pub fn build_with(config: &Config, up: impl Fn(usize, usize) -> bool) -> Plan {
                 ClientIp::Toa => VIP_F_TOA,
                 ClientIp::Passthrough => VIP_F_PASSTHROUGH,
             };
+            if l.reset_on_idle {
+                flags |= VIP_F_RESET_IDLE;
+            }
             if !allow.is_empty() {
                 flags |= VIP_F_ACL_ALLOW;
             }

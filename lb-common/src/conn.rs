@@ -26,6 +26,8 @@ pub const STATE_CLOSED: u8 = 5;
 
 /// The flow's first packets towards the backend carry the client's address (TOA).
 pub const CONN_F_TOA: u8 = 1 << 0;
+/// The listener resets idle flows: the datapath keeps `ack_be` for the agent's RSTs.
+pub const CONN_F_RESET_IDLE: u8 = 1 << 1;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -92,7 +94,11 @@ pub struct ConnEntry {
     pub fwd_len: u16,
     pub fwd_smac: [u8; 6],
     pub fwd_dmac: [u8; 6],
-    pub _pad2: [u8; 6],
+    pub _pad2: [u8; 2],
+    /// With `CONN_F_RESET_IDLE`: the acknowledgment number of the last packet in this
+    /// direction (network order), i.e. the sequence number its sender expects next, which an
+    /// RST must carry exactly to be accepted (RFC 5961).
+    pub ack_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<ConnEntry>() == 80);
 

@@ -61,6 +61,8 @@ pub const VIP_F_PASSTHROUGH: u32 = 1 << 4;
 pub const VIP_F_WLC: u32 = 1 << 5;
 /// FullNAT with the client's address in TCP option 254 (TOA) on the first packets.
 pub const VIP_F_TOA: u32 = 1 << 6;
+/// TCP flows that idle out are reset at both ends (`reset_on_idle`).
+pub const VIP_F_RESET_IDLE: u32 = 1 << 7;
 /// The listener has an allow list: clients must match it.
 pub const VIP_F_ACL_ALLOW: u32 = 1 << 1;
 /// The listener has a deny list.

@@ -6,21 +6,22 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
 };
 use lb_common::{
     conn::{
-        reuses_tuple, tcp_next_state, CONN_F_TOA, DIR_ORIGINAL, DIR_REPLY, STATE_CLOSED,
-        STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN_SENT,
+        reuses_tuple, tcp_next_state, CONN_F_RESET_IDLE, CONN_F_TOA, DIR_ORIGINAL, DIR_REPLY,
+        STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN_SENT, TCP_ACK,
     },
     counters::Counter,
-    flow::{FAMILY_V4, PROTO_TCP, VIP_F_PASSTHROUGH, VIP_F_TOA},
+    flow::{FAMILY_V4, PROTO_TCP, VIP_F_PASSTHROUGH, VIP_F_RESET_IDLE, VIP_F_TOA},
     hash::addr_hash,
     ConnEntry, FlowKey, VipMeta,
 };
 
 use crate::{
     maps::{BACKENDS, BACKEND_ACTIVE, CONNTRACK, GLOBAL, SNAT_ADDRS},
-    parse::Packet,
+    parse::{ptr_at, Packet},
     verdict::Verdict,
 };
 
@@ -90,6 +91,26 @@ pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> u8 {
     before
 }
 
+/// Keeps the acknowledgment number of an ACK in its direction's entry, for flows whose
+/// listener resets them when they idle out (the agent's RSTs need it; see `ConnEntry::ack_be`).
+/// Written only when it changed, so a one-way stream does not dirty the entry.
+#[inline(always)]
+pub fn record_ack(ctx: &XdpContext, entry: *mut ConnEntry, pkt: &Packet) {
+    // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
+    let e = unsafe { &mut *entry };
+    if e.flags & CONN_F_RESET_IDLE == 0 || pkt.tcp_flags & TCP_ACK == 0 {
+        return;
+    }
+    // The ACK number: bytes 8..12 of the TCP header.
+    if let Some(p) = ptr_at::<u32>(ctx, pkt.l4_off + 8) {
+        // SAFETY: bounds-checked by ptr_at.
+        let ack = unsafe { p.read_unaligned() };
+        if e.ack_be != ack {
+            e.ack_be = ack;
+        }
+    }
+}
+
 /// Inserts both entries of a new flow to `backend_id`. With SNAT the reply entry's insert
 /// allocates the SNAT address and port; with `passthrough` (DNAT only) the backend answers the
 /// client's own address, so that is the reply key.
@@ -121,6 +142,10 @@ pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<(), Verdic
         dir: DIR_REPLY,
         flags: if vip.flags & VIP_F_TOA != 0 {
             CONN_F_TOA
+        } else {
+            0
+        } | if vip.flags & VIP_F_RESET_IDLE != 0 {
+            CONN_F_RESET_IDLE
         } else {
             0
         },

@@ -69,7 +69,10 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // after creation; other CPUs only write state, timestamp and the cached next hop.
     let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_reused(e, &pkt));
     let (entry, before) = match hit {
-        Some(entry) => (entry, conntrack::touch(entry, &pkt)),
+        Some(entry) => {
+            conntrack::record_ack(ctx, entry, &pkt);
+            (entry, conntrack::touch(entry, &pkt))
+        }
         None => {
             let vip = sched::vip_lookup(&pkt.flow)?;
             if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {

@@ -506,6 +506,19 @@ fn client_ip_modes_parse_and_passthrough_needs_no_snat() {
 }
 
 #[test]
+fn reset_on_idle_is_for_tcp_listeners() {
+    let text = EXAMPLE.replace(
+        "    pool: web\n",
+        "    pool: web\n    reset_on_idle: true\n",
+    );
+    assert!(parse("lb.yaml", &text, &host()).unwrap().listeners[0].reset_on_idle);
+    assert_eq!(
+        err(&text.replace("protocol: tcp", "protocol: udp")),
+        "lb.yaml:13:20: listeners[0].reset_on_idle: applies to tcp listeners only (`web` is udp)"
+    );
+}
+
+#[test]
 fn maglev_is_refused_on_http_listeners() {
     let e = l7_err(|t| {
         t.replace(

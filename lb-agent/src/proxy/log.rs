@@ -1,5 +1,6 @@
-//! The access log: one JSON object per line and request, written by a background task so
-//! request handling never waits on the disk.
+//! The access log: one JSON object per line and request, written by a thread of its own so
+//! request handling never waits on the disk (nor on tokio's blocking pool, which
+//! `tokio::fs` would go through for every write).
 //!
 //! Fields (strings unless noted): `time` (RFC 3339, UTC, ms), `listener`, `client`
 //! (`ip:port`), `host`, `method`, `path` (with the query), `protocol` (`HTTP/1.1`, `HTTP/2.0`),
@@ -10,7 +11,7 @@
 //! tried, `-` where there is none, as nginx writes them).
 
 use std::{
-    fmt::Write as _,
+    io::Write,
     net::SocketAddr,
     path::Path,
     sync::{
@@ -20,10 +21,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
-};
+use serde::Serialize;
+use tokio::sync::mpsc;
 use tracing::warn;
 
 /// Lines waiting for the writer; beyond this they are dropped (and counted) rather than
@@ -39,18 +38,20 @@ pub struct AccessLog {
 impl AccessLog {
     /// Appends to `path`, or writes to stdout.
     pub async fn open(path: Option<&Path>) -> std::io::Result<Self> {
-        let out: Box<dyn AsyncWrite + Send + Unpin> = match path {
+        let out: Box<dyn Write + Send> = match path {
             Some(p) => Box::new(
-                tokio::fs::OpenOptions::new()
+                std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(p)
-                    .await?,
+                    .open(p)?,
             ),
-            None => Box::new(tokio::io::stdout()),
+            None => Box::new(std::io::stdout()),
         };
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_lines(rx, out));
+        // Ends when the last sender (the listener's sites and records) is gone.
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(rx, out))?;
         Ok(Self {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
@@ -66,9 +67,9 @@ impl AccessLog {
 
 /// Writes in batches and flushes whenever the queue runs dry, so lines reach the file promptly
 /// without a write per line under load.
-async fn write_lines(mut rx: mpsc::Receiver<String>, mut out: Box<dyn AsyncWrite + Send + Unpin>) {
+fn write_lines(mut rx: mpsc::Receiver<String>, mut out: Box<dyn Write + Send>) {
     let mut buf = String::new();
-    while let Some(line) = rx.recv().await {
+    while let Some(line) = rx.blocking_recv() {
         buf.push_str(&line);
         while buf.len() < 64 * 1024 {
             match rx.try_recv() {
@@ -76,16 +77,32 @@ async fn write_lines(mut rx: mpsc::Receiver<String>, mut out: Box<dyn AsyncWrite
                 Err(_) => break,
             }
         }
-        if let Err(e) = async {
-            out.write_all(buf.as_bytes()).await?;
-            out.flush().await
-        }
-        .await
-        {
+        if let Err(e) = out.write_all(buf.as_bytes()).and_then(|()| out.flush()) {
             warn!(error = %e, "writing the access log");
         }
         buf.clear();
     }
+}
+
+/// The JSON line's fields, in the order written.
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    listener: &'a str,
+    client: String,
+    host: &'a str,
+    method: &'a str,
+    path: &'a str,
+    protocol: &'a str,
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    request_time: String,
+    upstream_addr: String,
+    upstream_status: String,
+    upstream_connect_time: String,
+    upstream_header_time: String,
+    upstream_response_time: String,
 }
 
 /// One try at a backend.
@@ -141,39 +158,49 @@ impl Record {
     }
 
     fn line(&self) -> String {
-        let list = |f: &dyn Fn(&Attempt) -> Option<String>| {
+        use std::fmt::Write as _;
+        let list = |f: &dyn Fn(&Attempt, &mut String) -> std::fmt::Result| {
             if self.attempts.is_empty() {
                 return "-".to_string();
             }
-            let v: Vec<String> = self
-                .attempts
-                .iter()
-                .map(|a| f(a).unwrap_or_else(|| "-".into()))
-                .collect();
-            v.join(", ")
+            let mut out = String::new();
+            for (i, a) in self.attempts.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                let before = out.len();
+                let _ = f(a, &mut out);
+                if out.len() == before {
+                    out.push('-');
+                }
+            }
+            out
         };
-        let secs = |d: Option<Duration>| d.map(|d| format!("{:.3}", d.as_secs_f64()));
-        let mut line = serde_json::json!({
-            "time": humantime::format_rfc3339_millis(self.time).to_string(),
-            "listener": &*self.listener,
-            "client": self.client.to_string(),
-            "host": self.host,
-            "method": self.method,
-            "path": self.path,
-            "protocol": self.protocol,
-            "status": self.status.unwrap_or(499),
-            "bytes_in": self.bytes_in.load(Ordering::Relaxed),
-            "bytes_out": self.bytes_out,
-            "request_time": format!("{:.3}", self.start.elapsed().as_secs_f64()),
-            "upstream_addr": list(&|a| a.addr.map(|a| a.to_string())),
-            "upstream_status": list(&|a| a.status.map(|s| s.to_string())),
-            "upstream_connect_time": list(&|a| secs(a.connect)),
-            "upstream_header_time": list(&|a| secs(a.header)),
-            "upstream_response_time": list(&|a| secs(a.response)),
-        })
-        .to_string();
-        let _ = writeln!(line);
-        line
+        let secs = |d: Option<Duration>, out: &mut String| match d {
+            Some(d) => write!(out, "{:.3}", d.as_secs_f64()),
+            None => Ok(()),
+        };
+        let line = Line {
+            time: humantime::format_rfc3339_millis(self.time).to_string(),
+            listener: &self.listener,
+            client: self.client.to_string(),
+            host: &self.host,
+            method: &self.method,
+            path: &self.path,
+            protocol: self.protocol,
+            status: self.status.unwrap_or(499),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out,
+            request_time: format!("{:.3}", self.start.elapsed().as_secs_f64()),
+            upstream_addr: list(&|a, o| a.addr.map_or(Ok(()), |x| write!(o, "{x}"))),
+            upstream_status: list(&|a, o| a.status.map_or(Ok(()), |x| write!(o, "{x}"))),
+            upstream_connect_time: list(&|a, o| secs(a.connect, o)),
+            upstream_header_time: list(&|a, o| secs(a.header, o)),
+            upstream_response_time: list(&|a, o| secs(a.response, o)),
+        };
+        let mut out = serde_json::to_string(&line).unwrap_or_default();
+        out.push('\n');
+        out
     }
 }
 

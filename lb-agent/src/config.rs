@@ -218,6 +218,19 @@ pub struct Acl {
     pub deny: Vec<ipnetwork::IpNetwork>,
 }
 
+impl Acl {
+    /// Whether `client` may connect: `deny` wins over `allow`; an empty `allow` admits all.
+    /// An IPv4 client on a dual-stack socket (`::ffff:a.b.c.d`) is matched as IPv4.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let client = match client {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
+            v4 => v4,
+        };
+        !self.deny.iter().any(|n| n.contains(client))
+            && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(client)))
+    }
+}
+
 fn default_table_size() -> u32 {
     lb_common::maps::MAX_RING
 }

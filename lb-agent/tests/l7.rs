@@ -1057,3 +1057,29 @@ async fn http_probes_take_a_failing_backend_out_and_back_and_none_left_is_503() 
     println!("http: b back after {recovery:?}");
     lb.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn the_listeners_acl_refuses_clients_at_accept() {
+    let web = backend("web").await;
+    let with_acl = |acl: &str| {
+        format!("  - {{ name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {{log}}, acl: {acl} }}\n")
+    };
+    let denied = lb(&with_acl("{ deny: [127.0.0.0/8] }"), &pool("web", &[web])).await;
+    let mut s = TcpStream::connect(denied.addr("site")).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(LIMIT, s.read(&mut buf)).await.unwrap();
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+            || matches!(read, Ok(0)),
+        "{read:?}"
+    );
+    let allowed = lb(
+        &with_acl("{ allow: [127.0.0.1/32], deny: [10.0.0.0/8] }"),
+        &pool("web", &[web]),
+    )
+    .await;
+    let a = send(allowed.addr("site"), get("x", "/")).await;
+    assert_eq!(a.status, StatusCode::OK);
+}

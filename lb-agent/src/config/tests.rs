@@ -686,3 +686,20 @@ fn errors_stay_on_one_line_whatever_the_file_holds() {
     assert!(e.starts_with("lb.yaml:1:"), "{e}");
     assert!(e.contains("unknown field `~\\n'`"), "{e}");
 }
+
+#[test]
+fn acl_deny_wins_and_an_empty_allow_admits_everyone() {
+    let acl = |allow: &[&str], deny: &[&str]| Acl {
+        allow: allow.iter().map(|n| n.parse().unwrap()).collect(),
+        deny: deny.iter().map(|n| n.parse().unwrap()).collect(),
+    };
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(acl(&[], &[]).admits(ip("192.0.2.1")));
+    assert!(!acl(&[], &["192.0.2.0/24"]).admits(ip("192.0.2.1")));
+    assert!(!acl(&["192.0.2.0/24"], &["192.0.2.1/32"]).admits(ip("192.0.2.1")));
+    assert!(acl(&["192.0.2.0/24"], &["192.0.2.1/32"]).admits(ip("192.0.2.2")));
+    assert!(!acl(&["192.0.2.0/24"], &[]).admits(ip("198.51.100.1")));
+    // A dual-stack socket's IPv4 peer is matched as IPv4.
+    assert!(!acl(&[], &["192.0.2.0/24"]).admits(ip("::ffff:192.0.2.1")));
+    assert!(acl(&["2001:db8::/32"], &[]).admits(ip("2001:db8::1")));
+}

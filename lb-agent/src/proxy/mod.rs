@@ -157,6 +157,12 @@ impl Server {
         loop {
             tokio::select! {
                 accepted = self.tcp.accept() => match accepted {
+                    Ok((stream, peer)) if !self.site.acl.admits(peer.ip()) => {
+                        debug!(listener = %self.site.name, client = %peer, "refused by the ACL");
+                        // A reset, not a close: the client learns at once, nothing is sent
+                        // (a zero linger does not block).
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    }
                     Ok((stream, peer)) => {
                         let conn = Conn {
                             site: self.site.clone(),
@@ -281,6 +287,8 @@ struct Site {
     max_requests: u32,
     backend_tls: Option<tokio_rustls::TlsConnector>,
     log: AccessLog,
+    /// Which clients may connect (checked at accept, as the datapath does for tcp/udp).
+    acl: crate::config::Acl,
 }
 
 impl Site {
@@ -350,6 +358,7 @@ impl Site {
             backend_tls: (l.backend_protocol.unwrap_or_default() == BackendProtocol::Https)
                 .then(|| tokio_rustls::TlsConnector::from(tls::backend_client_config())),
             log,
+            acl: l.acl.clone(),
         })
     }
 

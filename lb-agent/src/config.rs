@@ -13,7 +13,7 @@ mod tests;
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -63,6 +63,32 @@ pub struct AgentConfig {
     pub interfaces: Vec<String>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// Where the admin API (`crate::admin`: status, metrics, weight and drain) listens: a
+    /// loopback, wildcard or local address and a port. Default 127.0.0.1:9100.
+    #[serde(default = "default_admin", deserialize_with = "admin_addr")]
+    pub admin: SocketAddr,
+}
+
+/// The admin API's default address: loopback only, Prometheus' usual exporter port range.
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
+
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN
+}
+
+/// `IP:PORT` or `[IPv6]:PORT`, with a message that shows the expected form.
+fn admin_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        de::Error::custom(format!(
+            "`{text}` is not an address and port (e.g. 127.0.0.1:9100 or [::1]:9100)"
+        ))
+    })?;
+    if addr.port() == 0 {
+        return Err(de::Error::custom(format!("{addr}: port 0 is not a port")));
+    }
+    Ok(addr)
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -787,6 +813,18 @@ impl Config {
                     return Err((
                         path,
                         format!("interface `{name}` does not exist on this host"),
+                    ));
+                }
+            }
+        }
+
+        let admin = self.agent.admin.ip();
+        if !admin.is_loopback() && !admin.is_unspecified() {
+            if let Some(addrs) = &host.addresses {
+                if !addrs.contains(&admin) {
+                    return Err((
+                        "agent.admin".into(),
+                        format!("{admin} is not an address of this host"),
                     ));
                 }
             }

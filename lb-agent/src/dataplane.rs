@@ -314,7 +314,9 @@ impl Dataplane {
             ..Default::default()
         };
         let mut doomed = Vec::new();
+        let mut snat = gc::SnatCount::new(&plan.snat_addrs);
         for (key, e) in &entries {
+            snat.add(key, e);
             let pair_key = e.pair_key(key.proto, key.family);
             let pair = entries.get(&pair_key);
             // Each flow is judged once: from its original entry, or from an orphan reply.
@@ -342,6 +344,7 @@ impl Dataplane {
                 }
             }
         }
+        report.snat = snat.finish();
         for key in doomed {
             // Already gone (LRU eviction, or the datapath re-created it) is fine.
             let _ = self.conntrack.remove(&key);

@@ -6,6 +6,7 @@ pub mod gc;
 pub mod health;
 pub mod maglev;
 pub mod netif;
+pub mod overrides;
 pub mod plan;
 pub mod proxy;
 pub mod stats;

@@ -4,7 +4,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{config, dataplane::Dataplane, gc, health::Health, netif, plan, proxy, stats};
+use lb_agent::{
+    config, dataplane::Dataplane, gc, health::Health, netif, overrides, plan, proxy, stats,
+};
 use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
@@ -64,7 +66,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = config::load(&path)?;
     let health = std::sync::Arc::new(Health::new(&cfg));
     // Probed backends start offline (a new backend is online after its first success).
-    let mut plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
+    // Weight and drain changes from the admin API; cleared when the config is replaced.
+    let overrides = overrides::Overrides::default();
+    let mut plan = plan::build_with(&cfg, &overrides, |p, b| health.is_up(p, b));
     let mut dp = Dataplane::load().context("loading the XDP program")?;
     dp.apply(&plan).context("filling the maps")?;
     for iface in &cfg.agent.interfaces {
@@ -110,7 +114,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 _ = health.changed() => {
                     // One snapshot for the tables and the log line: probes keep changing it.
                     let up = health.snapshot();
-                    plan = plan::build_with(&cfg, |p, b| up.is_up(p, b));
+                    plan = plan::build_with(&cfg, &overrides, |p, b| up.is_up(p, b));
                     match tokio::task::block_in_place(|| dp.apply(&plan)) {
                         Ok(()) => info!(
                             healthy = up.healthy(),

@@ -97,7 +97,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
         let (stop, stopped) = tokio::sync::watch::channel(());
-        let proxies = proxy::start(&cfg, &health, stopped, SHUTDOWN_GRACE)
+        let (_requests, proxies) = proxy::start(&cfg, &health, stopped, SHUTDOWN_GRACE)
             .await
             .context("starting the L7 proxy")?;
         // Dropped at the end of this block, which stops the probes.

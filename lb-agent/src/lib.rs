@@ -1,5 +1,6 @@
 //! lb-agent: loads the XDP FullNAT program, turns a YAML topology into its map contents and
 //! keeps them there.
+pub mod admin;
 pub mod config;
 pub mod dataplane;
 pub mod gc;

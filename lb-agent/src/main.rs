@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_agent::{
-    config, dataplane::Dataplane, gc, health::Health, netif, overrides, plan, proxy, stats,
+    admin, config, dataplane::Dataplane, gc, health::Health, netif, overrides, plan, proxy, stats,
 };
 use tracing::{debug, error, info, warn};
 
@@ -65,9 +65,9 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = config::load(&path)?;
     let health = std::sync::Arc::new(Health::new(&cfg));
-    // Probed backends start offline (a new backend is online after its first success).
     // Weight and drain changes from the admin API; cleared when the config is replaced.
-    let overrides = overrides::Overrides::default();
+    let mut overrides = overrides::Overrides::default();
+    // Probed backends start offline (a new backend is online after its first success).
     let mut plan = plan::build_with(&cfg, &overrides, |p, b| health.is_up(p, b));
     let mut dp = Dataplane::load().context("loading the XDP program")?;
     dp.apply(&plan).context("filling the maps")?;
@@ -97,14 +97,19 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
         let (stop, stopped) = tokio::sync::watch::channel(());
-        let (_requests, proxies) = proxy::start(&cfg, &health, stopped, SHUTDOWN_GRACE)
+        let (requests, proxies) = proxy::start(&cfg, &health, stopped, SHUTDOWN_GRACE)
             .await
             .context("starting the L7 proxy")?;
+        // The admin API shows the views published here and sends back weight and drain changes.
+        let (publisher, views) = admin::Publisher::new(&path, health.clone(), requests);
+        let (changes, mut commands) = tokio::sync::mpsc::channel(16);
+        admin::serve(cfg.agent.admin, views, changes).await?;
         // Dropped at the end of this block, which stops the probes.
         let _checks = health.start(&cfg);
         info!(config = %path.display(), listeners = cfg.listeners.len(), backends = plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
         let mut last = gc::Report::default();
+        tokio::task::block_in_place(|| publisher.publish(&dp, &cfg, &plan, &overrides, &last));
         loop {
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM"); break; }
@@ -126,15 +131,33 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                     }
                 }
                 // A sweep is blocking map syscalls: keep it off the proxy's workers' queue.
-                _ = sweep.tick() => match tokio::task::block_in_place(|| dp.gc(&plan, gc::monotonic_ns())) {
-                    Ok(r) => {
-                        if r.expired > 0 {
-                            debug!(expired = r.expired, entries = r.entries, "conntrack sweep");
+                _ = sweep.tick() => tokio::task::block_in_place(|| {
+                    match dp.gc(&plan, gc::monotonic_ns()) {
+                        Ok(r) => {
+                            if r.expired > 0 {
+                                debug!(expired = r.expired, entries = r.entries, "conntrack sweep");
+                            }
+                            last = r;
                         }
-                        last = r;
+                        Err(e) => warn!(error = %e, "conntrack sweep failed"),
                     }
-                    Err(e) => warn!(error = %e, "conntrack sweep failed"),
-                },
+                    publisher.publish(&dp, &cfg, &plan, &overrides, &last);
+                }),
+                Some(c) = commands.recv() => {
+                    let result = overrides.set(&cfg, &c.pool, c.backend, c.change);
+                    if result.is_ok() {
+                        info!(pool = %c.pool, backend = %c.backend, change = ?c.change, "admin change");
+                        overrides.apply_to(&health);
+                        plan = plan::build_with(&cfg, &overrides, |p, b| health.is_up(p, b));
+                        tokio::task::block_in_place(|| {
+                            if let Err(e) = dp.apply(&plan) {
+                                error!(error = %e, "updating the backend tables for an admin change");
+                            }
+                            publisher.publish(&dp, &cfg, &plan, &overrides, &last);
+                        });
+                    }
+                    c.reply(result);
+                }
             }
         }
         let _ = stop.send(());

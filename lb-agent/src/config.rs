@@ -541,6 +541,25 @@ impl<'de> Deserialize<'de> for CodeRange {
 }
 
 impl HealthCheck {
+    /// A check of `protocol` with `timeout` and every other setting at its default: what
+    /// `lb-agent diagnose` runs once against a backend.
+    pub fn once(protocol: CheckProtocol, timeout: Duration) -> Self {
+        Self {
+            protocol,
+            port: None,
+            interval: None,
+            timeout: Some(timeout),
+            healthy_threshold: None,
+            unhealthy_threshold: None,
+            method: None,
+            path: None,
+            host: None,
+            expected_codes: None,
+            send: None,
+            expect: None,
+        }
+    }
+
     /// Whether probes run at all.
     pub fn active(&self) -> bool {
         self.protocol != CheckProtocol::None

@@ -1,11 +1,17 @@
-//! `lb-agent run | check`: the command line. Everything else lives in the library.
+//! `lb-agent run | check | status | stats | diagnose`: the command line. Everything else lives
+//! in the library.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use lb_agent::{
-    admin, config, dataplane::Dataplane, gc, health::Health, netif, overrides, plan, proxy, stats,
+    admin, cli, config, dataplane::Dataplane, gc, health::Health, netif, overrides, plan, proxy,
+    stats,
 };
 use tracing::{debug, error, info, warn};
 
@@ -29,6 +35,43 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show the running agent's listeners, pools and backends: health, weight, active flows.
+    Status {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Show the running agent's counters: packets by verdict (drops by reason), traffic per
+    /// listener and per backend, conntrack and SNAT port use.
+    Stats {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Check why clients cannot reach a listener or get 5xx: listener, VIP, XDP attachment,
+    /// interface settings, route and ACL for a client, backends (health and a live check from
+    /// the LB), SNAT and conntrack pressure, drops, recent 5xx in access logs. One line per
+    /// finding with a fix; exits 1 when something is wrong.
+    Diagnose {
+        #[command(flatten)]
+        api: Api,
+        /// A client address: checks the route back to it and the listeners' ACL verdict.
+        #[arg(long)]
+        client: Option<IpAddr>,
+        /// Only this listener and its pools (default: all).
+        #[arg(long)]
+        listener: Option<String>,
+    },
+}
+
+/// How the commands find the running agent.
+#[derive(Args)]
+struct Api {
+    /// The admin API (default: `agent.admin` of --config, else 127.0.0.1:9100).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The agent's config file: where its admin API listens (and, for diagnose, what to check;
+    /// by default the file the running agent reports).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +91,13 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Run { config } => run(config),
+        Command::Status { api } => show(&api, cli::status_table),
+        Command::Stats { api } => show(&api, cli::stats_table),
+        Command::Diagnose {
+            api,
+            client,
+            listener,
+        } => return diagnose(api, client, listener),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -56,6 +106,59 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The CLI commands talk to the API on a small runtime of their own.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+/// Prints the running agent's status through `render`.
+fn show(api: &Api, render: fn(&admin::status::Status) -> String) -> anyhow::Result<()> {
+    let addr = cli::admin_address(api.admin, api.config.as_deref())?;
+    let status = block_on(admin::client::status(addr))??;
+    print!("{}", render(&status));
+    Ok(())
+}
+
+fn diagnose(api: Api, client: Option<IpAddr>, listener: Option<String>) -> ExitCode {
+    let admin = match cli::admin_address(api.admin, api.config.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = cli::diagnose::Options {
+        admin,
+        config: api.config,
+        client,
+        listener,
+    };
+    let findings = match block_on(cli::diagnose::run(&options)) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for f in &findings {
+        println!("{f}");
+    }
+    let failed = findings
+        .iter()
+        .filter(|f| f.level == cli::diagnose::Level::Fail)
+        .count();
+    if failed == 0 {
+        println!("no problem found");
+        ExitCode::SUCCESS
+    } else {
+        println!("{failed} problem(s) found");
+        ExitCode::FAILURE
     }
 }
 

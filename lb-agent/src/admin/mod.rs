@@ -14,7 +14,7 @@ pub mod client;
 pub mod metrics;
 pub mod status;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     convert::Infallible,

@@ -37,7 +37,7 @@ pools:
 ";
 
 /// The fixture's state: config, health (nothing probed yet: `web` is pending) and L7 counters.
-pub(super) struct Fixture {
+pub(crate) struct Fixture {
     pub config: Config,
     pub health: Arc<Health>,
     pub requests: Vec<Arc<RequestStats>>,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb_agent::{config, health::Health, proxy};
+use lb_agent::{admin, config, health::Health, proxy};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -153,6 +153,8 @@ struct Lb {
     _checks: tokio::task::JoinSet<()>,
     _dir: TempDir,
     log: PathBuf,
+    /// Each listener's request counters, as the admin API's /metrics reads them.
+    requests: Vec<Arc<proxy::metrics::RequestStats>>,
 }
 
 impl Lb {
@@ -217,6 +219,7 @@ async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
     let (stop, stopped) = watch::channel(());
     let mut done = tokio::task::JoinSet::new();
     let mut addrs = Vec::new();
+    let requests = servers.iter().map(proxy::Server::requests).collect();
     for (s, l) in servers
         .into_iter()
         .zip(cfg.listeners.iter().filter(|l| l.protocol.is_l7()))
@@ -231,6 +234,7 @@ async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
         _checks: health.start(&cfg),
         _dir: dir,
         log,
+        requests,
     }
 }
 
@@ -418,6 +422,87 @@ async fn forwarded_headers_are_added_host_kept_and_hop_by_hop_removed() {
     // The backend's own hop-by-hop header does not reach the client.
     assert!(r.headers.get("keep-alive").is_none());
     assert_eq!(r.headers["x-backend"], "web");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+// === metrics ===
+
+#[tokio::test]
+async fn requests_are_counted_by_code_and_latency_in_prometheus_text() {
+    let (web, slow, garbage) = (
+        backend("web").await,
+        backend("slow").await,
+        garbage_backend().await,
+    );
+    let lb = lb(
+        "  - name: site
+    protocol: http
+    vip: 127.0.0.1
+    port: 8080
+    pool: web
+    access_log: {log}
+    routes:
+      - { path_prefix: /slow, pool: slow }
+      - { path_prefix: /garbage, pool: garbage }
+",
+        &[
+            pool("web", &[web]),
+            pool("slow", &[slow]),
+            pool("garbage", &[garbage]),
+        ]
+        .concat(),
+    )
+    .await;
+    let a = lb.addr("site");
+    for _ in 0..5 {
+        assert_eq!(send(a, get("x", "/")).await.status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(send(a, get("x", "/garbage")).await.status, 502);
+    }
+    // The backend takes 3 s.
+    assert_eq!(send(a, get("x", "/slow")).await.status, 200);
+    // Counted when the access log record is written.
+    assert_eq!(lb.log_lines(8).await.len(), 8);
+
+    let view = admin::View {
+        requests: lb.requests.clone(),
+        ..Default::default()
+    };
+    let text = admin::metrics::render(&view);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let sample = |metric: &str, code: Option<&str>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == metric
+                    && s.labels.get("listener") == Some("site")
+                    && s.labels.get("code") == code
+            })
+            .unwrap_or_else(|| panic!("{metric} {code:?} in\n{text}"))
+            .value
+            .clone()
+    };
+    use prometheus_parse::Value;
+    assert_eq!(
+        sample("lb_http_requests_total", Some("200")),
+        Value::Counter(6.0)
+    );
+    assert_eq!(
+        sample("lb_http_requests_total", Some("502")),
+        Value::Counter(2.0)
+    );
+    let Value::Histogram(buckets) = sample("lb_http_request_duration_seconds", None) else {
+        panic!("a histogram:\n{text}")
+    };
+    let at = |le: f64| buckets.iter().find(|b| b.less_than == le).unwrap().count;
+    assert_eq!(at(2.5), 7.0, "all but the slow one within 2.5 s");
+    assert_eq!((at(5.0), at(f64::INFINITY)), (8.0, 8.0));
+    let Value::Untyped(sum) = sample("lb_http_request_duration_seconds_sum", None) else {
+        panic!("{text}")
+    };
+    assert!((3.0..10.0).contains(&sum), "{sum}");
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -184,57 +184,63 @@ type BackendGauge = (&'static str, &'static str, fn(&Backend) -> Option<f64>);
 /// Label names and values of one sample.
 type Labels = Vec<(&'static str, String)>;
 
+/// A counter by direction: unit, help, and the (in, out) values.
+type Directed = (&'static str, String, fn(&Traffic) -> [u64; 2]);
+/// A flow metric: name suffix, type, help, value.
+type Flows = (&'static str, &'static str, String, fn(&Traffic) -> u64);
+
 /// Packets and bytes (each by direction), new flows and active flows of `what` (`listener` or
 /// `backend`).
 fn traffic(w: &mut Writer, what: &str, items: &[(Labels, &Traffic)]) {
-    let with_direction = |labels: &Labels, dir: &str| {
-        let mut l = labels.clone();
-        l.push(("direction", dir.into()));
-        l
-    };
-    let packets = format!("lb_{what}_packets_total");
-    w.family(
-        &packets,
-        "counter",
-        &format!(
-            "Packets of the {what}'s flows through the XDP program, by direction (in: client \
-             to backend, out: backend to client)."
+    let directed: [Directed; 2] = [
+        (
+            "packets",
+            format!(
+                "Packets of the {what}'s flows through the XDP program, by direction (in: \
+                 client to backend, out: backend to client)."
+            ),
+            |t| [t.packets_in, t.packets_out],
         ),
-    );
-    for (labels, t) in items {
-        w.sample(&packets, &with_direction(labels, "in"), t.packets_in);
-        w.sample(&packets, &with_direction(labels, "out"), t.packets_out);
-    }
-    let bytes = format!("lb_{what}_bytes_total");
-    w.family(
-        &bytes,
-        "counter",
-        &format!(
-            "Bytes (Ethernet frames) of the {what}'s flows through the XDP program, by \
-             direction."
+        (
+            "bytes",
+            format!(
+                "Bytes (Ethernet frames) of the {what}'s flows through the XDP program, by \
+                 direction."
+            ),
+            |t| [t.bytes_in, t.bytes_out],
         ),
-    );
-    for (labels, t) in items {
-        w.sample(&bytes, &with_direction(labels, "in"), t.bytes_in);
-        w.sample(&bytes, &with_direction(labels, "out"), t.bytes_out);
+    ];
+    for (unit, help, values) in directed {
+        let name = format!("lb_{what}_{unit}_total");
+        w.family(&name, "counter", &help);
+        for (labels, t) in items {
+            for (direction, v) in ["in", "out"].into_iter().zip(values(t)) {
+                let mut l = labels.clone();
+                l.push(("direction", direction.into()));
+                w.sample(&name, &l, v);
+            }
+        }
     }
-    let new = format!("lb_{what}_new_flows_total");
-    w.family(
-        &new,
-        "counter",
-        &format!("Flows the XDP program scheduled to the {what}."),
-    );
-    for (labels, t) in items {
-        w.sample(&new, labels, t.new_flows);
-    }
-    let active = format!("lb_{what}_active_flows");
-    w.family(
-        &active,
-        "gauge",
-        &format!("Live (not closing) flows of the {what} at the last conntrack sweep."),
-    );
-    for (labels, t) in items {
-        w.sample(&active, labels, t.active_flows);
+    let flows: [Flows; 2] = [
+        (
+            "new_flows_total",
+            "counter",
+            format!("Flows the XDP program scheduled to the {what}."),
+            |t| t.new_flows,
+        ),
+        (
+            "active_flows",
+            "gauge",
+            format!("Live (not closing) flows of the {what} at the last conntrack sweep."),
+            |t| t.active_flows,
+        ),
+    ];
+    for (suffix, kind, help, value) in flows {
+        let name = format!("lb_{what}_{suffix}");
+        w.family(&name, kind, &help);
+        for (labels, t) in items {
+            w.sample(&name, labels, value(t));
+        }
     }
 }
 

@@ -306,20 +306,9 @@ async fn apply(
 
 /// `{"weight": N}` or a bare `N`.
 fn parse_weight(body: &[u8]) -> Result<u32, String> {
-    let bad = || {
-        format!(
-            "expected a weight, {{\"weight\": N}} or N, got `{}`",
-            String::from_utf8_lossy(body).trim()
-        )
-    };
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| bad())?;
-    let n = match &v {
-        serde_json::Value::Object(o) if o.len() == 1 => o.get("weight"),
-        n => Some(n),
-    };
-    n.and_then(serde_json::Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or_else(bad)
+    parse_body(body, "weight", "a weight, {\"weight\": N} or N", |v| {
+        v.as_u64().and_then(|n| u32::try_from(n).ok())
+    })
 }
 
 /// Nothing (drain), `true`/`false`, or `{"drain": true|false}`.
@@ -327,18 +316,34 @@ fn parse_drain(body: &[u8]) -> Result<bool, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(true);
     }
+    parse_body(
+        body,
+        "drain",
+        "no body, true, false or {\"drain\": BOOL}",
+        serde_json::Value::as_bool,
+    )
+}
+
+/// A JSON body holding a bare value or `{"<key>": value}`, converted by `convert`; the error
+/// says what was `expected` and what came.
+fn parse_body<T>(
+    body: &[u8],
+    key: &str,
+    expected: &str,
+    convert: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<T, String> {
     let bad = || {
         format!(
-            "expected no body, true, false or {{\"drain\": BOOL}}, got `{}`",
+            "expected {expected}, got `{}`",
             String::from_utf8_lossy(body).trim()
         )
     };
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| bad())?;
-    let d = match &v {
-        serde_json::Value::Object(o) if o.len() == 1 => o.get("drain"),
-        d => Some(d),
+    let inner = match &v {
+        serde_json::Value::Object(o) if o.len() == 1 => o.get(key),
+        v => Some(v),
     };
-    d.and_then(serde_json::Value::as_bool).ok_or_else(bad)
+    inner.and_then(convert).ok_or_else(bad)
 }
 
 /// `%XX` escapes decoded; `None` when one is malformed or the result is not UTF-8.

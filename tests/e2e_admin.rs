@@ -201,7 +201,7 @@ fn weight_and_drain_change_the_status_and_where_new_connections_go() {
     );
     assert!(b(&status(&topo), 0).serving);
     let per = spread(&topo, 60);
-    assert!(per.get("backend-1").is_some(), "back in service {per:?}");
+    assert!(per.contains_key("backend-1"), "back in service {per:?}");
 
     // The datapath's per-backend counters saw the same: nothing for backend 1 while drained.
     let s = scrape_until(&topo, "220 new flows counted", |s| {

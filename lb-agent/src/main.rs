@@ -120,7 +120,8 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
 /// Prints the running agent's status through `render`.
 fn show(api: &Api, render: fn(&admin::status::Status) -> String) -> anyhow::Result<()> {
     let addr = cli::admin_address(api.admin, api.config.as_deref())?;
-    let status = block_on(admin::client::status(addr))??;
+    // The message already names the cause; as an anyhow chain it would repeat it.
+    let status = block_on(admin::client::status(addr))?.map_err(|e| anyhow::anyhow!("{e}"))?;
     print!("{}", render(&status));
     Ok(())
 }

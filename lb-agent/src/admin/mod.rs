@@ -109,7 +109,8 @@ impl Publisher {
     ) -> (Self, watch::Receiver<Arc<View>>) {
         let (views, rx) = watch::channel(Arc::new(View::default()));
         let publisher = Self {
-            config_path: config_path.into(),
+            // Absolute, so `diagnose` finds it from any directory.
+            config_path: std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.into()),
             health,
             requests,
             views,

@@ -58,6 +58,17 @@ fn syn_to_vip_is_fullnat_rewritten_and_the_syn_ack_comes_back_to_the_client() {
             2,
             "one original and one reply entry"
         );
+
+        // The chosen backend counted the flow and its packets (SYN twice and the ACK in, the
+        // SYN-ACK out, by frame length); the others nothing.
+        let stats = f.dp.backend_stats(3).unwrap();
+        let frame = syn.len() as u64;
+        assert_eq!(stats[b].new_flows, 1, "{stats:?}");
+        assert_eq!((stats[b].packets_in, stats[b].bytes_in), (3, 3 * frame));
+        assert_eq!((stats[b].packets_out, stats[b].bytes_out), (1, frame));
+        for (i, s) in stats.iter().enumerate().filter(|&(i, _)| i != b) {
+            assert_eq!(s.packets_in + s.packets_out + s.new_flows, 0, "backend {i}");
+        }
     });
 }
 

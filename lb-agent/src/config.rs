@@ -13,7 +13,7 @@ mod tests;
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -70,10 +70,36 @@ pub struct AgentConfig {
     /// Reload when the config file changes (checked every second), as on SIGHUP.
     #[serde(default)]
     pub watch_config: bool,
+    /// Where the admin API (`crate::admin`: status, metrics, weight and drain) listens: a
+    /// loopback, wildcard or local address and a port. Default 127.0.0.1:9100.
+    #[serde(default = "default_admin", deserialize_with = "admin_addr")]
+    pub admin: SocketAddr,
 }
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from(crate::state::DEFAULT_STATE_DIR)
+}
+
+/// The admin API's default address: loopback only, Prometheus' usual exporter port range.
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
+
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN
+}
+
+/// `IP:PORT` or `[IPv6]:PORT`, with a message that shows the expected form.
+fn admin_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        de::Error::custom(format!(
+            "`{text}` is not an address and port (e.g. 127.0.0.1:9100 or [::1]:9100)"
+        ))
+    })?;
+    if addr.port() == 0 {
+        return Err(de::Error::custom(format!("{addr}: port 0 is not a port")));
+    }
+    Ok(addr)
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -548,6 +574,26 @@ impl<'de> Deserialize<'de> for CodeRange {
 }
 
 impl HealthCheck {
+    /// A check of `protocol` with `timeout` and every other setting at its default: what
+    /// `lb-agent diagnose` runs once against a backend.
+    pub fn once(protocol: CheckProtocol, timeout: Duration) -> Self {
+        Self {
+            protocol,
+            port: None,
+            interval: None,
+            timeout: Some(timeout),
+            healthy_threshold: None,
+            unhealthy_threshold: None,
+            method: None,
+            path: None,
+            host: None,
+            expected_codes: None,
+            ca: None,
+            send: None,
+            expect: None,
+        }
+    }
+
     /// Whether probes run at all.
     pub fn active(&self) -> bool {
         self.protocol != CheckProtocol::None
@@ -827,6 +873,18 @@ impl Config {
 
         if !self.agent.state_dir.is_absolute() {
             return Err(("agent.state_dir".into(), "must be an absolute path".into()));
+        }
+
+        let admin = self.agent.admin.ip();
+        if !admin.is_loopback() && !admin.is_unspecified() {
+            if let Some(addrs) = &host.addresses {
+                if !addrs.contains(&admin) {
+                    return Err((
+                        "agent.admin".into(),
+                        format!("{admin} is not an address of this host"),
+                    ));
+                }
+            }
         }
 
         let mut pools = HashMap::new();

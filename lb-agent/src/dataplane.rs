@@ -12,7 +12,7 @@ use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    counters::{Counter, ListenerStats},
+    counters::{BackendStats, Counter, ListenerStats},
     flow::AddrBe,
     maps::{self, ring_base},
     AclKey, Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
@@ -76,6 +76,7 @@ pub struct Dataplane {
     global: Array<MapData, GlobalConfig>,
     counters: PerCpuArray<MapData, u64>,
     listener_stats: PerCpuArray<MapData, ListenerStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     acl_allow: LpmTrie<MapData, AclKey, u8>,
     acl_deny: LpmTrie<MapData, AclKey, u8>,
@@ -174,6 +175,8 @@ impl Dataplane {
             PerCpuArray::try_from(take(maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
         let listener_stats = PerCpuArray::try_from(take(maps::LISTENER_STATS)?)
             .map_err(map_err(maps::LISTENER_STATS))?;
+        let backend_stats = PerCpuArray::try_from(take(maps::BACKEND_STATS)?)
+            .map_err(map_err(maps::BACKEND_STATS))?;
         let conntrack =
             HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
         let acl_allow =
@@ -190,6 +193,7 @@ impl Dataplane {
             global,
             counters,
             listener_stats,
+            backend_stats,
             conntrack,
             acl_allow,
             acl_deny,
@@ -449,16 +453,13 @@ impl Dataplane {
                 .map_err(map_err(maps::COUNTERS))?;
             s.counters.push((c, v.iter().sum()));
         }
-        for id in 0..listeners as u32 {
-            let v = self
-                .listener_stats
-                .get(&id, 0)
-                .map_err(map_err(maps::LISTENER_STATS))?;
-            let mut total = ListenerStats::default();
-            v.iter().for_each(|x| total.add(x));
-            s.listeners.push(total);
-        }
+        s.listeners = totals(&self.listener_stats, maps::LISTENER_STATS, listeners)?;
         Ok(s)
+    }
+
+    /// Per-backend traffic totals over all CPUs, indexed by backend id.
+    pub fn backend_stats(&self, backends: usize) -> Result<Vec<BackendStats>, DataplaneError> {
+        totals(&self.backend_stats, maps::BACKEND_STATS, backends)
     }
 
     /// Writes one conntrack entry (state restore, benchmarks).
@@ -495,7 +496,9 @@ impl Dataplane {
         };
         let mut doomed = Vec::new();
         let mut resets = Vec::new();
+        let mut snat = gc::SnatCount::new(&plan.snat_addrs);
         for (key, e) in &entries {
+            snat.add(key, e);
             let pair_key = e.pair_key(key.proto, key.family);
             let pair = entries.get(&pair_key);
             // Each flow is judged once: from its original entry, or from an orphan reply.
@@ -524,6 +527,7 @@ impl Dataplane {
                 }
             }
         }
+        report.snat = snat.finish();
         for key in doomed {
             // Already gone (LRU eviction, or the datapath re-created it) is fine.
             let _ = self.conntrack.remove(&key);
@@ -543,6 +547,22 @@ impl Dataplane {
         }
         Ok(report)
     }
+}
+
+/// The first `n` entries of a per-CPU traffic map, each summed over the CPUs.
+fn totals(
+    map: &PerCpuArray<MapData, ListenerStats>,
+    name: &'static str,
+    n: usize,
+) -> Result<Vec<ListenerStats>, DataplaneError> {
+    (0..n as u32)
+        .map(|id| {
+            let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
+            let mut total = ListenerStats::default();
+            per_cpu.iter().for_each(|x| total.add(x));
+            Ok(total)
+        })
+        .collect()
 }
 
 /// Makes an ACL trie hold exactly the plan's prefixes (indexed by listener id): new ones are

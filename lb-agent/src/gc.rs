@@ -2,9 +2,13 @@
 //! datapath only records state and last-seen time; the agent deletes expired flows (both
 //! entries, which frees the SNAT port) on a timer.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
-use lb_common::conn::{STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED};
+use lb_common::{
+    conn::{DIR_REPLY, STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED},
+    flow::AddrBe,
+    ConnEntry, FlowKey,
+};
 
 /// An unanswered or half-open handshake: short, so a SYN flood's entries go quickly.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +50,55 @@ pub struct Report {
     pub backend_active: Vec<u64>,
     /// RSTs sent for idled-out flows of `reset_on_idle` listeners.
     pub resets: usize,
+    /// SNAT ports in use, per SNAT address (in the plan's order).
+    pub snat: Vec<SnatPorts>,
+}
+
+/// How many ports of one SNAT address flows hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnatPorts {
+    /// Over all backends.
+    pub in_use: u64,
+    /// Towards the backend with the most: a port is unique per SNAT address *and* backend
+    /// (the reply tuple), so this is what runs out first, at the port range's size.
+    pub busiest_backend: u64,
+}
+
+/// Counts SNAT ports from the reply entries of a conntrack scan: their key is
+/// backend → SNAT address:port.
+pub struct SnatCount<'a> {
+    addrs: &'a [AddrBe],
+    /// (SNAT address index, backend id) → ports.
+    ports: HashMap<(usize, u32), u64>,
+}
+
+impl<'a> SnatCount<'a> {
+    pub fn new(addrs: &'a [AddrBe]) -> Self {
+        Self {
+            addrs,
+            ports: HashMap::new(),
+        }
+    }
+
+    /// Counts `key` if it is the reply entry of a SNAT flow (passthrough replies are keyed on
+    /// the client, not a SNAT address).
+    pub fn add(&mut self, key: &FlowKey, e: &ConnEntry) {
+        if e.dir != DIR_REPLY {
+            return;
+        }
+        if let Some(i) = self.addrs.iter().position(|a| *a == key.dst_be) {
+            *self.ports.entry((i, e.backend_id)).or_insert(0) += 1;
+        }
+    }
+
+    pub fn finish(self) -> Vec<SnatPorts> {
+        let mut out = vec![SnatPorts::default(); self.addrs.len()];
+        for ((i, _), n) in self.ports {
+            out[i].in_use += n;
+            out[i].busiest_backend = out[i].busiest_backend.max(n);
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! lb-agent: loads the XDP FullNAT program, turns a YAML topology into its map contents and
 //! keeps them there.
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod gc;
 pub mod health;
 pub mod maglev;
 pub mod netif;
+pub mod overrides;
 pub mod plan;
 pub mod proxy;
 pub mod reset;

@@ -1,7 +1,8 @@
-//! `lb-agent run | check | reload | stop`: the command line. Everything else lives in the
-//! library.
+//! `lb-agent run | check | reload | stop | status | stats | diagnose`: the command line.
+//! Everything else lives in the library.
 
 use std::{
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
@@ -9,15 +10,16 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use lb_agent::{
+    admin, cli,
     config::{self, Config},
     dataplane::{self, Dataplane},
     gc,
     health::Health,
-    netif, plan,
+    netif, overrides, plan,
     plan::Plan,
-    proxy,
+    proxy::{self, metrics::RequestStats},
     state::{State, DEFAULT_STATE_DIR},
     stats,
 };
@@ -67,6 +69,43 @@ enum Command {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Show the running agent's listeners, pools and backends: health, weight, active flows.
+    Status {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Show the running agent's counters: packets by verdict (drops by reason), traffic per
+    /// listener and per backend, conntrack and SNAT port use.
+    Stats {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Check why clients cannot reach a listener or get 5xx: listener, VIP, XDP attachment,
+    /// interface settings, route and ACL for a client, backends (health and a live check from
+    /// the LB), SNAT and conntrack pressure, drops, recent 5xx in access logs. One line per
+    /// finding with a fix; exits 1 when something is wrong.
+    Diagnose {
+        #[command(flatten)]
+        api: Api,
+        /// A client address: checks the route back to it and the listeners' ACL verdict.
+        #[arg(long)]
+        client: Option<IpAddr>,
+        /// Only this listener and its pools (default: all).
+        #[arg(long)]
+        listener: Option<String>,
+    },
+}
+
+/// How the commands find the running agent.
+#[derive(Args)]
+struct Api {
+    /// The admin API (default: `agent.admin` of --config, else 127.0.0.1:9100).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The agent's config file: where its admin API listens (and, for diagnose, what to check;
+    /// by default the file the running agent reports).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +127,13 @@ fn main() -> ExitCode {
         Command::Run { config, fresh } => run(config, fresh),
         Command::Reload { state_dir } => reload(&state_dir),
         Command::Stop { detach, state_dir } => stop(&state_dir, detach),
+        Command::Status { api } => show(&api, cli::status_table),
+        Command::Stats { api } => show(&api, cli::stats_table),
+        Command::Diagnose {
+            api,
+            client,
+            listener,
+        } => return diagnose(api, client, listener),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +142,60 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The CLI commands talk to the API on a small runtime of their own.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+/// Prints the running agent's status through `render`.
+fn show(api: &Api, render: fn(&admin::status::Status) -> String) -> anyhow::Result<()> {
+    let addr = cli::admin_address(api.admin, api.config.as_deref())?;
+    // The message already names the cause; as an anyhow chain it would repeat it.
+    let status = block_on(admin::client::status(addr))?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    print!("{}", render(&status));
+    Ok(())
+}
+
+fn diagnose(api: Api, client: Option<IpAddr>, listener: Option<String>) -> ExitCode {
+    let admin = match cli::admin_address(api.admin, api.config.as_deref()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = cli::diagnose::Options {
+        admin,
+        config: api.config,
+        client,
+        listener,
+    };
+    let findings = match block_on(cli::diagnose::run(&options)) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for f in &findings {
+        println!("{f}");
+    }
+    let failed = findings
+        .iter()
+        .filter(|f| f.level == cli::diagnose::Level::Fail)
+        .count();
+    if failed == 0 {
+        println!("no problem found");
+        ExitCode::SUCCESS
+    } else {
+        println!("{failed} problem(s) found");
+        ExitCode::FAILURE
     }
 }
 
@@ -122,6 +222,12 @@ struct Agent {
     generation: u64,
     /// The last conntrack sweep's findings.
     swept: gc::Report,
+    /// Weight and drain changes from the admin API; cleared when the config is reloaded.
+    overrides: overrides::Overrides,
+    /// The current L7 listeners' request counters (config order).
+    requests: Vec<Arc<RequestStats>>,
+    /// Publishes views to the admin API (set once it serves).
+    publisher: Option<admin::Publisher>,
 }
 
 fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
@@ -131,7 +237,8 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
     let dp = Dataplane::open(state.pins(), fresh).context("loading the XDP program")?;
     let health = Arc::new(Health::new(&cfg));
     // Probed backends start offline (a new backend is online after its first success).
-    let plan = plan::build_with(&cfg, |p, b| health.is_up(p, b));
+    let overrides = overrides::Overrides::default();
+    let plan = plan::build_with(&cfg, &overrides, |p, b| health.is_up(p, b));
     let added = state.added_addresses();
     let mut agent = Agent {
         path,
@@ -146,6 +253,9 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
         l7_done: JoinSet::new(),
         generation: 0,
         swept: gc::Report::default(),
+        overrides,
+        requests: Vec::new(),
+        publisher: None,
     };
     agent.dp.apply(&agent.plan).context("filling the maps")?;
     agent.prepare_host(None)?;
@@ -209,6 +319,13 @@ impl Agent {
         let mut usr1 = signal(SignalKind::user_defined1())?;
         self.start_proxies().await?;
         self.checks = self.health.start(&self.cfg);
+        // The admin API shows the views published here and sends back weight and drain changes.
+        let (publisher, views) =
+            admin::Publisher::new(&self.path, self.health.clone(), self.requests.clone());
+        let (changes, mut commands) = tokio::sync::mpsc::channel(16);
+        admin::serve(self.cfg.agent.admin, views, changes).await?;
+        self.publisher = Some(publisher);
+        self.publish();
         info!(config = %self.path.display(), listeners = self.cfg.listeners.len(), backends = self.plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
         let mut modified = mtime(&self.path);
@@ -220,6 +337,16 @@ impl Agent {
                 _ = usr1.recv() => print!("{}", stats::render_health(&self.health)),
                 // L7 pools read the health directly; the L4 tables are rebuilt and swapped in.
                 _ = self.health.changed() => self.apply_health(),
+                Some(c) = commands.recv() => {
+                    let result = self.overrides.set(&self.cfg, &c.pool, c.backend, c.change);
+                    if result.is_ok() {
+                        info!(pool = %c.pool, backend = %c.backend, change = ?c.change, "admin change");
+                        self.overrides.apply_to(&self.health);
+                        self.apply_health();
+                        self.publish();
+                    }
+                    c.reply(result);
+                }
                 // A sweep is blocking map syscalls: keep it off the proxy's workers' queue.
                 _ = sweep.tick() => {
                     let (dp, plan) = (&mut self.dp, &self.plan);
@@ -235,6 +362,7 @@ impl Agent {
                         }
                         Err(e) => warn!(error = %e, "conntrack sweep failed"),
                     }
+                    self.publish();
                     if self.cfg.agent.watch_config {
                         let now = mtime(&self.path);
                         if now != modified {
@@ -256,16 +384,31 @@ impl Agent {
     fn apply_health(&mut self) {
         // One snapshot for the tables and the log line: probes keep changing it.
         let up = self.health.snapshot();
-        self.plan = plan::build_with(&self.cfg, |p, b| up.is_up(p, b));
+        self.plan = plan::build_with(&self.cfg, &self.overrides, |p, b| up.is_up(p, b));
         let (dp, plan) = (&mut self.dp, &self.plan);
         match tokio::task::block_in_place(|| dp.apply(plan)) {
             Ok(()) => info!(
                 healthy = up.healthy(),
                 backends = self.plan.backends.len(),
                 down = %up.down(&self.cfg, 10),
-                "backend tables updated for health"
+                "backend tables updated"
             ),
-            Err(e) => error!(error = %e, "updating the backend tables for health"),
+            Err(e) => error!(error = %e, "updating the backend tables"),
+        }
+    }
+
+    /// A fresh view for the admin API (blocking map reads).
+    fn publish(&self) {
+        if let Some(p) = &self.publisher {
+            tokio::task::block_in_place(|| {
+                p.publish(
+                    &self.dp,
+                    &self.cfg,
+                    &self.plan,
+                    &self.overrides,
+                    &self.swept,
+                )
+            });
         }
     }
 
@@ -273,10 +416,11 @@ impl Agent {
     /// those to stop accepting and finish their connections.
     async fn start_proxies(&mut self) -> anyhow::Result<()> {
         let (stop, stopped) = watch::channel(());
-        let done = proxy::start(&self.cfg, &self.health, stopped, SHUTDOWN_GRACE)
+        let (requests, done) = proxy::start(&self.cfg, &self.health, stopped, SHUTDOWN_GRACE)
             .await
             .context("starting the L7 proxy")?;
         self.l7_done.spawn(done);
+        self.requests = requests;
         if let Some(old) = self.proxies.replace(stop) {
             let _ = old.send(());
         }
@@ -311,10 +455,16 @@ impl Agent {
         if cfg.agent.state_dir != self.cfg.agent.state_dir {
             bail!("agent.state_dir cannot change while the agent runs (restart it)");
         }
+        if cfg.agent.admin != self.cfg.agent.admin {
+            warn!(admin = %self.cfg.agent.admin, "agent.admin changed: the admin API moves at the next restart");
+        }
         let old = std::mem::replace(&mut self.cfg, cfg);
+        // The new file is the truth again: run-time weight and drain changes end here.
+        self.overrides.clear();
         let health = Arc::new(Health::carrying(&self.cfg, Some(&self.health)));
+        self.overrides.apply_to(&health);
         let up = health.snapshot();
-        let plan = plan::build_with(&self.cfg, |p, b| up.is_up(p, b));
+        let plan = plan::build_with(&self.cfg, &self.overrides, |p, b| up.is_up(p, b));
         // The maps first: a bad interface or address below leaves the tables right anyway.
         let (dp, new_plan) = (&mut self.dp, &plan);
         if let Err(e) = tokio::task::block_in_place(|| dp.apply(new_plan)) {
@@ -331,6 +481,10 @@ impl Agent {
             self.start_proxies().await?;
             info!("L7 listeners replaced; the old ones finish their connections");
         }
+        if let Some(p) = &mut self.publisher {
+            p.follow(self.health.clone(), self.requests.clone());
+        }
+        self.publish();
         info!(
             listeners = self.cfg.listeners.len(),
             backends = self.plan.backends.len(),

@@ -38,7 +38,8 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), NetifError> {
     })
 }
 
-fn read_sysctl(path: &str) -> Option<String> {
+/// A sysctl's value, trimmed; `None` when it cannot be read.
+pub fn read_sysctl(path: &str) -> Option<String> {
     std::fs::read_to_string(path)
         .ok()
         .map(|s| s.trim().to_string())
@@ -95,12 +96,17 @@ pub fn reserve_ports(range: PortRange) -> Result<(), NetifError> {
 }
 
 fn ip(args: &[&str]) -> Result<(), NetifError> {
+    ip_output(args).map(drop)
+}
+
+/// Runs `ip ARGS`; its standard output.
+pub fn ip_output(args: &[&str]) -> Result<String, NetifError> {
     let out = Command::new("ip")
         .args(args)
         .output()
         .map_err(NetifError::Spawn)?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(NetifError::Ip {
             args: args.join(" "),

@@ -1,7 +1,7 @@
 //! Turns a validated [`Config`] into the contents of the datapath's maps. Pure: unit-testable
 //! without a kernel.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{
     flow::{
@@ -13,7 +13,9 @@ use lb_common::{
 
 use crate::{
     config::{ClientIp, Config, Protocol, Scheduler},
-    health, maglev, wrr,
+    health, maglev,
+    overrides::Overrides,
+    wrr,
 };
 
 #[cfg(test)]
@@ -74,16 +76,21 @@ pub fn family(a: IpAddr) -> u8 {
     }
 }
 
-/// The plan with every backend healthy (backups idle, since their primaries are up).
+/// The plan with every backend healthy (backups idle, since their primaries are up) and the
+/// configured weights.
 pub fn build(config: &Config) -> Plan {
-    build_with(config, |_, _| true)
+    build_with(config, &Overrides::default(), |_, _| true)
 }
 
 /// The plan for the backends `up(pool, backend)` says are healthy (indices into
-/// `config.pools`). Unhealthy backends and idle backups keep their ids, so existing flows to
-/// them are untouched, but leave every listener's table; a listener with no backend left gets
-/// an empty one.
-pub fn build_with(config: &Config, up: impl Fn(usize, usize) -> bool) -> Plan {
+/// `config.pools`), with the weights `overrides` gives them. Unhealthy, drained and weight-0
+/// backends and idle backups keep their ids, so existing flows to them are untouched, but
+/// leave every listener's table; a listener with no backend left gets an empty one.
+pub fn build_with(
+    config: &Config,
+    overrides: &Overrides,
+    up: impl Fn(usize, usize) -> bool,
+) -> Plan {
     let mut global = GlobalConfig::default();
     let mut snat_addrs = Vec::new();
     if let Some(snat) = &config.snat {
@@ -104,16 +111,21 @@ pub fn build_with(config: &Config, up: impl Fn(usize, usize) -> bool) -> Plan {
     for (p, pool) in config.pools.iter().enumerate() {
         let first = backends.len() as u32;
         let mut members = Vec::new();
+        let weights: Vec<u32> = pool
+            .backends
+            .iter()
+            .map(|b| overrides.weight(&pool.name, SocketAddr::new(b.address, b.port.0), b.weight))
+            .collect();
         let backup: Vec<bool> = pool.backends.iter().map(|b| b.backup).collect();
         let available: Vec<bool> = (0..pool.backends.len())
-            .map(|i| up(p, i) && pool.backends[i].weight > 0)
+            .map(|i| up(p, i) && weights[i] > 0)
             .collect();
         let serving = health::serving(&backup, &available);
-        for (b, serving) in pool.backends.iter().zip(serving) {
+        for ((b, serving), weight) in pool.backends.iter().zip(serving).zip(weights) {
             members.push(maglev::Member {
                 key: maglev::member_key(b.address, b.port.0),
                 // Weight 0 keeps the member's identity (and so everyone else's slots) stable.
-                weight: if serving { b.weight } else { 0 },
+                weight: if serving { weight } else { 0 },
             });
             backends.push(BackendPlan {
                 pool: pool.name.clone(),
@@ -124,7 +136,7 @@ pub fn build_with(config: &Config, up: impl Fn(usize, usize) -> bool) -> Plan {
                     port_be: b.port.0.to_be(),
                     family: family(b.address),
                     _pad: 0,
-                    weight: b.weight,
+                    weight,
                 },
             });
         }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lb_agent::{config, health::Health, proxy};
+use lb_agent::{admin, config, health::Health, proxy};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -153,6 +153,8 @@ struct Lb {
     _checks: tokio::task::JoinSet<()>,
     _dir: TempDir,
     log: PathBuf,
+    /// Each listener's request counters, as the admin API's /metrics reads them.
+    requests: Vec<Arc<proxy::metrics::RequestStats>>,
 }
 
 impl Lb {
@@ -217,6 +219,7 @@ async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
     let (stop, stopped) = watch::channel(());
     let mut done = tokio::task::JoinSet::new();
     let mut addrs = Vec::new();
+    let requests = servers.iter().map(proxy::Server::requests).collect();
     for (s, l) in servers
         .into_iter()
         .zip(cfg.listeners.iter().filter(|l| l.protocol.is_l7()))
@@ -231,6 +234,7 @@ async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
         _checks: health.start(&cfg),
         _dir: dir,
         log,
+        requests,
     }
 }
 
@@ -545,6 +549,46 @@ async fn every_error_code_is_provoked_and_logged() {
         format!("{}, {}", dead[0], dead[1]).as_str(),
         "both dead backends were tried: {dead_line}"
     );
+
+    // Every logged request is in the admin API's /metrics under its code and in the latency
+    // histogram, which a Prometheus parser reads.
+    let view = admin::View {
+        requests: lb.requests.clone(),
+        ..Default::default()
+    };
+    let text = admin::metrics::render(&view);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |metric: &str, code: Option<String>| {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == metric
+                    && s.labels.get("listener") == Some("site")
+                    && s.labels.get("code") == code.as_deref()
+            })
+            .unwrap_or_else(|| panic!("{metric} {code:?} in\n{text}"));
+        s.value.clone()
+    };
+    use prometheus_parse::Value;
+    for code in [504, 502, 503, 413, 414, 501, 408, 499] {
+        let logged = statuses.iter().filter(|&&s| s == code).count() as f64;
+        let counted = value("lb_http_requests_total", Some(code.to_string()));
+        assert_eq!(counted, Value::Counter(logged), "{code}");
+    }
+    let Value::Histogram(buckets) = value("lb_http_request_duration_seconds", None) else {
+        panic!("a histogram:\n{text}")
+    };
+    let at = |le: f64| buckets.iter().find(|b| b.less_than == le).unwrap().count;
+    assert_eq!(at(f64::INFINITY), lines.len() as f64);
+    assert!(
+        at(0.5) < at(f64::INFINITY),
+        "the 504 waited the 1 s response timeout: {buckets:?}"
+    );
+    let Value::Untyped(sum) = value("lb_http_request_duration_seconds_sum", None) else {
+        panic!("{text}")
+    };
+    assert!(sum >= 1.0, "{sum}");
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -1,5 +1,5 @@
-//! Per-CPU counters: global ones in `COUNTERS` (indexed by [`Counter`]) and per-listener ones in
-//! `LISTENER_STATS`. Every packet bumps exactly one [`Counter`] (its verdict's reason), so the
+//! Per-CPU counters: global ones in `COUNTERS` (indexed by [`Counter`]), per-listener ones in
+//! `LISTENER_STATS` and per-backend ones in `BACKEND_STATS`. Every packet bumps exactly one [`Counter`] (its verdict's reason), so the
 //! number of packets seen is their sum and costs no update of its own.
 
 #[repr(u32)]
@@ -91,6 +91,10 @@ impl ListenerStats {
         self.new_flows += other.new_flows;
     }
 }
+
+/// Per-backend traffic, the same counters as a listener's. Value of `BACKEND_STATS` (per CPU),
+/// indexed by backend id.
+pub type BackendStats = ListenerStats;
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, only u64 fields.

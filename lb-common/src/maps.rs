@@ -13,6 +13,7 @@ pub const ACL_ALLOW: &str = "ACL_ALLOW";
 pub const ACL_DENY: &str = "ACL_DENY";
 pub const WRR_CURSOR: &str = "WRR_CURSOR";
 pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
 
 /// The XDP program's name in the object.
 pub const PROG_LB: &str = "lb_xdp";

@@ -88,7 +88,7 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
                 Err(v) => return Err(v),
             };
             conntrack::create(&pkt, &vip, backend_id)?;
-            stats::new_flow(vip.listener_id);
+            stats::new_flow(vip.listener_id, backend_id);
             let entry =
                 conntrack::lookup(&pkt.flow).ok_or(Verdict::drop(Counter::DropConntrackFull))?;
             (entry, 0)
@@ -104,7 +104,7 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     {
         toa::insert(ctx, &mut pkt)?;
     }
-    stats::listener_bytes(e.listener_id, e.dir == DIR_ORIGINAL, pkt.len);
+    stats::traffic(e.listener_id, e.backend_id, e.dir == DIR_ORIGINAL, pkt.len);
     fwd::forward(ctx, &pkt, entry)
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counters::{ListenerStats, COUNTER_COUNT},
+    counters::{BackendStats, ListenerStats, COUNTER_COUNT},
     flow::AddrBe,
     maps::{
         CONNTRACK_ENTRIES, MAX_ACL_ENTRIES, MAX_BACKENDS, MAX_LISTENERS, MAX_SNAT_ADDRS,
@@ -42,6 +42,12 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 #[map]
 pub static LISTENER_STATS: PerCpuArray<ListenerStats> =
     PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+
+/// Per-backend traffic and new flows, indexed by backend id (a backend of two pools has two
+/// ids, so these are per pool and backend).
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// aya-ebpf adds the BPF_F_NO_PREALLOC that LPM tries require.
 #[map]

@@ -180,6 +180,35 @@ fn a_missing_interface_is_an_error() {
 }
 
 #[test]
+fn the_admin_address_defaults_to_loopback_and_is_validated_with_positions() {
+    let c = parse("lb.yaml", EXAMPLE, &host()).unwrap();
+    assert_eq!(c.agent.admin, "127.0.0.1:9100".parse().unwrap());
+    let with = |admin: &str| EXAMPLE.replace("  xdp_mode: auto", &format!("  admin: {admin}"));
+    for ok in [
+        "0.0.0.0:9200",
+        "'[::1]:9100'",
+        "10.91.2.1:9100",
+        "'[fd00:91:2::1]:80'",
+    ] {
+        let c = parse("lb.yaml", &with(ok), &host()).unwrap();
+        assert_eq!(c.agent.admin.to_string(), ok.trim_matches('\''));
+    }
+    assert_eq!(
+        err(&with("localhost")),
+        "lb.yaml:3:10: agent.admin: `localhost` is not an address and port (e.g. 127.0.0.1:9100 \
+         or [::1]:9100)"
+    );
+    assert_eq!(
+        err(&with("127.0.0.1:0")),
+        "lb.yaml:3:10: agent.admin: 127.0.0.1:0: port 0 is not a port"
+    );
+    assert_eq!(
+        err(&with("10.9.9.9:9100")),
+        "lb.yaml:3:10: agent.admin: 10.9.9.9 is not an address of this host"
+    );
+}
+
+#[test]
 fn bad_values_are_errors_with_positions() {
     let e = err(&EXAMPLE.replace("ports: 20000-60000", "ports: 60000-20000"));
     assert_eq!(

@@ -15,7 +15,7 @@ use std::{
     hash::{BuildHasher, Hasher},
     net::{IpAddr, SocketAddr},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -51,11 +51,15 @@ pub struct Status {
 pub struct Member {
     pub pool: String,
     pub addr: SocketAddr,
+    /// As configured.
     pub weight: u32,
     pub backup: bool,
     /// Whether the pool is probed at all (`false`: always healthy).
     pub checked: bool,
     up: AtomicBool,
+    /// The weight new traffic sees: the configured one unless the admin API changed or
+    /// drained it (`crate::overrides`).
+    weight_now: AtomicU32,
     status: Mutex<Status>,
 }
 
@@ -63,6 +67,14 @@ impl Member {
     /// Healthy (or not checked): may take new traffic if its weight and group allow.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn weight_now(&self) -> u32 {
+        self.weight_now.load(Ordering::Relaxed)
+    }
+
+    pub fn set_weight_now(&self, weight: u32) {
+        self.weight_now.store(weight, Ordering::Relaxed);
     }
 
     pub fn status(&self) -> Status {
@@ -74,7 +86,7 @@ impl Member {
 
     /// What the status output shows: weight 0 is draining whatever the probes say.
     pub fn label(&self) -> &'static str {
-        match (self.weight, self.checked, self.status().state) {
+        match (self.weight_now(), self.checked, self.status().state) {
             (0, ..) => "draining",
             (_, false, _) => "healthy (not checked)",
             (_, true, State::Pending) => "pending",
@@ -248,6 +260,7 @@ impl Health {
                                 backup: b.backup,
                                 checked,
                                 up: AtomicBool::new(known.map_or(!checked, |m| m.is_up())),
+                                weight_now: AtomicU32::new(b.weight),
                                 status: Mutex::new(known.map_or(
                                     Status {
                                         state: if checked {

@@ -55,6 +55,7 @@ fn member(checked: bool) -> Member {
         backup: false,
         checked,
         up: AtomicBool::new(!checked),
+        weight_now: AtomicU32::new(1),
         status: Mutex::new(Status {
             state: State::Pending,
             reason: None,

@@ -38,7 +38,7 @@ fn only_healthy_primaries_are_in_the_tables_and_ids_stay() {
             l.name
         );
     }
-    let one_down = build_with(&cfg, |_, b| b != 1);
+    let one_down = build_with(&cfg, &Overrides::default(), |_, b| b != 1);
     assert_eq!(one_down.backends, all.backends, "backend ids do not move");
     for l in &one_down.listeners {
         assert_eq!(ids(l), [0], "{}", l.name);
@@ -48,11 +48,11 @@ fn only_healthy_primaries_are_in_the_tables_and_ids_stay() {
 #[test]
 fn the_backup_takes_over_when_every_primary_is_down_and_nothing_is_left_after() {
     let cfg = parse("t.yaml", TEXT, &Host::default()).unwrap();
-    let failover = build_with(&cfg, |_, b| b == 2);
+    let failover = build_with(&cfg, &Overrides::default(), |_, b| b == 2);
     for l in &failover.listeners {
         assert_eq!(ids(l), [2], "{}", l.name);
     }
-    let all_down = build_with(&cfg, |_, _| false);
+    let all_down = build_with(&cfg, &Overrides::default(), |_, _| false);
     for l in &all_down.listeners {
         assert!(
             l.ring.is_empty(),
@@ -60,4 +60,41 @@ fn the_backup_takes_over_when_every_primary_is_down_and_nothing_is_left_after() 
             l.name
         );
     }
+}
+
+#[test]
+fn admin_overrides_drain_and_reweigh_backends_without_moving_ids() {
+    use crate::overrides::Change;
+    let cfg = parse("t.yaml", TEXT, &Host::default()).unwrap();
+    let (first, second) = (
+        "10.0.0.1:80".parse().unwrap(),
+        "10.0.0.2:80".parse().unwrap(),
+    );
+    let mut o = Overrides::default();
+    o.set(&cfg, "web", first, Change::Drain(true)).unwrap();
+    let drained = build_with(&cfg, &o, |_, _| true);
+    assert_eq!(drained.backends.len(), 3, "ids stay");
+    for l in &drained.listeners {
+        assert_eq!(
+            ids(l),
+            [1],
+            "{}: the drained backend takes no new flows",
+            l.name
+        );
+    }
+    assert_eq!(drained.backends[0].slot.weight, 0);
+
+    o.set(&cfg, "web", first, Change::Drain(false)).unwrap();
+    o.set(&cfg, "web", second, Change::Weight(3)).unwrap();
+    let weighted = build_with(&cfg, &o, |_, _| true);
+    assert_eq!(weighted.backends[1].slot.weight, 3, "wlc divides by it");
+    let wrr = &weighted.listeners[1].ring;
+    let share = wrr.iter().filter(|&&id| id == 1).count() as f64 / wrr.len() as f64;
+    assert!(
+        (share - 0.75).abs() < 0.01,
+        "wrr share of weight 3 against 1: {share}"
+    );
+
+    o.clear();
+    assert_eq!(build_with(&cfg, &o, |_, _| true), build(&cfg));
 }

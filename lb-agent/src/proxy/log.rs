@@ -25,6 +25,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use super::metrics::RequestStats;
+
 /// Lines waiting for the writer; beyond this they are dropped (and counted) rather than
 /// slowing requests down.
 const QUEUE: usize = 65536;
@@ -115,11 +117,13 @@ pub struct Attempt {
     pub response: Option<Duration>,
 }
 
-/// What is known about a request; written when dropped, which is when the response body has
-/// been sent (or abandoned), or — status still unset — when the client left first (499).
+/// What is known about a request; written (and counted in the listener's request metrics)
+/// when dropped, which is when the response body has been sent (or abandoned), or — status
+/// still unset — when the client left first (499).
 #[derive(Debug)]
 pub struct Record {
     log: AccessLog,
+    requests: Arc<RequestStats>,
     pub listener: Arc<str>,
     pub client: SocketAddr,
     pub host: String,
@@ -135,9 +139,15 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn new(log: &AccessLog, listener: Arc<str>, client: SocketAddr) -> Self {
+    pub fn new(
+        log: &AccessLog,
+        requests: &Arc<RequestStats>,
+        listener: Arc<str>,
+        client: SocketAddr,
+    ) -> Self {
         Self {
             log: log.clone(),
+            requests: requests.clone(),
             listener,
             client,
             host: String::new(),
@@ -155,6 +165,11 @@ impl Record {
 
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    /// The status logged and counted: 499 when the client left before the answer.
+    fn final_status(&self) -> u16 {
+        self.status.unwrap_or(499)
     }
 
     fn line(&self) -> String {
@@ -188,7 +203,7 @@ impl Record {
             method: &self.method,
             path: &self.path,
             protocol: self.protocol,
-            status: self.status.unwrap_or(499),
+            status: self.final_status(),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out,
             request_time: format!("{:.3}", self.start.elapsed().as_secs_f64()),
@@ -206,6 +221,8 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
+        self.requests
+            .record(self.final_status(), self.start.elapsed());
         self.log.write(self.line());
     }
 }

@@ -7,6 +7,7 @@
 pub mod errors;
 pub mod headers;
 pub mod log;
+pub mod metrics;
 pub mod tls;
 pub mod upstream;
 
@@ -47,6 +48,7 @@ use tracing::{debug, info, warn};
 
 use self::{
     log::{AccessLog, Attempt, Record},
+    metrics::RequestStats,
     upstream::{ActiveGuard, Backend, ConnectError, Pool},
 };
 use crate::{
@@ -147,6 +149,11 @@ pub struct Server {
 impl Server {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+
+    /// The listener's request counters.
+    pub fn requests(&self) -> Arc<RequestStats> {
+        self.site.requests.clone()
     }
 
     /// Serves until `shutdown` changes (or its sender goes), then stops accepting and gives
@@ -289,6 +296,7 @@ struct Site {
     log: AccessLog,
     /// Which clients may connect (checked at accept, as the datapath does for tcp/udp).
     acl: crate::config::Acl,
+    requests: Arc<RequestStats>,
 }
 
 impl Site {
@@ -359,6 +367,7 @@ impl Site {
                 .then(|| tokio_rustls::TlsConnector::from(tls::backend_client_config())),
             log,
             acl: l.acl.clone(),
+            requests: Arc::new(RequestStats::new(&l.name)),
         })
     }
 
@@ -382,7 +391,7 @@ impl Site {
         tls: bool,
         nth: u32,
     ) -> Result<Response<ResponseBody>, Infallible> {
-        let mut record = Record::new(&self.log, self.name.clone(), peer);
+        let mut record = Record::new(&self.log, &self.requests, self.name.clone(), peer);
         let host = request_host(&req);
         record.host = host.clone();
         record.method = req.method().to_string();
@@ -997,8 +1006,6 @@ impl Drop for ResponseBody {
     }
 }
 
-/// Starts a server for every http/https listener on its VIP and port; they stop when
-/// `shutdown` changes. Resolves once all have drained.
 /// A listening socket with SO_REUSEPORT, so a reloaded proxy listens next to the one it
 /// replaces until that one stops accepting: no connection is refused in between.
 fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -1015,23 +1022,27 @@ fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// Starts a server for every http/https listener on its VIP and port; they stop when
+/// `shutdown` changes. Returns their request counters (in config order) and a future that
+/// resolves once all have drained.
 pub async fn start(
     cfg: &Config,
     health: &Health,
     shutdown: watch::Receiver<()>,
     grace: Duration,
-) -> Result<impl Future<Output = ()>, ProxyError> {
+) -> Result<(Vec<Arc<RequestStats>>, impl Future<Output = ()>), ProxyError> {
     let servers = servers(cfg, health, |l| {
         bind_shared(SocketAddr::new(l.vip, l.port.0))
     })
     .await?;
+    let requests = servers.iter().map(Server::requests).collect();
     let tasks: Vec<_> = servers
         .into_iter()
         .map(|s| tokio::spawn(s.run(shutdown.clone(), grace)))
         .collect();
-    Ok(async move {
+    Ok((requests, async move {
         for t in tasks {
             let _ = t.await;
         }
-    })
+    }))
 }

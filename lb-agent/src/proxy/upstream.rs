@@ -57,7 +57,8 @@ pub enum ConnectError {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
-    pub weight: u32,
+    /// As configured; [`Backend::weight`] is what scheduling uses.
+    weight: u32,
     /// The value of the insert_cookie cookie that pins a client to this backend.
     pub cookie: String,
     /// Gets requests only while no primary backend of the pool is available.
@@ -88,10 +89,16 @@ impl Backend {
         }
     }
 
+    /// The weight new requests see: the health member's (which the admin API may have changed
+    /// or drained), or the configured one in pools built without health.
+    pub fn weight(&self) -> u32 {
+        self.health.as_ref().map_or(self.weight, |h| h.weight_now())
+    }
+
     /// Takes new requests: weight above 0, healthy by its probes and no recent connect
     /// failure (whether a backup is used is the pool's decision: `Pool::pick`).
     pub fn available(&self) -> bool {
-        self.weight > 0
+        self.weight() > 0
             && self.health.as_ref().is_none_or(|h| h.is_up())
             && self
                 .down_until
@@ -248,10 +255,10 @@ impl Pool {
                 let mut cw = self.wrr.lock().ok()?;
                 let total: i64 = candidates
                     .iter()
-                    .map(|&i| i64::from(self.backends[i].weight))
+                    .map(|&i| i64::from(self.backends[i].weight()))
                     .sum();
                 let best = *candidates.iter().max_by_key(|&&i| {
-                    cw[i] += i64::from(self.backends[i].weight);
+                    cw[i] += i64::from(self.backends[i].weight());
                     // Ties go to the lower index: max_by_key keeps the last maximum.
                     (cw[i], std::cmp::Reverse(i))
                 })?;
@@ -261,8 +268,8 @@ impl Pool {
             Scheduler::Wlc => candidates.into_iter().min_by(|&a, &b| {
                 // (active_a + 1) / w_a against (active_b + 1) / w_b, without division.
                 let (ba, bb) = (&self.backends[a], &self.backends[b]);
-                let la = (ba.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(bb.weight);
-                let lb = (bb.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(ba.weight);
+                let la = (ba.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(bb.weight());
+                let lb = (bb.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(ba.weight());
                 la.cmp(&lb).then(a.cmp(&b))
             }),
             // Validation refuses maglev on http/https; a client hash is the nearest meaning.

@@ -1,0 +1,287 @@
+//! End to end: the admin API and the CLI of a running agent, from inside the LB's namespace.
+//! /metrics parsed by a real Prometheus parser moves with traffic; weight and drain changes
+//! show in /status and in where new connections go; `lb-agent diagnose` names each fault of a
+//! broken setup. Needs root; run with `cargo xtask test`.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use lb_agent::admin::{client, status::Status};
+use lb_tests::{
+    topology::{agent_bin, backend_addr, tally, NameServer, SNAT},
+    Topology,
+};
+use prometheus_parse::{Scrape, Value};
+
+const PORT: u16 = 8080;
+/// Where the agent's admin API listens by default, inside the LB's namespace.
+const ADMIN: &str = "127.0.0.1:9100";
+/// Bound for waiting on the next conntrack sweep's numbers (one per second).
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn vip() -> SocketAddr {
+    "10.91.0.100:80".parse().unwrap()
+}
+
+/// Runs an admin API call from inside the LB's namespace.
+fn in_lb<T: Send>(topo: &Topology, f: impl std::future::Future<Output = T> + Send) -> T {
+    topo.lb.scoped(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+}
+
+fn admin() -> SocketAddr {
+    ADMIN.parse().unwrap()
+}
+
+fn scrape(topo: &Topology) -> Scrape {
+    let body = in_lb(topo, client::get(admin(), "/metrics")).unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+fn status(topo: &Topology) -> Status {
+    in_lb(topo, client::status(admin())).unwrap()
+}
+
+fn post(topo: &Topology, path: &str, body: &str) -> serde_json::Value {
+    in_lb(topo, client::post(admin(), path, body)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The value of the sample of `metric` whose labels include `labels`; 0 when there is none.
+fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            ref other => panic!("{metric}: {other:?}"),
+        })
+        .sum()
+}
+
+/// Scrapes until `done` holds (the numbers come with the next sweep); the last scrape.
+fn scrape_until(topo: &Topology, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let s = scrape(topo);
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} within {LIMIT:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn backend(i: usize) -> String {
+    format!("{}:{PORT}", backend_addr(i))
+}
+
+#[test]
+fn metrics_parse_and_move_with_traffic_and_a_healthy_setup_diagnoses_clean() {
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(PORT);
+    let agent = topo.start_agent(&topo.config(PORT));
+
+    let before = scrape(&topo);
+    let web = [("listener", "web")];
+    assert_eq!(value(&before, "lb_listener_new_flows_total", &web), 0.0);
+    assert!(
+        before.docs.contains_key("lb_xdp_packets_total")
+            && before.docs.contains_key("lb_backend_health_state"),
+        "every family has its HELP"
+    );
+    assert_eq!(
+        value(&before, "lb_conntrack_entries_limit", &[]),
+        (1 << 20) as f64
+    );
+
+    tally("tcp", &topo.connect_many(vip(), 30), SNAT);
+    let after = scrape_until(&topo, "30 new flows counted", |s| {
+        value(s, "lb_listener_new_flows_total", &web) == 30.0
+    });
+    let per_backend: f64 = (0..3)
+        .map(|i| {
+            value(
+                &after,
+                "lb_backend_new_flows_total",
+                &[("backend", &backend(i))],
+            )
+        })
+        .sum();
+    assert_eq!(per_backend, 30.0, "the per-backend counters add up");
+    let inbound = [("listener", "web"), ("direction", "in")];
+    assert!(value(&after, "lb_listener_packets_total", &inbound) >= 90.0);
+    assert!(value(&after, "lb_listener_bytes_total", &inbound) > 0.0);
+    assert!(value(&after, "lb_backend_bytes_total", &[("direction", "out")]) > 0.0);
+    assert!(value(&after, "lb_xdp_packets_total", &[("reason", "forwarded")]) >= 150.0);
+    // Closed flows stay in the table for a few seconds, holding their SNAT ports.
+    let snat = [("snat_address", SNAT)];
+    let after = scrape_until(&topo, "SNAT ports counted", |s| {
+        value(s, "lb_snat_ports_in_use", &snat) > 0.0
+    });
+    assert!(value(&after, "lb_conntrack_entries", &[]) > 0.0);
+    assert_eq!(value(&after, "lb_snat_port_range_size", &[]), 40001.0);
+    let b0 = [("backend", backend(0)), ("state", "unchecked".into())];
+    let b0: Vec<(&str, &str)> = b0.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(value(&after, "lb_backend_health_state", &b0), 1.0);
+
+    let out = topo
+        .lb
+        .command(agent_bin().to_str().unwrap())
+        .args(["diagnose", "--client", "10.91.0.2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("ok    interface lb-ext: lb_xdp attached in native mode"),
+        "{text}"
+    );
+    assert!(text.ends_with("no problem found\n"), "{text}");
+    agent.stop_cleanly();
+}
+
+/// Connections per backend name over `n` new connections.
+fn spread(topo: &Topology, n: usize) -> BTreeMap<String, usize> {
+    tally("tcp", &topo.connect_many(vip(), n), SNAT)
+}
+
+#[test]
+fn weight_and_drain_change_the_status_and_where_new_connections_go() {
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(PORT);
+    let agent = topo.start_agent(&topo.config(PORT));
+
+    let answer = post(&topo, &format!("/backends/web/{}/drain", backend(0)), "");
+    assert_eq!(answer["drained"], true, "{answer}");
+    let b = |s: &Status, i: usize| {
+        s.backend("web", backend(i).parse().unwrap())
+            .cloned()
+            .unwrap()
+    };
+    let s = status(&topo);
+    assert!(b(&s, 0).drained && b(&s, 0).weight == 0 && !b(&s, 0).serving);
+    let per = spread(&topo, 60);
+    assert_eq!(
+        per.get("backend-1"),
+        None,
+        "drained: no new connections {per:?}"
+    );
+
+    let answer = post(
+        &topo,
+        &format!("/backends/web/{}/weight", backend(1)),
+        "{\"weight\": 4}",
+    );
+    assert_eq!(
+        (
+            answer["weight"].as_u64(),
+            answer["configured_weight"].as_u64()
+        ),
+        (Some(4), Some(1))
+    );
+    let per = spread(&topo, 100);
+    let heavy = per.get("backend-2").copied().unwrap_or(0);
+    assert!(heavy >= 65, "weight 4 against 1 takes about 80%: {per:?}");
+    assert_eq!(per.get("backend-1"), None, "still drained {per:?}");
+
+    post(
+        &topo,
+        &format!("/backends/web/{}/drain", backend(0)),
+        "false",
+    );
+    assert!(b(&status(&topo), 0).serving);
+    let per = spread(&topo, 60);
+    assert!(per.contains_key("backend-1"), "back in service {per:?}");
+
+    // The datapath's per-backend counters saw the same: nothing for backend 1 while drained.
+    let s = scrape_until(&topo, "220 new flows counted", |s| {
+        value(s, "lb_listener_new_flows_total", &[("listener", "web")]) == 220.0
+    });
+    let flows = |i| {
+        value(
+            &s,
+            "lb_backend_new_flows_total",
+            &[("backend", &backend(i))],
+        )
+    };
+    assert_eq!(flows(0) as usize, per["backend-1"]);
+    assert_eq!(flows(0) + flows(1) + flows(2), 220.0);
+    agent.stop_cleanly();
+}
+
+#[test]
+fn diagnose_names_a_dead_backend_an_acl_deny_and_a_missing_listener() {
+    let topo = Topology::new(3);
+    // backend-3 is dead: nothing listens on it.
+    let _servers: Vec<NameServer> = (0..2)
+        .map(|i| NameServer::start(&topo.backends[i], PORT, format!("backend-{}", i + 1)))
+        .collect();
+    let config = topo
+        .config(PORT)
+        .replace(
+            "    pool: web\n",
+            "    pool: web\n    acl: { deny: [10.91.0.2/32] }\n",
+        )
+        .replace(
+            "    backends:\n",
+            "    health_check: { protocol: tcp, interval: 1s, timeout: 1s, healthy_threshold: 1, unhealthy_threshold: 1 }\n    backends:\n",
+        );
+    let agent = topo.start_agent(&config);
+    let dead: SocketAddr = backend(2).parse().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while status(&topo).backend("web", dead).unwrap().health.as_str() != "unhealthy" {
+        assert!(Instant::now() < deadline, "backend-3 found unhealthy");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let diagnose = |args: &[&str]| {
+        let out = topo
+            .lb
+            .command(agent_bin().to_str().unwrap())
+            .arg("diagnose")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("$ lb-agent diagnose {}\n{text}", args.join(" "));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "a fault is an exit status 1\n{text}"
+        );
+        text
+    };
+    let text = diagnose(&["--client", "10.91.0.2"]);
+    for fault in [
+        "FAIL  backend web/10.91.2.13:8080: unhealthy (refused): no new flows or requests — fix: ",
+        "FAIL  backend web/10.91.2.13:8080: tcp port 8080 from 10.91.2.1: refused (the host is up, nothing listens) — fix: start the service on 10.91.2.13:8080",
+        "FAIL  client 10.91.0.2: denied by listener `web`'s acl.deny 10.91.0.2/32 — fix: remove 10.91.0.2/32 from listeners[0].acl.deny",
+    ] {
+        assert!(text.contains(fault), "missing `{fault}` in\n{text}");
+    }
+    for healthy in [0, 1] {
+        let ok = format!(
+            "ok    backend web/{}: tcp port 8080 answers",
+            backend(healthy)
+        );
+        assert!(text.contains(&ok), "missing `{ok}` in\n{text}");
+    }
+    assert!(text.ends_with("3 problem(s) found\n"), "{text}");
+
+    let text = diagnose(&["--listener", "nope", "--admin", ADMIN]);
+    assert!(
+        text.contains("FAIL  listener nope: listener `nope` not found (there are: web) — fix: "),
+        "{text}"
+    );
+    agent.stop_cleanly();
+}

@@ -174,5 +174,13 @@ fn weight_changes_apply_to_new_flows_and_a_removed_listener_stops_at_once() {
     let report = chat.finish();
     println!("chat after its listener was removed: {report:?}");
     assert_eq!(report.broken.len(), 1, "{report:?}");
+
+    // A new xdp_mode takes effect on reload.
+    agent.write_config(&without_chat.replace("xdp_mode: native", "xdp_mode: generic"));
+    reload(&agent).expect("reload");
+    let link = topo.lb.output(&["ip", "link", "show", "lb-ext"]);
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("xdpgeneric"), "{link}");
+    tally("names in generic mode", &topo.connect_many(names, 10), SNAT);
     agent.stop_cleanly();
 }

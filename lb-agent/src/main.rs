@@ -300,7 +300,13 @@ impl Agent {
         self.added =
             netif::sync_vip_addresses(&vips, &local, &cfg.agent.interfaces[0], &self.added)?;
         self.state.set_added_addresses(&self.added)?;
-        let had = old.map_or(&[][..], |o| &o.agent.interfaces[..]);
+        let mut had = old.map_or(&[][..], |o| &o.agent.interfaces[..]);
+        if old.is_some_and(|o| o.agent.xdp_mode != cfg.agent.xdp_mode) {
+            // A link keeps its mode: a new mode means new links (a moment without the program).
+            warn!(mode = ?cfg.agent.xdp_mode, "xdp_mode changed: attaching anew");
+            self.dp.detach_others(&[])?;
+            had = &[];
+        }
         for iface in &cfg.agent.interfaces {
             if !had.contains(iface) {
                 self.dp.attach(iface, cfg.agent.xdp_mode)?;

@@ -30,7 +30,15 @@ fn three_hundred_tcp_connections_are_balanced_over_three_backends() {
     let new_flows: u64 = web.split_whitespace().last().unwrap().parse().unwrap();
     assert_eq!(new_flows, 300, "{web}");
 
-    // The agent cleaned up after itself: XDP detached, VIP address removed.
+    // `stop --detach` cleaned up: XDP detached, VIP address and port reservation removed.
+    let reserved = topo
+        .lb
+        .output(&["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"]);
+    let reserved = String::from_utf8_lossy(&reserved.stdout);
+    assert!(
+        !reserved.contains("20000-60000"),
+        "still reserved: {reserved}"
+    );
     let link = topo.lb.output(&["ip", "link", "show", "lb-ext"]);
     assert!(
         !String::from_utf8_lossy(&link.stdout).contains("xdp"),

@@ -290,10 +290,16 @@ impl Agent {
         if cfg.listeners.iter().any(|l| l.vip.is_ipv6()) {
             netif::enable_ipv6_forwarding()?;
         }
-        if let Some(snat) = &cfg.snat {
-            if old.and_then(|o| o.snat.as_ref()).map(|s| s.ports) != Some(snat.ports) {
-                netif::reserve_ports(snat.ports).context("reserving the SNAT port range")?;
+        let wanted = cfg.snat.as_ref().map(|s| s.ports.to_string());
+        let reserved = self.state.reserved_ports();
+        if reserved != wanted {
+            if let Some(range) = &reserved {
+                netif::unreserve_ports(range).context("releasing the old SNAT port range")?;
             }
+            self.state.set_reserved_ports(wanted.as_deref())?;
+        }
+        if let Some(snat) = &cfg.snat {
+            netif::reserve_ports(snat.ports).context("reserving the SNAT port range")?;
         }
         let local = config::Host::current()?.addresses.unwrap_or_default();
         let vips: Vec<_> = cfg.listeners.iter().map(|l| l.vip).collect();
@@ -596,6 +602,9 @@ fn stop(state_dir: &Path, detach: bool) -> anyhow::Result<()> {
             dataplane::remove_pins(state.pins())?;
         }
         netif::remove_addresses(&state.added_addresses());
+        if let Some(range) = state.reserved_ports() {
+            netif::unreserve_ports(&range)?;
+        }
         state.remove()?;
         println!("dataplane detached and removed");
     }

@@ -79,9 +79,11 @@ pub fn enable_ipv6_forwarding() -> Result<(), NetifError> {
     Ok(())
 }
 
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
 /// Adds `range` to `net.ipv4.ip_local_reserved_ports` (which also covers IPv6 sockets).
 pub fn reserve_ports(range: PortRange) -> Result<(), NetifError> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    const PATH: &str = RESERVED_PORTS;
     let current = read_sysctl(PATH).unwrap_or_default();
     let entry = range.to_string();
     if current.split(',').any(|r| r == entry) {
@@ -93,6 +95,20 @@ pub fn reserve_ports(range: PortRange) -> Result<(), NetifError> {
         format!("{current},{entry}")
     };
     write_sysctl(PATH, &value)
+}
+
+/// Takes `range` (as `reserve_ports` wrote it) out of the reserved ports again.
+pub fn unreserve_ports(range: &str) -> Result<(), NetifError> {
+    let current = read_sysctl(RESERVED_PORTS).unwrap_or_default();
+    let kept: Vec<&str> = current
+        .split(',')
+        .filter(|r| !r.is_empty() && *r != range)
+        .collect();
+    if kept.len() == current.split(',').filter(|r| !r.is_empty()).count() {
+        return Ok(());
+    }
+    // A zero-length write would not reach the sysctl: "\n" clears it.
+    write_sysctl(RESERVED_PORTS, &format!("{}\n", kept.join(",")))
 }
 
 fn ip(args: &[&str]) -> Result<(), NetifError> {

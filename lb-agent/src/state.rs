@@ -195,6 +195,17 @@ impl State {
         self.write("addresses", &text)
     }
 
+    /// The SNAT port range an agent reserved on the host (`MIN-MAX`), to release on detach.
+    pub fn reserved_ports(&self) -> Option<String> {
+        self.read("reserved_ports")
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    }
+
+    pub fn set_reserved_ports(&self, range: Option<&str>) -> Result<(), StateError> {
+        self.write("reserved_ports", range.unwrap_or_default())
+    }
+
     /// Records the outcome of the agent's `generation`th reload: `ok` or `error: …`.
     pub fn set_reload(&self, generation: u64, report: &str) -> Result<(), StateError> {
         self.write("reload", &format!("{generation} {report}"))

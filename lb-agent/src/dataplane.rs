@@ -57,6 +57,9 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     listener_stats: PerCpuArray<MapData, ListenerStats>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    /// TCP flows until the client completes the handshake (the datapath then moves them to
+    /// `conntrack`).
+    conntrack_syn: HashMap<MapData, FlowKey, ConnEntry>,
     acl_allow: LpmTrie<MapData, AclKey, u8>,
     acl_deny: LpmTrie<MapData, AclKey, u8>,
     backend_active: Array<MapData, u64>,
@@ -107,6 +110,8 @@ impl Dataplane {
             .map_err(map_err(maps::LISTENER_STATS))?;
         let conntrack =
             HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
+        let conntrack_syn = HashMap::try_from(take(maps::CONNTRACK_SYN)?)
+            .map_err(map_err(maps::CONNTRACK_SYN))?;
         let acl_allow =
             LpmTrie::try_from(take(maps::ACL_ALLOW)?).map_err(map_err(maps::ACL_ALLOW))?;
         let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;
@@ -122,6 +127,7 @@ impl Dataplane {
             counters,
             listener_stats,
             conntrack,
+            conntrack_syn,
             acl_allow,
             acl_deny,
             backend_active,
@@ -291,9 +297,13 @@ impl Dataplane {
             .map_err(map_err(maps::CONNTRACK))
     }
 
-    /// Conntrack entries (both directions), for tests and diagnostics.
+    /// Conntrack entries (both directions, both tables), for tests and diagnostics.
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, ConnEntry)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        self.conntrack
+            .iter()
+            .chain(self.conntrack_syn.iter())
+            .filter_map(Result::ok)
+            .collect()
     }
 }
 
@@ -303,48 +313,14 @@ impl Dataplane {
     /// direction; an entry whose pair is gone (LRU eviction) is judged alone. `now_ns` is
     /// `gc::monotonic_ns()` in production.
     pub fn gc(&mut self, plan: &Plan, now_ns: u64) -> Result<gc::Report, DataplaneError> {
-        use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
-        let entries: std::collections::HashMap<FlowKey, ConnEntry> =
-            self.conntrack.iter().filter_map(Result::ok).collect();
         let mut report = gc::Report {
-            entries: entries.len(),
             active: vec![0; plan.listeners.len()],
             backend_active: vec![0; plan.backends.len()],
             ..Default::default()
         };
-        let mut doomed = Vec::new();
-        for (key, e) in &entries {
-            let pair_key = e.pair_key(key.proto, key.family);
-            let pair = entries.get(&pair_key);
-            // Each flow is judged once: from its original entry, or from an orphan reply.
-            if e.dir != DIR_ORIGINAL && pair.is_some() {
-                continue;
-            }
-            let last = pair.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
-            let idle = plan
-                .listeners
-                .get(e.listener_id as usize)
-                .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
-            let limit = gc::timeout(e.state, idle).as_nanos() as u64;
-            if now_ns.saturating_sub(last) > limit {
-                doomed.push(*key);
-                if pair.is_some() {
-                    doomed.push(pair_key);
-                }
-                report.expired += 1;
-            } else if e.state != STATE_CLOSING && e.state != STATE_CLOSED {
-                if let Some(n) = report.active.get_mut(e.listener_id as usize) {
-                    *n += 1;
-                }
-                if let Some(n) = report.backend_active.get_mut(e.backend_id as usize) {
-                    *n += 1;
-                }
-            }
-        }
-        for key in doomed {
-            // Already gone (LRU eviction, or the datapath re-created it) is fine.
-            let _ = self.conntrack.remove(&key);
-        }
+        // A flow's two entries are always in the same table.
+        sweep(&mut self.conntrack, plan, now_ns, &mut report);
+        sweep(&mut self.conntrack_syn, plan, now_ns, &mut report);
         // The exact counts replace the datapath's running ones, which miss flows that expired
         // without closing (flows created since the scan are missed until the next sweep).
         for (id, n) in report.backend_active.iter().enumerate() {
@@ -353,6 +329,52 @@ impl Dataplane {
                 .map_err(map_err(maps::BACKEND_ACTIVE))?;
         }
         Ok(report)
+    }
+}
+
+/// One conntrack table's part of [`Dataplane::gc`], added to `report`.
+fn sweep(
+    table: &mut HashMap<MapData, FlowKey, ConnEntry>,
+    plan: &Plan,
+    now_ns: u64,
+    report: &mut gc::Report,
+) {
+    use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
+    let entries: std::collections::HashMap<FlowKey, ConnEntry> =
+        table.iter().filter_map(Result::ok).collect();
+    report.entries += entries.len();
+    let mut doomed = Vec::new();
+    for (key, e) in &entries {
+        let pair_key = e.pair_key(key.proto, key.family);
+        let pair = entries.get(&pair_key);
+        // Each flow is judged once: from its original entry, or from an orphan reply.
+        if e.dir != DIR_ORIGINAL && pair.is_some() {
+            continue;
+        }
+        let last = pair.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
+        let idle = plan
+            .listeners
+            .get(e.listener_id as usize)
+            .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
+        let limit = gc::timeout(e.state, idle).as_nanos() as u64;
+        if now_ns.saturating_sub(last) > limit {
+            doomed.push(*key);
+            if pair.is_some() {
+                doomed.push(pair_key);
+            }
+            report.expired += 1;
+        } else if e.state != STATE_CLOSING && e.state != STATE_CLOSED {
+            if let Some(n) = report.active.get_mut(e.listener_id as usize) {
+                *n += 1;
+            }
+            if let Some(n) = report.backend_active.get_mut(e.backend_id as usize) {
+                *n += 1;
+            }
+        }
+    }
+    for key in doomed {
+        // Already gone (LRU eviction, or the datapath re-created it) is fine.
+        let _ = table.remove(&key);
     }
 }
 

@@ -100,9 +100,15 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let _checks = health.start(&cfg);
         info!(config = %path.display(), listeners = cfg.listeners.len(), backends = plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
+        // A sweep of a full table takes seconds (two syscalls per entry): the next one waits
+        // its interval instead of following at once, so the agent never sweeps non-stop.
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = gc::Report::default();
         loop {
             tokio::select! {
+                // Signals first: with the sweep always ready, a random pick could leave SIGTERM
+                // waiting for several sweeps.
+                biased;
                 _ = term.recv() => { info!("SIGTERM"); break; }
                 _ = int.recv() => { info!("SIGINT"); break; }
                 _ = usr1.recv() => print!("{}", stats::render_health(&health)),

@@ -18,6 +18,7 @@ use std::{
 use lb_common::maps::{CONNTRACK_ENTRIES, CONNTRACK_SYN_ENTRIES};
 use lb_tests::{
     maps,
+    netns::Children,
     topology::{backend_addr, NameServer, SNAT, VIP},
     Netns, Topology,
 };
@@ -77,18 +78,6 @@ fn serve_echo(topo: &Topology) -> Vec<Child> {
             ])
         })
         .collect()
-}
-
-/// Kills the children on drop (their namespaces go with the topology).
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Long-lived connections through the LB, each sending a line every `every` and reading its

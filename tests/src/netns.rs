@@ -118,6 +118,18 @@ impl Drop for Netns {
     }
 }
 
+/// Child processes (servers a test started in its namespaces), killed and reaped on drop.
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Moves the calling thread into the namespace called `name` until the guard drops.
 pub fn enter(name: &str) -> Entered {
     let back = File::open("/proc/thread-self/ns/net").expect("open own netns");

@@ -110,8 +110,8 @@ impl Dataplane {
             .map_err(map_err(maps::LISTENER_STATS))?;
         let conntrack =
             HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
-        let conntrack_syn = HashMap::try_from(take(maps::CONNTRACK_SYN)?)
-            .map_err(map_err(maps::CONNTRACK_SYN))?;
+        let conntrack_syn =
+            HashMap::try_from(take(maps::CONNTRACK_SYN)?).map_err(map_err(maps::CONNTRACK_SYN))?;
         let acl_allow =
             LpmTrie::try_from(take(maps::ACL_ALLOW)?).map_err(map_err(maps::ACL_ALLOW))?;
         let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;

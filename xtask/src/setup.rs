@@ -4,7 +4,7 @@
 //! - `bpf-linker` 0.13.0 built against LLVM 22;
 //! - the tools the tests drive (iproute2, ethtool; nginx, socat, hping3 and curl for the fault
 //!   and abuse suite) and the benchmarks' peers and load generators (wrk, iperf3, haproxy,
-//!   nftables).
+//!   nftables; openssl makes the L7 bench's certificate).
 
 use std::{path::Path, process::Command};
 
@@ -24,6 +24,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "/usr/bin/iperf3"),
     ("haproxy", "/usr/sbin/haproxy"),
     ("nftables", "/usr/sbin/nft"),
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 /// PATH with LLVM 22 and cargo's bin directory first.

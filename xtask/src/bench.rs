@@ -216,16 +216,17 @@ fn markdown(table: &str, conditions: &[String], took: Duration) -> String {
     format!(
         "# Benchmarks
 
-Written by `cargo xtask bench` (root) on {date}, in {took:.0} s. Every figure is next to a peer
-measured in the same run, on the same machine, with the same load generator and backends; the
-peers are set up by the bench itself in network namespaces. Rerun with the commands below; the
-figures are only meaningful as ratios on one machine.
+Written by `cargo xtask bench` (root) on {date}, in {took:.0} s. Every figure is next to a
+peer measured in the same run, on the same machine, with the same load generator and backends;
+the peers are set up by the bench itself in network namespaces. Rerun with the commands below;
+the figures are only meaningful as ratios on one machine.
 
 **Machine**: {cpu}, {cpus} vCPUs, {mem_gib:.0} GiB, kernel {kernel}. A 2-core VM shared with
 builds and other test runs: the load generators, the backends and the LB under test share these
 two cores, so absolute figures are low and a busy neighbour lowers them (the CPU use of other work
-just before each part is noted below; rerun a part whose figures look disturbed). Tools: {wrk};
-{iperf3}; {haproxy}; {nginx}; {nft}.
+just before each part is noted below; rerun a part whose figures look disturbed).
+
+Tools: {wrk}; {iperf3}; {haproxy}; {nginx}; {nft}.
 
 ## Commands
 
@@ -249,12 +250,15 @@ just before each part is noted below; rerun a part whose figures look disturbed)
   address, the kernel's conntrack with the same 10 s for closed flows; HAProxy 2.6 in TCP mode
   (2 threads, round robin). Each is measured twice, alternating, and the better run is kept.
   New connections: `wrk -t2 -c64 -d8s -H 'Connection: close'` (a TCP connection per request).
-  Throughput: `iperf3 -P2 -t6` to the first backend. UDP: `iperf3 -u -b0 -l64 -t6` (64-byte
-  datagrams, packets received per second; HAProxy does not balance UDP). CPU: `/proc/stat`
-  deltas over each run for the whole machine (client, LB and backends all share it, so the
-  differences between peers are the LB's) and its softirq share (where XDP, netfilter and
-  every namespace's TCP/IP receive path run); the LB process's own CPU from `/proc/PID/stat`
-  (HAProxy; for lb-agent, the agent's sweeps and health checks, the datapath being in softirq).
+  Throughput: `iperf3 -P2 -t6` to the first backend (XDP handles the stream frame by frame,
+  while the kernel's forwarding and HAProxy work on the 64 KB packets GRO merges). UDP:
+  `iperf3 -u -b0 -l64 -t6` (64-byte datagrams, packets received per second; one iperf3 sender
+  thread is the limit, so compare the CPU per packet; HAProxy does not balance UDP). CPU:
+  `/proc/stat` deltas over each run for the whole machine (client, LB and backends all share
+  it, so the differences between peers are the LB's) and its softirq share (where XDP,
+  netfilter and every namespace's TCP/IP receive path run); the LB process's own CPU from
+  `/proc/PID/stat` (HAProxy; for lb-agent, the agent's sweeps and health checks, the datapath
+  being in softirq).
 - **l7**: `wrk -t2 -c64 -d8s` against the agent's proxy and against nginx configured alike (two
   workers, keep-alive to the same two nginx backends, access log on, forwarded headers), on
   loopback in one namespace; HTTP and HTTPS (TLS 1.3, ECDSA P-256), keep-alive and a new
@@ -264,7 +268,8 @@ just before each part is noted below; rerun a part whose figures look disturbed)
   RSS and the kernel memory of its maps (`memlock` of the map descriptors, fully preallocated).
   Then 10 backends with the conntrack table prefilled to 10% and 90% of its 1,048,576 entries
   with synthetic established flows (through the agent's map, as a restored state would be): the
-  same rate, plus the agent's CPU (its once-a-second sweep walks the whole table).
+  same rate, plus the agent's CPU (its once-a-second sweep walks the whole table; the empty
+  table still holds the run's own closed flows, about 10 s worth of connections).
 
 ## Results
 

@@ -20,7 +20,7 @@ use lb_tests::{
     maps,
     netns::Children,
     topology::{backend_addr, NameServer, SNAT, VIP},
-    Netns, Topology,
+    Agent, Netns, Topology,
 };
 
 /// Names answered on 8080 (new connections), echo on 9000 (established flows).
@@ -59,6 +59,38 @@ fn config(topo: &Topology, pool_extra: &str) -> String {
         );
     }
     c
+}
+
+/// Three backends, each with a name server and an echo server, and the agent in front.
+/// Fields drop in order: the agent first, the namespaces last.
+struct Site {
+    agent: Agent,
+    names: Vec<Option<NameServer>>,
+    _echo: Children,
+    topo: Topology,
+}
+
+impl Site {
+    /// `config(pool_extra)` in XDP mode `xdp_mode`.
+    fn start(pool_extra: &str, xdp_mode: &str) -> Self {
+        let topo = Topology::new(3);
+        let names = topo.serve_names(NAME_PORT).into_iter().map(Some).collect();
+        let echo = Children(serve_echo(&topo));
+        let config =
+            config(&topo, pool_extra).replace("xdp_mode: native", &format!("xdp_mode: {xdp_mode}"));
+        let agent = topo.start_agent(&config);
+        Site {
+            agent,
+            names,
+            _echo: echo,
+            topo,
+        }
+    }
+
+    /// Stops the agent, asserting a clean exit; its report.
+    fn stop(self) -> String {
+        self.agent.stop_cleanly()
+    }
 }
 
 /// In every backend, an echo server that answers the first line with its name and the line,
@@ -242,11 +274,8 @@ fn succeeded(answers: &[Result<String, String>]) -> usize {
 #[test]
 fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
     let _turn = one_at_a_time();
-    let topo = Topology::new(3);
-    let _names = topo.serve_names(NAME_PORT);
-    let _echo = Children(serve_echo(&topo));
-    let agent = topo.start_agent(&config(&topo, ""));
-    let pid = agent.pid();
+    let site = Site::start("", "native");
+    let (topo, pid) = (&site.topo, site.agent.pid());
 
     let flows = Flows::start(&topo.client, echo(), 20, Duration::from_millis(100));
     let before = flows.exchanged();
@@ -298,7 +327,7 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
     std::thread::sleep(Duration::from_millis(500));
     let during = flows.exchanged() - before;
     let ended = flows.stop();
-    let stats = agent.stop_cleanly();
+    let stats = site.stop();
 
     let ok = succeeded(&answers);
     let broken: Vec<&Flow> = ended.iter().filter(|f| f.error.is_some()).collect();
@@ -340,11 +369,8 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
 #[test]
 fn a_conntrack_table_driven_past_capacity_keeps_serving_new_and_active_flows() {
     let _turn = one_at_a_time();
-    let topo = Topology::new(3);
-    let _names = topo.serve_names(NAME_PORT);
-    let _echo = Children(serve_echo(&topo));
-    let agent = topo.start_agent(&config(&topo, ""));
-    let pid = agent.pid();
+    let site = Site::start("", "native");
+    let (topo, pid) = (&site.topo, site.agent.pid());
     let flows = Flows::start(&topo.client, echo(), 10, Duration::from_millis(100));
 
     // 20% more established flows than the table holds, inserted the way the datapath would
@@ -359,7 +385,7 @@ fn a_conntrack_table_driven_past_capacity_keeps_serving_new_and_active_flows() {
     let answers = topo.connect_many(web(), 300);
     let (after, _) = maps::conntrack_len(pid);
     let ended = flows.stop();
-    let stats = agent.stop_cleanly();
+    let stats = site.stop();
 
     let ok = succeeded(&answers);
     let broken: Vec<&Flow> = ended.iter().filter(|f| f.error.is_some()).collect();
@@ -396,30 +422,25 @@ fn a_conntrack_table_driven_past_capacity_keeps_serving_new_and_active_flows() {
 #[test]
 fn a_backend_killed_mid_transfer_ends_only_its_flows_and_every_backend_killed_is_refused() {
     let _turn = one_at_a_time();
-    let topo = Topology::new(3);
-    let mut names: Vec<Option<NameServer>> =
-        topo.serve_names(NAME_PORT).into_iter().map(Some).collect();
-    let _echo = Children(serve_echo(&topo));
     // Generic mode: the RST answering a SYN with no backend leaves with XDP_TX, which native
     // veth does not deliver in this harness (see e2e_l4).
     let check = "    health_check: { protocol: tcp, interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
-    let mut agent =
-        topo.start_agent(&config(&topo, check).replace("xdp_mode: native", "xdp_mode: generic"));
-    agent.wait_for("healthy=6 ", Duration::from_secs(10));
+    let mut site = Site::start(check, "generic");
+    site.agent.wait_for("healthy=6 ", Duration::from_secs(10));
 
-    let flows = Flows::start(&topo.client, echo(), 30, Duration::from_millis(50));
+    let flows = Flows::start(&site.topo.client, echo(), 30, Duration::from_millis(50));
     std::thread::sleep(Duration::from_millis(500));
     // A crash: its processes die (the echo server and its connections) and its name server
     // stops.
     let killed_at = Instant::now();
-    let processes = topo.backends[0].kill_all();
-    names[0] = None;
+    let processes = site.topo.backends[0].kill_all();
+    site.names[0] = None;
     let at_kill = flows.exchanged();
     // New connections avoid it once the probes fail (2 × 1 s interval + 1 s timeout).
     let mut out_after = None;
     let mut failed_meanwhile = 0;
     while killed_at.elapsed() < Duration::from_secs(6) {
-        let answers = topo.connect_many(web(), 20);
+        let answers = site.topo.connect_many(web(), 20);
         failed_meanwhile += answers.len() - succeeded(&answers);
         if answers
             .iter()
@@ -435,16 +456,16 @@ fn a_backend_killed_mid_transfer_ends_only_its_flows_and_every_backend_killed_is
 
     // Then every backend.
     let all_killed_at = Instant::now();
-    for (i, ns) in topo.backends.iter().enumerate().skip(1) {
+    for (i, ns) in site.topo.backends.iter().enumerate().skip(1) {
         ns.kill_all();
-        names[i] = None;
+        site.names[i] = None;
     }
-    agent.wait_for("healthy=0 ", Duration::from_secs(6));
+    site.agent.wait_for("healthy=0 ", Duration::from_secs(6));
     let refused_at = Instant::now();
-    let last = topo.connect_many(web(), 20);
+    let last = site.topo.connect_many(web(), 20);
     let refused_in = refused_at.elapsed();
     let ended = flows.stop();
-    let stats = agent.stop_cleanly();
+    let stats = site.stop();
 
     let on_killed: Vec<&Flow> = ended.iter().filter(|f| f.backend == "backend-1").collect();
     let others: Vec<&Flow> = ended.iter().filter(|f| f.backend != "backend-1").collect();

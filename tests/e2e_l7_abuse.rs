@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{netns::Children, procfs::rss_kib, Agent, Netns};
+use lb_tests::{netns::Children, nginx::ok_server, procfs::rss_kib, Agent, Netns};
 
 const HTTP: u16 = 8080;
 const HTTPS: u16 = 8443;
@@ -56,24 +56,8 @@ impl Site {
         let ns = Netns::new("l7");
         let dir = std::env::temp_dir().join(&ns.name);
         std::fs::create_dir_all(&dir).unwrap();
+        let nginx = ok_server(&ns, &dir, "backend", &format!("127.0.0.1:{BACKEND}"), 1);
         let d = dir.display();
-        std::fs::write(
-            dir.join("nginx.conf"),
-            format!(
-                "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/nginx.err;
-events {{ worker_connections 1024; }}
-http {{ access_log off; server {{ listen 127.0.0.1:{BACKEND}; location / {{ return 200 \"ok\\n\"; }} }} }}
-"
-            ),
-        )
-        .unwrap();
-        let nginx = ns.spawn(&[
-            "nginx",
-            "-p",
-            &d.to_string(),
-            "-c",
-            &format!("{d}/nginx.conf"),
-        ]);
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         std::fs::write(dir.join("site.pem"), cert.cert.pem()).unwrap();
         std::fs::write(dir.join("site.key"), cert.key_pair.serialize_pem()).unwrap();

@@ -7,6 +7,7 @@
 
 pub mod maps;
 pub mod netns;
+pub mod nginx;
 pub mod procfs;
 pub mod topology;
 

@@ -10,7 +10,7 @@ mod scale;
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -74,7 +74,7 @@ pub fn run(which: Option<Part>, agent: &Path) -> Result<()> {
         rows.extend(match part {
             Part::Xdp => xdp()?,
             Part::L4 => l4::run(&dir)?,
-            Part::L7 => l7::run(agent, &dir)?,
+            Part::L7 => l7::run(&dir)?,
             Part::Scale => scale::run(&dir)?,
         });
         conditions.push(format!(
@@ -296,43 +296,6 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Processes a bench started (nginx, HAProxy, iperf3): SIGTERM on drop, SIGKILL if one lingers.
-#[derive(Default)]
-pub struct Daemons(Vec<Child>);
-
-impl Daemons {
-    /// Starts `args` in `ns`, output to `log`; returns its pid (`ip netns exec` execs in place).
-    pub fn spawn(&mut self, ns: &Netns, args: &[&str], log: &Path) -> Result<u32> {
-        let out = std::fs::File::create(log)?;
-        let child = ns
-            .command(args[0])
-            .args(&args[1..])
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {args:?}"))?;
-        let pid = child.id();
-        self.0.push(child);
-        Ok(pid)
-    }
-}
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for c in &mut self.0 {
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

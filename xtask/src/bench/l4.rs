@@ -7,11 +7,13 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 use lb_tests::{
+    netns::Children,
+    nginx::ok_server,
     topology::{backend_addr, SNAT, VIP},
     Agent, Topology,
 };
 
-use super::{wait_listening, with_cpu, wrk, CpuUse, Daemons, Row};
+use super::{wait_listening, with_cpu, wrk, CpuUse, Row};
 
 const WEB: u16 = 8080;
 /// iperf3, TCP and UDP, on the first backend.
@@ -51,37 +53,20 @@ struct Figures {
 
 pub fn run(dir: &Path) -> Result<Vec<Row>> {
     let topo = Topology::new(BACKENDS);
-    let mut daemons = Daemons::default();
+    let mut servers = Children(Vec::new());
     for (i, be) in topo.backends.iter().enumerate() {
-        let d = dir.display();
-        let conf = dir.join(format!("l4-be{i}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off; worker_processes 1; pid {d}/l4-be{i}.pid; error_log {d}/l4-be{i}.err;
-events {{ worker_connections 16384; }}
-http {{ access_log off; server {{ listen {WEB} backlog=4096; location / {{ return 200 \"ok\\n\"; }} }} }}
-"
-            ),
-        )?;
-        daemons.spawn(
+        servers.0.push(ok_server(
             be,
-            &[
-                "nginx",
-                "-p",
-                &d.to_string(),
-                "-c",
-                &conf.display().to_string(),
-            ],
-            &dir.join(format!("l4-be{i}.out")),
-        )?;
+            dir,
+            &format!("l4-be{i}"),
+            &WEB.to_string(),
+            1,
+        ));
         wait_listening(be, WEB)?;
     }
-    daemons.spawn(
-        &topo.backends[0],
-        &["iperf3", "-s", "-p", &PERF.to_string()],
-        &dir.join("l4-iperf3.out"),
-    )?;
+    servers
+        .0
+        .push(topo.backends[0].spawn(&["iperf3", "-s", "-p", &PERF.to_string()]));
     wait_listening(&topo.backends[0], PERF)?;
 
     let peers = [Peer::Ours, Peer::Nft, Peer::Haproxy];
@@ -180,8 +165,7 @@ fn rows(best: &[Figures; 3]) -> Vec<Row> {
 struct Lb<'a> {
     topo: &'a Topology,
     agent: Option<Agent>,
-    daemons: Daemons,
-    haproxy: Option<u32>,
+    haproxy: Option<Children>,
     peer: Peer,
 }
 
@@ -191,7 +175,6 @@ impl<'a> Lb<'a> {
         let mut this = Lb {
             topo,
             agent: None,
-            daemons: Daemons::default(),
             haproxy: None,
             peer,
         };
@@ -272,11 +255,8 @@ impl<'a> Lb<'a> {
                 );
                 let file = dir.join("l4-haproxy.cfg");
                 std::fs::write(&file, cfg)?;
-                this.haproxy = Some(this.daemons.spawn(
-                    lb,
-                    &["haproxy", "-db", "-f", &file.display().to_string()],
-                    &dir.join("l4-haproxy.out"),
-                )?);
+                let file = file.display().to_string();
+                this.haproxy = Some(Children(vec![lb.spawn(&["haproxy", "-db", "-f", &file])]));
                 wait_listening(lb, 80)?;
             }
         }
@@ -285,7 +265,12 @@ impl<'a> Lb<'a> {
 
     /// The process whose CPU counts as the LB's own.
     fn pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(Agent::pid).or(self.haproxy)
+        let haproxy = self
+            .haproxy
+            .as_ref()
+            .and_then(|c| c.0.first())
+            .map(|c| c.id());
+        self.agent.as_ref().map(Agent::pid).or(haproxy)
     }
 }
 
@@ -293,7 +278,7 @@ impl Drop for Lb<'_> {
     fn drop(&mut self) {
         let lb = &self.topo.lb;
         self.agent = None;
-        self.daemons = Daemons::default();
+        self.haproxy = None;
         if self.peer == Peer::Nft {
             let _ = lb.output(&["nft", "delete", "table", "ip", "lbbench"]);
         }

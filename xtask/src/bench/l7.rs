@@ -6,9 +6,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use lb_tests::Netns;
+use lb_tests::{netns::Children, nginx::ok_server, Agent, Netns};
 
-use super::{wait_listening, wrk, Daemons, Row};
+use super::{wait_listening, wrk, Row};
 
 const BACKENDS: [u16; 2] = [18081, 18082];
 const NGINX_HTTP: u16 = 18080;
@@ -17,7 +17,7 @@ const AGENT_HTTP: u16 = 18090;
 const AGENT_HTTPS: u16 = 18493;
 const SECS: u32 = 8;
 
-pub fn run(agent: &Path, dir: &Path) -> Result<Vec<Row>> {
+pub fn run(dir: &Path) -> Result<Vec<Row>> {
     let ns = Netns::new("bench-l7");
     let d = dir.display();
     let cert = dir.join("l7.pem");
@@ -41,14 +41,6 @@ pub fn run(agent: &Path, dir: &Path) -> Result<Vec<Row>> {
     }
     let (cert, key) = (cert.display(), key.display());
 
-    let backends: String = BACKENDS
-        .iter()
-        .map(|p| format!("server {{ listen 127.0.0.1:{p}; access_log off; location / {{ return 200 \"ok {p}\\n\"; }} }}\n"))
-        .collect();
-    std::fs::write(
-        dir.join("l7-backends.conf"),
-        format!("daemon off; worker_processes 1; pid {d}/l7-backends.pid; error_log {d}/l7-backends.err;\nevents {{ worker_connections 4096; }}\nhttp {{ keepalive_requests 100000; {backends} }}\n"),
-    )?;
     let upstream: String = BACKENDS
         .iter()
         .map(|p| format!("server 127.0.0.1:{p};"))
@@ -87,36 +79,26 @@ http {{
         .iter()
         .map(|p| format!("      - {{ address: 127.0.0.1, port: {p} }}\n"))
         .collect();
-    std::fs::write(
-        dir.join("l7-agent.yaml"),
-        format!(
-            "agent:\n  interfaces: [lo]\n  xdp_mode: generic\nlisteners:
+    let config = format!(
+        "agent:\n  interfaces: [lo]\n  xdp_mode: generic\nlisteners:
   - {{ name: web, protocol: http, vip: 127.0.0.1, port: {AGENT_HTTP}, pool: web, access_log: {d}/agent-access.log }}
   - {{ name: tls, protocol: https, vip: 127.0.0.1, port: {AGENT_HTTPS}, pool: web, access_log: {d}/agent-access.log,
       tls: {{ certificates: [{{ cert: {cert}, key: {key} }}] }} }}
 pools:\n  - name: web\n    backends:\n{pool}"
-        ),
-    )?;
+    );
 
-    let mut daemons = Daemons::default();
-    let conf = |f: &str| dir.join(f).display().to_string();
-    let prefix = d.to_string();
-    daemons.spawn(
-        &ns,
-        &["nginx", "-c", &conf("l7-backends.conf"), "-p", &prefix],
-        &dir.join("l7-backends.out"),
-    )?;
-    daemons.spawn(
-        &ns,
-        &["nginx", "-c", &conf("l7-proxy.conf"), "-p", &prefix],
-        &dir.join("l7-proxy.out"),
-    )?;
-    let agent = agent.display().to_string();
-    daemons.spawn(
-        &ns,
-        &[&agent, "run", "--config", &conf("l7-agent.yaml")],
-        &dir.join("l7-agent.out"),
-    )?;
+    let mut servers = Children(Vec::new());
+    for p in BACKENDS {
+        let name = format!("l7-be{p}");
+        servers
+            .0
+            .push(ok_server(&ns, dir, &name, &format!("127.0.0.1:{p}"), 1));
+    }
+    let proxy = dir.join("l7-proxy.conf").display().to_string();
+    servers
+        .0
+        .push(ns.spawn(&["nginx", "-c", &proxy, "-p", &d.to_string()]));
+    let _agent = Agent::start(&ns, &config);
     for p in BACKENDS
         .into_iter()
         .chain([NGINX_HTTP, NGINX_HTTPS, AGENT_HTTP, AGENT_HTTPS])

@@ -11,12 +11,15 @@ use std::path::Path;
 use anyhow::Result;
 use lb_common::maps::CONNTRACK_ENTRIES;
 use lb_tests::{
-    maps, procfs,
+    maps,
+    netns::Children,
+    nginx::ok_server,
+    procfs,
     topology::{backend_addr, SNAT, VIP},
     Agent, Topology,
 };
 
-use super::{wait_listening, with_cpu, wrk, Daemons, Row};
+use super::{wait_listening, with_cpu, wrk, Row};
 
 const PORT: u16 = 8080;
 const SECS: u32 = 8;
@@ -61,35 +64,26 @@ fn measure(topo: &Topology, agent: &Agent) -> Result<Run> {
     })
 }
 
+/// Rows of `(measure, ours, theirs)` figures, the measures qualified by `case`.
+fn compare(rows: &mut Vec<Row>, case: &str, peer: &str, figures: [(&str, f64, f64); 3]) {
+    for (measure, ours, theirs) in figures {
+        rows.push(Row {
+            part: "scale",
+            measure: format!("{measure}, {case}"),
+            ours,
+            peer: peer.into(),
+            theirs: Some(theirs),
+        });
+    }
+}
+
 pub fn run(dir: &Path) -> Result<Vec<Row>> {
     let topo = Topology::new(1);
     let be = &topo.backends[0];
     be.ip(&["route", "add", "local", "10.92.0.0/16", "dev", "lo"]);
     topo.lb
         .ip(&["route", "add", "10.92.0.0/16", "via", &backend_addr(0)]);
-    let d = dir.display();
-    let conf = dir.join("scale-be.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; worker_processes 2; pid {d}/scale-be.pid; error_log {d}/scale-be.err;
-events {{ worker_connections 16384; }}
-http {{ access_log off; server {{ listen {PORT} backlog=4096; location / {{ return 200 \"ok\\n\"; }} }} }}
-"
-        ),
-    )?;
-    let mut daemons = Daemons::default();
-    daemons.spawn(
-        be,
-        &[
-            "nginx",
-            "-p",
-            &d.to_string(),
-            "-c",
-            &conf.display().to_string(),
-        ],
-        &dir.join("scale-be.out"),
-    )?;
+    let _server = Children(vec![ok_server(be, dir, "scale-be", &PORT.to_string(), 2)]);
     wait_listening(be, PORT)?;
 
     let mut rows = Vec::new();
@@ -103,20 +97,16 @@ http {{ access_log off; server {{ listen {PORT} backlog=4096; location / {{ retu
             r.conns, r.rss, r.maps
         );
         if let Some(b) = &base {
-            let peer = "10 backends".to_string();
-            for (measure, ours, theirs) in [
-                ("new TCP connections/s", r.conns, b.conns),
-                ("agent RSS, MiB", r.rss, b.rss),
-                ("kernel memory of the maps, MiB", r.maps, b.maps),
-            ] {
-                rows.push(Row {
-                    part: "scale",
-                    measure: format!("{measure}, {n} backends"),
-                    ours,
-                    peer: peer.clone(),
-                    theirs: Some(theirs),
-                });
-            }
+            compare(
+                &mut rows,
+                &format!("{n} backends"),
+                "10 backends",
+                [
+                    ("new TCP connections/s", r.conns, b.conns),
+                    ("agent RSS, MiB", r.rss, b.rss),
+                    ("kernel memory of the maps, MiB", r.maps, b.maps),
+                ],
+            );
         } else {
             base = Some(r);
         }
@@ -132,20 +122,16 @@ http {{ access_log off; server {{ listen {PORT} backlog=4096; location / {{ retu
             "conntrack {percent}% full ({filled} flows): {:.0} conn/s, agent {:.0}% of a core, RSS {:.1} MiB",
             r.conns, r.agent_cpu, r.rss
         );
-        let peer = "conntrack empty (10 backends)".to_string();
-        for (measure, ours, theirs) in [
-            ("new TCP connections/s", r.conns, base.conns),
-            ("agent CPU, % of one core", r.agent_cpu, base.agent_cpu),
-            ("agent RSS, MiB", r.rss, base.rss),
-        ] {
-            rows.push(Row {
-                part: "scale",
-                measure: format!("{measure}, conntrack {percent}% full"),
-                ours,
-                peer: peer.clone(),
-                theirs: Some(theirs),
-            });
-        }
+        compare(
+            &mut rows,
+            &format!("conntrack {percent}% full"),
+            "conntrack empty (10 backends)",
+            [
+                ("new TCP connections/s", r.conns, base.conns),
+                ("agent CPU, % of one core", r.agent_cpu, base.agent_cpu),
+                ("agent RSS, MiB", r.rss, base.rss),
+            ],
+        );
     }
     Ok(rows)
 }

@@ -35,10 +35,11 @@ fn https() -> SocketAddr {
 }
 
 /// The namespace, the nginx backend and the agent with an http and an https listener.
+/// Fields drop in order: the agent first, the namespace and the files last.
 struct Site {
-    ns: Netns,
     agent: Agent,
     _backend: Children,
+    ns: Netns,
     _dir: Dir,
 }
 
@@ -81,9 +82,9 @@ impl Site {
         );
         let agent = Agent::start(&ns, &config);
         let site = Site {
-            ns,
             agent,
             _backend: Children(vec![nginx]),
+            ns,
             _dir: Dir(dir),
         };
         // nginx may still be starting.

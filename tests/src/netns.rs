@@ -111,6 +111,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Whatever still runs in it would outlive it: nginx workers whose master was killed,
+        // socat's per-connection children.
+        self.kill_all();
         // Deleting the namespace removes its interfaces (and their veth peers elsewhere).
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])

@@ -11,7 +11,7 @@ mod fixture;
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use fixture::*;
 use lb_agent::{config, gc, plan};
-use lb_common::counters::Counter;
+use lb_common::{counters::Counter, maps::CONNTRACK_SYN_ENTRIES};
 
 #[test]
 fn syn_to_vip_is_fullnat_rewritten_and_the_syn_ack_comes_back_to_the_client() {
@@ -641,5 +641,69 @@ fn a_resetting_listener_keeps_each_directions_last_ack() {
                     .collect();
             assert_eq!(acks, [kept; 2], "{config}");
         }
+    });
+}
+
+#[test]
+fn a_syn_flood_only_evicts_unfinished_handshakes_and_never_exhausts_snat_ports() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        // An established flow, idle while the flood goes on.
+        let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+        let fwd = parse_checked(&out);
+        let (backend, snat) = (fwd.dst, fwd.src);
+        let b = (backend.0[3] - 11) as usize;
+        f.run(&tcp_frame(BACKEND_MACS[b], LB_INT_MAC, backend, snat, "SA"), f.int);
+        f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+
+        // Distinct spoofed SYNs that are never answered: more flows than the handshake table
+        // holds, and more than the 3 backends × 40001 SNAT ports could serve at once. With one
+        // table the flood kept its ports for the 10 s handshake timeout and new flows found
+        // none free; here it only evicts its own kind, so the ports turn over.
+        let flood = 200_000u32;
+        for i in 0..flood {
+            let src = ([100, 64 + (i >> 16) as u8, (i >> 8) as u8, i as u8], 20000 + (i * 7919 % 40000) as u16);
+            let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, src, VIP, "S"), f.ext);
+            assert!(matches!(action, XDP_REDIRECT | XDP_DROP), "SYN {i}: {action}");
+        }
+        let s = f.dp.snapshot(1).unwrap();
+        let exhausted = s.get(Counter::DropSnatExhausted);
+        println!(
+            "{flood} spoofed SYNs: {} new flows, {exhausted} without a SNAT port, {} conntrack entries",
+            s.listeners[0].new_flows,
+            f.dp.conntrack_entries().len()
+        );
+        assert!(exhausted * 1000 <= flood as u64, "SNAT exhausted {exhausted} times");
+        assert!(
+            f.dp.conntrack_entries().len() <= CONNTRACK_SYN_ENTRIES as usize + 2,
+            "the flood stays within the handshake table"
+        );
+
+        // The idle established flow was not evicted: both directions still translated.
+        let (action, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(parse_checked(&out).dst, backend);
+        let (action, out) = f.run(&tcp_frame(BACKEND_MACS[b], LB_INT_MAC, backend, snat, "A"), f.int);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!((parse_checked(&out).src, parse_checked(&out).dst), (VIP, CLIENT));
+
+        // A real client's handshake still completes (and leaves the handshake table).
+        let client = ([10, 91, 0, 2], 42000);
+        let (action, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "S"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        let fwd = parse_checked(&out);
+        let b = (fwd.dst.0[3] - 11) as usize;
+        let (action, _) = f.run(&tcp_frame(BACKEND_MACS[b], LB_INT_MAC, fwd.dst, fwd.src, "SA"), f.int);
+        assert_eq!(action, XDP_REDIRECT);
+        let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "A"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        let established = f
+            .dp
+            .conntrack_entries()
+            .iter()
+            .filter(|(_, e)| e.state == lb_common::conn::STATE_ESTABLISHED)
+            .count();
+        assert_eq!(established, 4, "both real flows, both entries each");
     });
 }

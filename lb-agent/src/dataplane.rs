@@ -78,6 +78,9 @@ pub struct Dataplane {
     listener_stats: PerCpuArray<MapData, ListenerStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    /// TCP flows until the client completes the handshake (the datapath then moves them to
+    /// `conntrack`).
+    conntrack_syn: HashMap<MapData, FlowKey, ConnEntry>,
     acl_allow: LpmTrie<MapData, AclKey, u8>,
     acl_deny: LpmTrie<MapData, AclKey, u8>,
     backend_active: Array<MapData, u64>,
@@ -179,6 +182,8 @@ impl Dataplane {
             .map_err(map_err(maps::BACKEND_STATS))?;
         let conntrack =
             HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
+        let conntrack_syn =
+            HashMap::try_from(take(maps::CONNTRACK_SYN)?).map_err(map_err(maps::CONNTRACK_SYN))?;
         let acl_allow =
             LpmTrie::try_from(take(maps::ACL_ALLOW)?).map_err(map_err(maps::ACL_ALLOW))?;
         let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;
@@ -195,6 +200,7 @@ impl Dataplane {
             listener_stats,
             backend_stats,
             conntrack,
+            conntrack_syn,
             acl_allow,
             acl_deny,
             backend_active,
@@ -417,29 +423,28 @@ impl Dataplane {
     /// listener stops forwarding at once. Original entries are keyed client → VIP.
     fn purge(&mut self, gone: &[VipKey]) -> Result<(), DataplaneError> {
         use lb_common::conn::DIR_ORIGINAL;
-        let doomed: Vec<(FlowKey, FlowKey)> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, e)| {
-                e.dir == DIR_ORIGINAL
-                    && gone.iter().any(|v| {
-                        (v.addr_be, v.port_be, v.proto, v.family)
-                            == (k.dst_be, k.dport_be, k.proto, k.family)
-                    })
-            })
-            .map(|(k, e)| (k, e.pair_key(k.proto, k.family)))
-            .collect();
-        for (key, pair) in &doomed {
-            // Gone already (LRU, the sweep) is fine.
-            let _ = self.conntrack.remove(key);
-            let _ = self.conntrack.remove(pair);
+        let mut flows = 0;
+        for table in [&mut self.conntrack, &mut self.conntrack_syn] {
+            let doomed: Vec<(FlowKey, FlowKey)> = table
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, e)| {
+                    e.dir == DIR_ORIGINAL
+                        && gone.iter().any(|v| {
+                            (v.addr_be, v.port_be, v.proto, v.family)
+                                == (k.dst_be, k.dport_be, k.proto, k.family)
+                        })
+                })
+                .map(|(k, e)| (k, e.pair_key(k.proto, k.family)))
+                .collect();
+            for (key, pair) in &doomed {
+                // Gone already (LRU, the sweep) is fine.
+                let _ = table.remove(key);
+                let _ = table.remove(pair);
+            }
+            flows += doomed.len();
         }
-        info!(
-            vips = gone.len(),
-            flows = doomed.len(),
-            "removed listeners' flows dropped"
-        );
+        info!(vips = gone.len(), flows, "removed listeners' flows dropped");
         Ok(())
     }
 
@@ -473,9 +478,13 @@ impl Dataplane {
             .map_err(map_err(maps::CONNTRACK))
     }
 
-    /// Conntrack entries (both directions), for tests and diagnostics.
+    /// Conntrack entries (both directions, both tables), for tests and diagnostics.
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, ConnEntry)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        self.conntrack
+            .iter()
+            .chain(self.conntrack_syn.iter())
+            .filter_map(Result::ok)
+            .collect()
     }
 }
 
@@ -485,53 +494,18 @@ impl Dataplane {
     /// direction; an entry whose pair is gone (LRU eviction) is judged alone. `now_ns` is
     /// `gc::monotonic_ns()` in production.
     pub fn gc(&mut self, plan: &Plan, now_ns: u64) -> Result<gc::Report, DataplaneError> {
-        use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
-        let entries: std::collections::HashMap<FlowKey, ConnEntry> =
-            self.conntrack.iter().filter_map(Result::ok).collect();
         let mut report = gc::Report {
-            entries: entries.len(),
             active: vec![0; plan.listeners.len()],
             backend_active: vec![0; plan.backends.len()],
             ..Default::default()
         };
-        let mut doomed = Vec::new();
         let mut resets = Vec::new();
         let mut snat = gc::SnatCount::new(&plan.snat_addrs);
-        for (key, e) in &entries {
-            snat.add(key, e);
-            let pair_key = e.pair_key(key.proto, key.family);
-            let pair = entries.get(&pair_key);
-            // Each flow is judged once: from its original entry, or from an orphan reply.
-            if e.dir != DIR_ORIGINAL && pair.is_some() {
-                continue;
-            }
-            let last = pair.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
-            let idle = plan
-                .listeners
-                .get(e.listener_id as usize)
-                .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
-            let limit = gc::timeout(e.state, idle).as_nanos() as u64;
-            if now_ns.saturating_sub(last) > limit {
-                doomed.push(*key);
-                if let Some(pair) = pair {
-                    doomed.push(pair_key);
-                    resets.extend(crate::reset::for_flow(key, e, &pair_key, pair));
-                }
-                report.expired += 1;
-            } else if e.state != STATE_CLOSING && e.state != STATE_CLOSED {
-                if let Some(n) = report.active.get_mut(e.listener_id as usize) {
-                    *n += 1;
-                }
-                if let Some(n) = report.backend_active.get_mut(e.backend_id as usize) {
-                    *n += 1;
-                }
-            }
+        // A flow's two entries are always in the same table.
+        for table in [&mut self.conntrack, &mut self.conntrack_syn] {
+            sweep(table, plan, now_ns, &mut report, &mut snat, &mut resets);
         }
         report.snat = snat.finish();
-        for key in doomed {
-            // Already gone (LRU eviction, or the datapath re-created it) is fine.
-            let _ = self.conntrack.remove(&key);
-        }
         if !resets.is_empty() {
             match crate::reset::send(&resets) {
                 Ok(n) => report.resets = n,
@@ -563,6 +537,57 @@ fn totals(
             Ok(total)
         })
         .collect()
+}
+
+/// One conntrack table's part of [`Dataplane::gc`], added to `report`; SNAT ports are counted
+/// into `snat`, and idle-timeout RSTs to send collected in `resets`.
+fn sweep(
+    table: &mut HashMap<MapData, FlowKey, ConnEntry>,
+    plan: &Plan,
+    now_ns: u64,
+    report: &mut gc::Report,
+    snat: &mut gc::SnatCount,
+    resets: &mut Vec<crate::reset::Reset>,
+) {
+    use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
+    let entries: std::collections::HashMap<FlowKey, ConnEntry> =
+        table.iter().filter_map(Result::ok).collect();
+    report.entries += entries.len();
+    let mut doomed = Vec::new();
+    for (key, e) in &entries {
+        snat.add(key, e);
+        let pair_key = e.pair_key(key.proto, key.family);
+        let pair = entries.get(&pair_key);
+        // Each flow is judged once: from its original entry, or from an orphan reply.
+        if e.dir != DIR_ORIGINAL && pair.is_some() {
+            continue;
+        }
+        let last = pair.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
+        let idle = plan
+            .listeners
+            .get(e.listener_id as usize)
+            .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
+        let limit = gc::timeout(e.state, idle).as_nanos() as u64;
+        if now_ns.saturating_sub(last) > limit {
+            doomed.push(*key);
+            if let Some(pair) = pair {
+                doomed.push(pair_key);
+                resets.extend(crate::reset::for_flow(key, e, &pair_key, pair));
+            }
+            report.expired += 1;
+        } else if e.state != STATE_CLOSING && e.state != STATE_CLOSED {
+            if let Some(n) = report.active.get_mut(e.listener_id as usize) {
+                *n += 1;
+            }
+            if let Some(n) = report.backend_active.get_mut(e.backend_id as usize) {
+                *n += 1;
+            }
+        }
+    }
+    for key in doomed {
+        // Already gone (LRU eviction, or the datapath re-created it) is fine.
+        let _ = table.remove(&key);
+    }
 }
 
 /// Makes an ACL trie hold exactly the plan's prefixes (indexed by listener id): new ones are

@@ -340,9 +340,15 @@ impl Agent {
         self.publish();
         info!(config = %self.path.display(), listeners = self.cfg.listeners.len(), backends = self.plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
+        // A sweep of a full table takes seconds (two syscalls per entry): the next one waits
+        // its interval instead of following at once, so the agent never sweeps non-stop.
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut modified = mtime(&self.path);
         loop {
             tokio::select! {
+                // Signals first: with the sweep always ready, a random pick could leave SIGTERM
+                // waiting for several sweeps.
+                biased;
                 _ = term.recv() => { info!("SIGTERM"); break; }
                 _ = int.recv() => { info!("SIGINT"); break; }
                 _ = hup.recv() => { info!("SIGHUP: reloading"); self.reload().await; }

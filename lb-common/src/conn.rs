@@ -16,8 +16,9 @@ pub const DIR_REPLY: u8 = 1;
 pub const STATE_SYN_SENT: u8 = 1;
 /// The backend answered with SYN-ACK.
 pub const STATE_SYN_RECV: u8 = 2;
-/// The client completed the handshake (a SYN flood never gets here, so its entries keep the
-/// short handshake timeout).
+/// The client completed the handshake, which moves the flow from the handshake table to the
+/// main one (a SYN flood never gets here, so its entries keep the short handshake timeout and
+/// stay in their own table).
 pub const STATE_ESTABLISHED: u8 = 3;
 /// A FIN was seen in either direction.
 pub const STATE_CLOSING: u8 = 4;

@@ -5,6 +5,7 @@ pub const VIPS: &str = "VIPS";
 pub const BACKENDS: &str = "BACKENDS";
 pub const RING: &str = "RING";
 pub const CONNTRACK: &str = "CONNTRACK";
+pub const CONNTRACK_SYN: &str = "CONNTRACK_SYN";
 pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
 pub const GLOBAL: &str = "GLOBAL";
 pub const COUNTERS: &str = "COUNTERS";
@@ -32,6 +33,11 @@ pub const MAX_WLC_BACKENDS: u32 = 64;
 pub const MAX_ACL_ENTRIES: u32 = 16384;
 /// Two entries per flow.
 pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// TCP flows whose handshake the client has not completed (two entries each): a table of their
+/// own, so a SYN flood evicts only its own kind and never an established flow, and holds at
+/// most this many SNAT ports. Big enough that, at the rate of a flood that fills it in a
+/// second, a real handshake still completes long before its entries would be evicted.
+pub const CONNTRACK_SYN_ENTRIES: u32 = 1 << 16;
 
 /// `RING` value for a slot with no backend.
 pub const NO_BACKEND: u32 = u32::MAX;

@@ -1,11 +1,18 @@
-//! Connection tracking: one shared LRU map, an original and a reply entry per flow (see
-//! `lb_common::conn`). New flows get a SNAT address and port here.
+//! Connection tracking: two shared LRU maps, an original and a reply entry per flow (see
+//! `lb_common::conn`), both in the same map. New flows get a SNAT address and port here.
+//!
+//! A new TCP flow starts in `CONNTRACK_SYN` and moves to `CONNTRACK` when the client completes
+//! the handshake. A spoofed SYN flood never does (the backend's SYN-ACK goes to an address that
+//! does not answer), so it can only evict other unfinished handshakes from that smaller table,
+//! never an established flow, and the SNAT ports it holds are bounded by that table's size.
+//! Established flows are found by the first lookup, as with a single table.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    maps::LruHashMap,
     programs::XdpContext,
 };
 use lb_common::{
@@ -20,7 +27,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, BACKEND_ACTIVE, CONNTRACK, GLOBAL, SNAT_ADDRS},
+    maps::{BACKENDS, BACKEND_ACTIVE, CONNTRACK, CONNTRACK_SYN, GLOBAL, SNAT_ADDRS},
     parse::{ptr_at, Packet},
     verdict::Verdict,
 };
@@ -36,35 +43,65 @@ const PORT_TRIES: u32 = 8;
 /// agent's idle timeouts are far coarser.
 const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
+/// A conntrack entry, used in place (no copies on the 512-byte stack), and which map holds it
+/// (its pair is in the same one).
+#[derive(Clone, Copy)]
+pub struct Entry {
+    pub ptr: *mut ConnEntry,
+    handshake: bool,
+}
+
 #[inline(always)]
-pub fn lookup(flow: &FlowKey) -> Option<*mut ConnEntry> {
-    CONNTRACK.get_ptr_mut(flow)
+fn table(handshake: bool) -> &'static LruHashMap<FlowKey, ConnEntry> {
+    if handshake {
+        &CONNTRACK_SYN
+    } else {
+        &CONNTRACK
+    }
+}
+
+#[inline(always)]
+pub fn lookup(flow: &FlowKey) -> Option<Entry> {
+    if let Some(ptr) = CONNTRACK.get_ptr_mut(flow) {
+        return Some(Entry {
+            ptr,
+            handshake: false,
+        });
+    }
+    CONNTRACK_SYN.get_ptr_mut(flow).map(|ptr| Entry {
+        ptr,
+        handshake: true,
+    })
 }
 
 /// A pure client SYN on a closed flow's tuple starts a new connection: the old flow's entries
 /// are removed (true), and the caller schedules the packet as new.
 #[inline(always)]
-pub fn retire_if_reused(entry: *mut ConnEntry, pkt: &Packet) -> bool {
+pub fn retire_if_reused(entry: Entry, pkt: &Packet) -> bool {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run.
-    let e = unsafe { &*entry };
+    let e = unsafe { &*entry.ptr };
     if pkt.flow.proto != PROTO_TCP || !reuses_tuple(e.state, e.dir, pkt.tcp_flags) {
         return false;
     }
     // Not live any more, so no active count to give back.
-    let _ = CONNTRACK.remove(&e.pair_key(pkt.flow.proto, pkt.flow.family));
-    let _ = CONNTRACK.remove(&pkt.flow);
+    let t = table(entry.handshake);
+    let _ = t.remove(&e.pair_key(pkt.flow.proto, pkt.flow.family));
+    let _ = t.remove(&pkt.flow);
     true
 }
 
-/// Advances the TCP state (in both entries of the flow) and refreshes the timestamp. Returns
-/// the state before this packet.
+/// Advances the TCP state (in both entries of the flow) and refreshes the timestamp; a flow
+/// whose client completes the handshake moves to the established table and `entry` follows
+/// it. Returns the state before this packet.
 #[inline(always)]
-pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> u8 {
+pub fn touch(entry: &mut Entry, pkt: &Packet) -> u8 {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
-    let e = unsafe { &mut *entry };
+    let e = unsafe { &mut *entry.ptr };
     let before = e.state;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut refresh = now.wrapping_sub(e.last_seen_ns) > TOUCH_INTERVAL_NS;
+    if now.wrapping_sub(e.last_seen_ns) > TOUCH_INTERVAL_NS {
+        refresh(e, now);
+    }
     if pkt.flow.proto == PROTO_TCP {
         let next = tcp_next_state(e.state, e.dir, pkt.tcp_flags);
         if next != e.state {
@@ -73,20 +110,19 @@ pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> u8 {
                 active_add(e.backend_id, if is_live(next) { 1 } else { u64::MAX });
             }
             e.state = next;
-            refresh = true;
-            if let Some(pair) = CONNTRACK.get_ptr_mut(&e.pair_key(pkt.flow.proto, pkt.flow.family))
-            {
+            refresh(e, now);
+            let pair_key = e.pair_key(pkt.flow.proto, pkt.flow.family);
+            if let Some(pair) = table(entry.handshake).get_ptr_mut(&pair_key) {
                 // SAFETY: as above.
                 unsafe {
                     (*pair).state = next;
                     (*pair).last_seen_ns = now;
                 }
+                if entry.handshake && next == STATE_ESTABLISHED {
+                    promote(entry, &pkt.flow, &pair_key, pair);
+                }
             }
         }
-    }
-    if refresh {
-        e.last_seen_ns = now;
-        e.fwd_ifindex = 0;
     }
     before
 }
@@ -95,9 +131,9 @@ pub fn touch(entry: *mut ConnEntry, pkt: &Packet) -> u8 {
 /// listener resets them when they idle out (the agent's RSTs need it; see `ConnEntry::ack_be`).
 /// Written only when it changed, so a one-way stream does not dirty the entry.
 #[inline(always)]
-pub fn record_ack(ctx: &XdpContext, entry: *mut ConnEntry, pkt: &Packet) {
+pub fn record_ack(ctx: &XdpContext, entry: Entry, pkt: &Packet) {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
-    let e = unsafe { &mut *entry };
+    let e = unsafe { &mut *entry.ptr };
     if e.flags & CONN_F_RESET_IDLE == 0 || pkt.tcp_flags & TCP_ACK == 0 {
         return;
     }
@@ -111,11 +147,42 @@ pub fn record_ack(ctx: &XdpContext, entry: *mut ConnEntry, pkt: &Packet) {
     }
 }
 
-/// Inserts both entries of a new flow to `backend_id`. With SNAT the reply entry's insert
-/// allocates the SNAT address and port; with `passthrough` (DNAT only) the backend answers the
-/// client's own address, so that is the reply key.
+/// A new timestamp, and a fresh next-hop lookup on the next packet (route and neighbour
+/// changes are seen within about a second).
 #[inline(always)]
-pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<(), Verdict> {
+fn refresh(e: &mut ConnEntry, now: u64) {
+    e.last_seen_ns = now;
+    e.fwd_ifindex = 0;
+}
+
+/// Moves a flow whose client completed the handshake from `CONNTRACK_SYN` to `CONNTRACK`
+/// (copied straight from map memory, not through the stack), then points `entry` at its new
+/// original entry. The new entries go in before the old ones go, so a packet on another CPU
+/// always finds one of them.
+#[inline(always)]
+fn promote(entry: &mut Entry, key: &FlowKey, pair_key: &FlowKey, pair: *mut ConnEntry) {
+    // SAFETY: pointers from successful map lookups stay valid for this program run.
+    let (e, p) = unsafe { (&*entry.ptr, &*pair) };
+    if CONNTRACK.insert(pair_key, p, 0).is_err() || CONNTRACK.insert(key, e, 0).is_err() {
+        // Stays a handshake-table flow (an orphan entry left behind is swept by the agent).
+        return;
+    }
+    if let Some(ptr) = CONNTRACK.get_ptr_mut(key) {
+        *entry = Entry {
+            ptr,
+            handshake: false,
+        };
+        let _ = CONNTRACK_SYN.remove(pair_key);
+        let _ = CONNTRACK_SYN.remove(key);
+    }
+}
+
+/// Inserts both entries of a new flow to `backend_id` (TCP in the handshake table) and returns
+/// the original one. With SNAT the reply entry's insert allocates the SNAT address and port;
+/// with `passthrough` (DNAT only) the backend answers the client's own address, so that is the
+/// reply key.
+#[inline(always)]
+pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<Entry, Verdict> {
     let (listener_id, passthrough) = (vip.listener_id, vip.flags & VIP_F_PASSTHROUGH != 0);
     let exhausted = Verdict::drop(Counter::DropSnatExhausted);
     let backend = BACKENDS
@@ -123,11 +190,7 @@ pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<(), Verdic
         .ok_or(Verdict::drop(Counter::DropNoBackend))?;
     let flow = &pkt.flow;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let state = if flow.proto == PROTO_TCP {
-        STATE_SYN_SENT
-    } else {
-        STATE_ESTABLISHED
-    };
+    let handshake = flow.proto == PROTO_TCP;
     // One entry on the (512-byte) stack, inserted for the reply direction and then turned into
     // the original direction's.
     let mut e = ConnEntry {
@@ -138,7 +201,11 @@ pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<(), Verdic
         nat_dport_be: flow.sport_be,
         listener_id,
         backend_id,
-        state,
+        state: if handshake {
+            STATE_SYN_SENT
+        } else {
+            STATE_ESTABLISHED
+        },
         dir: DIR_REPLY,
         flags: if vip.flags & VIP_F_TOA != 0 {
             CONN_F_TOA
@@ -162,23 +229,36 @@ pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<(), Verdic
     };
     if passthrough {
         // Taken only if the same client port reaches the same backend through another VIP.
-        CONNTRACK
-            .insert(&reply, &e, BPF_NOEXIST as u64)
-            .map_err(|_| exhausted)?;
+        if !claim(handshake, &reply, &e) {
+            return Err(exhausted);
+        }
     } else {
-        allocate_snat(&mut reply, &e)?;
+        allocate_snat(handshake, &mut reply, &e)?;
     }
     e.nat_src_be = reply.dst_be;
     e.nat_dst_be = backend.addr_be;
     e.nat_sport_be = reply.dport_be;
     e.nat_dport_be = backend.port_be;
     e.dir = DIR_ORIGINAL;
-    if CONNTRACK.insert(flow, &e, 0).is_err() {
-        let _ = CONNTRACK.remove(&reply);
-        return Err(Verdict::drop(Counter::DropConntrackFull));
+    let t = table(handshake);
+    let full = Verdict::drop(Counter::DropConntrackFull);
+    if t.insert(flow, &e, 0).is_err() {
+        let _ = t.remove(&reply);
+        return Err(full);
     }
     active_add(backend_id, 1);
-    Ok(())
+    let ptr = t.get_ptr_mut(flow).ok_or(full)?;
+    Ok(Entry { ptr, handshake })
+}
+
+/// Takes the reply tuple `key` for a new flow: inserted into the flow's table only if no flow
+/// of either table uses it (an established flow may hold the SNAT port a handshake wants).
+#[inline(always)]
+fn claim(handshake: bool, key: &FlowKey, e: &ConnEntry) -> bool {
+    if handshake && CONNTRACK.get_ptr(key).is_some() {
+        return false;
+    }
+    table(handshake).insert(key, e, BPF_NOEXIST as u64).is_ok()
 }
 
 /// Whether a flow in `state` counts as an active connection of its backend.
@@ -200,12 +280,12 @@ fn active_add(backend_id: u32, delta: u64) {
     }
 }
 
-/// Picks a SNAT address (by a hash of the client's address and port) and port for `reply` (backend → SNAT) and inserts the
-/// reply entry there. Keeps the client's port when it is in range (as Cilium does), otherwise
-/// probes randomly; the insert with BPF_NOEXIST is the allocation, failing when the tuple is
-/// taken.
+/// Picks a SNAT address (by a hash of the client's address and port) and port for `reply`
+/// (backend → SNAT) and inserts the reply entry there. Keeps the client's port when it is in
+/// range (as Cilium does), otherwise probes randomly; the insert with BPF_NOEXIST is the
+/// allocation, failing when the tuple is taken.
 #[inline(always)]
-fn allocate_snat(reply: &mut FlowKey, e: &ConnEntry) -> Result<(), Verdict> {
+fn allocate_snat(handshake: bool, reply: &mut FlowKey, e: &ConnEntry) -> Result<(), Verdict> {
     let exhausted = Verdict::drop(Counter::DropSnatExhausted);
     let g = GLOBAL.get(0).ok_or(exhausted)?;
     let (start, count) = if reply.family == FAMILY_V4 {
@@ -234,7 +314,7 @@ fn allocate_snat(reply: &mut FlowKey, e: &ConnEntry) -> Result<(), Verdict> {
     };
     for _ in 0..PORT_TRIES {
         reply.dport_be = (port as u16).to_be();
-        if CONNTRACK.insert(&*reply, e, BPF_NOEXIST as u64).is_ok() {
+        if claim(handshake, reply, e) {
             return Ok(());
         }
         port = min

@@ -60,18 +60,19 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         // through the LB); about anything else, it is the kernel's business.
         let entry = conntrack::lookup(&pkt.flow).ok_or(Verdict::pass(Counter::Pass))?;
         // SAFETY: a pointer from a successful map lookup stays valid for this program run.
-        let e = unsafe { &*entry };
+        let e = unsafe { &*entry.ptr };
         nat::rewrite_icmp_error(ctx, &pkt, e)?;
         // Same direction as the flow's own packets: same next hop.
-        return fwd::forward(ctx, &pkt, entry);
+        return fwd::forward(ctx, &pkt, entry.ptr);
     }
     // Entries are used in place (no copies on the 512-byte stack): the NAT tuple never changes
     // after creation; other CPUs only write state, timestamp and the cached next hop.
     let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_reused(e, &pkt));
     let (entry, before) = match hit {
-        Some(entry) => {
+        Some(mut entry) => {
             conntrack::record_ack(ctx, entry, &pkt);
-            (entry, conntrack::touch(entry, &pkt))
+            let before = conntrack::touch(&mut entry, &pkt);
+            (entry.ptr, before)
         }
         None => {
             let vip = sched::vip_lookup(&pkt.flow)?;
@@ -87,11 +88,9 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
                 Err(_) if pkt.flow.proto == PROTO_TCP => return rst::refuse(ctx, &pkt),
                 Err(v) => return Err(v),
             };
-            conntrack::create(&pkt, &vip, backend_id)?;
+            let entry = conntrack::create(&pkt, &vip, backend_id)?;
             stats::new_flow(vip.listener_id, backend_id);
-            let entry =
-                conntrack::lookup(&pkt.flow).ok_or(Verdict::drop(Counter::DropConntrackFull))?;
-            (entry, 0)
+            (entry.ptr, 0)
         }
     };
     // SAFETY: a pointer from a successful map lookup stays valid for this program run.

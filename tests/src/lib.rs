@@ -5,7 +5,10 @@
 //! Needs root (network namespaces, XDP). Used by the end-to-end tests, the packet fixtures and
 //! `cargo xtask demo`.
 
+pub mod maps;
 pub mod netns;
+pub mod nginx;
+pub mod procfs;
 pub mod topology;
 
 pub use netns::Netns;

@@ -71,6 +71,25 @@ impl Netns {
             .expect("spawn in netns")
     }
 
+    /// Kills (SIGKILL) every process in the namespace but this one, as a crashed host would
+    /// lose them; returns how many.
+    pub fn kill_all(&self) -> usize {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .expect("spawn ip netns pids");
+        let me = std::process::id();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .filter(|&p| p != me)
+            .filter(|&p| {
+                let pid = nix::unistd::Pid::from_raw(p as i32);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok()
+            })
+            .count()
+    }
+
     /// Moves the calling thread into the namespace until the guard drops. Sockets created
     /// meanwhile belong to it. Use on a thread of its own (the guard is not `Send`).
     pub fn enter(&self) -> Entered {
@@ -92,10 +111,25 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Whatever still runs in it would outlive it: nginx workers whose master was killed,
+        // socat's per-connection children.
+        self.kill_all();
         // Deleting the namespace removes its interfaces (and their veth peers elsewhere).
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+    }
+}
+
+/// Child processes (servers a test started in its namespaces), killed and reaped on drop.
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

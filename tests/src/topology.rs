@@ -433,6 +433,11 @@ impl Agent {
         agent
     }
 
+    /// The agent's process id (`ip netns exec` execs it in place), for /proc and its maps.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Waits for a log line containing `needle`; panics with the log on timeout or exit.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

@@ -1,5 +1,5 @@
-//! `cargo xtask setup | build-ebpf | build | demo | test | bench l7`: what cargo alone cannot do (install
-//! the eBPF toolchain pieces, run as root in network namespaces).
+//! `cargo xtask setup | build-ebpf | build | demo | test | bench`: what cargo alone cannot do
+//! (install the eBPF toolchain pieces, run as root in network namespaces).
 
 mod bench;
 mod setup;
@@ -31,10 +31,11 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         connections: usize,
     },
-    /// Benchmarks, each against a peer measured in the same run (root).
+    /// Benchmarks, each against a peer measured in the same run (root); all of them also
+    /// write BENCHMARKS.md.
     Bench {
         #[command(subcommand)]
-        which: Option<Bench>,
+        which: Option<bench::Part>,
     },
     /// Every test: unit tests, BPF program-test-run fixtures, netns end-to-end tests (root).
     Test {
@@ -42,14 +43,6 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-}
-
-#[derive(Subcommand, Clone, Copy)]
-enum Bench {
-    /// The XDP program's ns per packet (established, new flow) vs a trivial XDP_TX program.
-    Xdp,
-    /// wrk against the L7 proxy and against nginx set up the same way, in one run.
-    L7,
 }
 
 fn main() -> Result<()> {
@@ -176,22 +169,8 @@ fn test(args: &[String]) -> Result<()> {
     status(c)
 }
 
-fn bench(which: Option<Bench>) -> Result<()> {
-    setup::run(false)?;
+fn bench(which: Option<bench::Part>) -> Result<()> {
+    build()?;
     setup::require_root()?;
-    // All benchmarks when none is named.
-    for b in which.map_or(vec![Bench::Xdp, Bench::L7], |b| vec![b]) {
-        match b {
-            Bench::Xdp => {
-                let mut c = cargo();
-                c.args(["bench", "-p", "lb-tests", "--bench", "xdp"]);
-                status(c)?;
-            }
-            Bench::L7 => {
-                build()?;
-                bench::l7(&root().join("target/release/lb-agent"))?;
-            }
-        }
-    }
-    Ok(())
+    bench::run(which, &root().join("target/release/lb-agent"))
 }

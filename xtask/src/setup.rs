@@ -2,7 +2,9 @@
 //! - the nightly toolchain's `rust-src` (the XDP program is built with `-Z build-std=core`);
 //! - Debian's LLVM 22 (bpf-linker links against it; nightly's LLVM is 22 too);
 //! - `bpf-linker` 0.13.0 built against LLVM 22;
-//! - the tools the test harness drives (iproute2, ethtool).
+//! - the tools the tests drive (iproute2, ethtool; nginx, socat, hping3 and curl for the fault
+//!   and abuse suite) and the benchmarks' peers and load generators (wrk, iperf3, haproxy,
+//!   nftables; openssl makes the L7 bench's certificate).
 
 use std::{path::Path, process::Command};
 
@@ -14,6 +16,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
     ("iproute2", "/usr/sbin/ip"),
     ("ethtool", "/usr/sbin/ethtool"),
+    ("nginx", "/usr/sbin/nginx"),
+    ("socat", "/usr/bin/socat"),
+    ("hping3", "/usr/sbin/hping3"),
+    ("curl", "/usr/bin/curl"),
+    ("wrk", "/usr/bin/wrk"),
+    ("iperf3", "/usr/bin/iperf3"),
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("nftables", "/usr/sbin/nft"),
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 /// PATH with LLVM 22 and cargo's bin directory first.
@@ -102,7 +113,7 @@ pub fn run(verbose: bool) -> Result<()> {
         .map(|(p, _)| *p)
         .collect();
     if missing.is_empty() {
-        say("LLVM 22, iproute2, ethtool: present");
+        say("LLVM 22 and the test and benchmark tools: present");
     } else {
         require_root().context("installing Debian packages")?;
         exec(Command::new("apt-get").args(["update", "-qq"]))?;

@@ -214,6 +214,7 @@ impl Conn {
     ) {
         let _ = stream.set_nodelay(true);
         let requests = Arc::new(AtomicU32::new(0));
+        let seen = requests.clone();
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
         let svc = {
             let site = site.clone();
@@ -222,37 +223,60 @@ impl Conn {
                 site.clone().handle(req, peer, tls, n)
             })
         };
-        let result = match self.tls {
-            Some(acceptor) => {
-                // The handshake is part of receiving the request.
-                let timeout = site.timeouts.request;
-                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        let conn = self
-                            .http
-                            .serve_connection_with_upgrades(TokioIo::new(s), svc);
-                        watcher.watch(conn.into_owned()).await
-                    }
-                    Ok(Err(e)) => {
-                        debug!(client = %peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(client = %peer, "TLS handshake timed out");
-                        return;
+        let serve = async {
+            match self.tls {
+                Some(acceptor) => {
+                    // The handshake is part of receiving the request.
+                    let timeout = site.timeouts.request;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            let conn = self
+                                .http
+                                .serve_connection_with_upgrades(TokioIo::new(s), svc);
+                            Some(watcher.watch(conn.into_owned()).await)
+                        }
+                        Ok(Err(e)) => {
+                            debug!(client = %peer, error = %e, "TLS handshake failed");
+                            None
+                        }
+                        Err(_) => {
+                            debug!(client = %peer, "TLS handshake timed out");
+                            None
+                        }
                     }
                 }
-            }
-            None => {
-                let conn = self
-                    .http
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                watcher.watch(conn.into_owned()).await
+                None => {
+                    let conn = self
+                        .http
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    Some(watcher.watch(conn.into_owned()).await)
+                }
             }
         };
-        if let Err(e) = result {
+        // hyper's header timer only starts once it reads HTTP/1 (HTTP/2 has none): until then
+        // it waits for the bytes that tell the versions apart, so a client that sends nothing
+        // (or a slow HTTP/2 preface) would hold its connection forever. The first request
+        // head, TLS handshake included (as nginx's client_header_timeout), must come within
+        // the idle timeout; dropping the connection closes it.
+        let result = tokio::select! {
+            r = serve => r,
+            () = no_request_within(&seen, site.timeouts.idle) => {
+                debug!(client = %peer, "no request within the idle timeout; closing");
+                None
+            }
+        };
+        if let Some(Err(e)) = result {
             debug!(client = %peer, error = %e, "client connection ended with an error");
         }
+    }
+}
+
+/// Completes when `timeout` passes without a request head on the connection; never once one
+/// came.
+async fn no_request_within(requests: &AtomicU32, timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+    if requests.load(Ordering::Relaxed) > 0 {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -1006,19 +1030,23 @@ impl Drop for ResponseBody {
     }
 }
 
+/// Pending connections a listener queues for its accept loop. std's 128 overflows as soon as
+/// a burst of connections outpaces the accept loop, and every SYN dropped then costs its client
+/// a second; nginx uses 511, and Linux caps it at `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// A listening socket with SO_REUSEPORT, so a reloaded proxy listens next to the one it
 /// replaces until that one stops accepting: no connection is refused in between.
 fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
     s.bind(&addr.into())?;
-    // nginx's default backlog.
-    s.listen(511)?;
+    s.listen(LISTEN_BACKLOG)?;
     Ok(s.into())
 }
 

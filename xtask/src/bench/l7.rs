@@ -1,0 +1,156 @@
+//! `cargo xtask bench l7`: wrk against the agent's L7 proxy and against nginx configured the
+//! same way (same backends, two workers, keep-alive both sides, access log on, forwarded
+//! headers), in the same run, in a private network namespace (loopback only): HTTP and HTTPS,
+//! keep-alive and a new connection per request.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use lb_tests::{netns::Children, nginx::ok_server, Agent, Netns};
+
+use super::{wait_listening, wrk, Row};
+
+const BACKENDS: [u16; 2] = [18081, 18082];
+const NGINX_HTTP: u16 = 18080;
+const NGINX_HTTPS: u16 = 18443;
+const AGENT_HTTP: u16 = 18090;
+const AGENT_HTTPS: u16 = 18493;
+const SECS: u32 = 8;
+
+pub fn run(dir: &Path) -> Result<Vec<Row>> {
+    let ns = Netns::new("bench-l7");
+    let d = dir.display();
+    let cert = dir.join("l7.pem");
+    let key = dir.join("l7.key");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    if !made.status.success() {
+        bail!("openssl: {}", String::from_utf8_lossy(&made.stderr));
+    }
+    let (cert, key) = (cert.display(), key.display());
+
+    let upstream: String = BACKENDS
+        .iter()
+        .map(|p| format!("server 127.0.0.1:{p};"))
+        .collect();
+    std::fs::write(
+        dir.join("l7-proxy.conf"),
+        format!(
+            "daemon off; worker_processes 2; pid {d}/l7-proxy.pid; error_log {d}/l7-proxy.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log {d}/nginx-access.log combined buffer=64k flush=1s;
+  upstream web {{ {upstream} keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{NGINX_HTTP};
+    listen 127.0.0.1:{NGINX_HTTPS} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    ssl_protocols TLSv1.3; ssl_session_cache shared:tls:10m;
+    keepalive_timeout 15s; keepalive_requests 100;
+    location / {{
+      proxy_pass http://web;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Port $server_port;
+      proxy_connect_timeout 5s; proxy_read_timeout 60s;
+    }}
+  }}
+}}
+"
+        ),
+    )?;
+    let pool: String = BACKENDS
+        .iter()
+        .map(|p| format!("      - {{ address: 127.0.0.1, port: {p} }}\n"))
+        .collect();
+    let config = format!(
+        "agent:\n  interfaces: [lo]\n  xdp_mode: generic\nlisteners:
+  - {{ name: web, protocol: http, vip: 127.0.0.1, port: {AGENT_HTTP}, pool: web, access_log: {d}/agent-access.log }}
+  - {{ name: tls, protocol: https, vip: 127.0.0.1, port: {AGENT_HTTPS}, pool: web, access_log: {d}/agent-access.log,
+      tls: {{ certificates: [{{ cert: {cert}, key: {key} }}] }} }}
+pools:\n  - name: web\n    backends:\n{pool}"
+    );
+
+    let mut servers = Children(Vec::new());
+    for p in BACKENDS {
+        let name = format!("l7-be{p}");
+        servers
+            .0
+            .push(ok_server(&ns, dir, &name, &format!("127.0.0.1:{p}"), 1));
+    }
+    let proxy = dir.join("l7-proxy.conf").display().to_string();
+    servers
+        .0
+        .push(ns.spawn(&["nginx", "-c", &proxy, "-p", &d.to_string()]));
+    let _agent = Agent::start(&ns, &config);
+    for p in BACKENDS
+        .into_iter()
+        .chain([NGINX_HTTP, NGINX_HTTPS, AGENT_HTTP, AGENT_HTTPS])
+    {
+        wait_listening(&ns, p)?;
+    }
+
+    println!("== wrk -t2 -c64 -d{SECS}s, 2 nginx backends, keep-alive to them, access logs on; 2 cores shared by all");
+    let modes = [
+        ("HTTP keep-alive", "http", NGINX_HTTP, AGENT_HTTP, false),
+        (
+            "HTTP, new connection per request",
+            "http",
+            NGINX_HTTP,
+            AGENT_HTTP,
+            true,
+        ),
+        ("HTTPS keep-alive", "https", NGINX_HTTPS, AGENT_HTTPS, false),
+        (
+            "HTTPS, new TLS connection per request",
+            "https",
+            NGINX_HTTPS,
+            AGENT_HTTPS,
+            true,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (what, scheme, nginx, ours, close) in modes {
+        let url = |port| format!("{scheme}://127.0.0.1:{port}/");
+        // Warm both up (backend connections, caches), then measure each in turn.
+        wrk(&ns, &url(ours), 2, close)?;
+        wrk(&ns, &url(nginx), 2, close)?;
+        let n = wrk(&ns, &url(nginx), SECS, close)?;
+        let a = wrk(&ns, &url(ours), SECS, close)?;
+        println!(
+            "{what:<40} nginx {:>9.0} req/s p99 {:>6.2} ms   lb-agent {:>9.0} req/s p99 {:>6.2} ms",
+            n.rps, n.p99_ms, a.rps, a.p99_ms
+        );
+        rows.push(Row {
+            part: "l7",
+            measure: format!("{what}: requests/s"),
+            ours: a.rps,
+            peer: "nginx".into(),
+            theirs: Some(n.rps),
+        });
+        rows.push(Row {
+            part: "l7",
+            measure: format!("{what}: p99 latency, ms (lower is better)"),
+            ours: a.p99_ms,
+            peer: "nginx".into(),
+            theirs: Some(n.p99_ms),
+        });
+    }
+    Ok(rows)
+}

@@ -91,11 +91,19 @@ fn fifty_connections_survive_ten_reloads_a_sigterm_restart_and_a_sigkill_restart
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // An invalid file: reported with its position, nothing changes.
+    // An invalid file: reported with its position, nothing changes (the status included).
+    let status = || String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();
+    let before = status();
     agent.write_config(&config([1, 1, 1], 2).replace("port: 81", "port: 81x"));
     let err = reload(&agent).expect_err("an invalid config must be refused");
     println!("invalid reload: {}", err.trim());
     assert!(err.contains(".yaml:") && err.contains("port"), "{err}");
+    assert!(before.contains("listener chat"), "{before}");
+    assert_eq!(
+        status(),
+        before,
+        "the status changed after an invalid reload"
+    );
     let names: std::net::SocketAddr = format!("{VIP}:81").parse().unwrap();
     let answers = topo.connect_many(names, 30);
     tally("names after the invalid reload", &answers, SNAT);

@@ -192,3 +192,30 @@ fn weight_changes_apply_to_new_flows_and_a_removed_listener_stops_at_once() {
     tally("names in generic mode", &topo.connect_many(names, 10), SNAT);
     agent.stop_cleanly();
 }
+
+#[test]
+fn sigint_removes_the_dataplane_where_sigterm_leaves_it_forwarding() {
+    let (topo, _servers) = topology();
+    let attached = || {
+        let out = topo.lb.output(&["ip", "link", "show", "lb-ext"]);
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    };
+    let vip_on_lo = || {
+        let out = topo.lb.output(&["ip", "addr", "show", "lo"]);
+        String::from_utf8_lossy(&out.stdout).contains(VIP)
+    };
+    let names: std::net::SocketAddr = format!("{VIP}:81").parse().unwrap();
+    let agent = topo.start_agent(&config([1, 1, 1], 0));
+    // SIGTERM: the agent goes, the dataplane stays and serves.
+    let agent = agent.restart(Signal::SIGTERM);
+    assert!(attached() && vip_on_lo());
+    tally(
+        "names after a SIGTERM restart",
+        &topo.connect_many(names, 10),
+        SNAT,
+    );
+    // SIGINT: everything the agent set up is gone.
+    println!("{}", agent.interrupt());
+    assert!(!attached(), "XDP still attached after SIGINT");
+    assert!(!vip_on_lo(), "VIP left on lo after SIGINT");
+}

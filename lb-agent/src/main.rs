@@ -266,7 +266,7 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
         .build()?;
     let result = rt.block_on(agent.serve());
     agent.state.release();
-    result?;
+    let exit = result?;
     match agent.dp.snapshot(agent.plan.listeners.len()) {
         Ok(s) => print!(
             "{}{}",
@@ -275,8 +275,27 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
         ),
         Err(e) => error!(error = %e, "reading counters"),
     }
-    info!("exiting; the dataplane keeps forwarding (`lb-agent stop --detach` removes it)");
+    match exit {
+        Exit::Keep => {
+            info!("exiting; the dataplane keeps forwarding (`lb-agent stop --detach` removes it)")
+        }
+        Exit::Detach => {
+            let Agent { state, dp, .. } = agent;
+            detach(state)?;
+            // The program's last link references go with it.
+            drop(dp);
+            info!("exiting; dataplane detached and removed");
+        }
+    }
     Ok(())
+}
+
+/// How the agent leaves: SIGTERM (a service manager's stop or restart) keeps the dataplane
+/// forwarding for the next agent; SIGINT (Ctrl-C at a terminal) removes it, as
+/// `lb-agent stop --detach` does.
+enum Exit {
+    Keep,
+    Detach,
 }
 
 impl Agent {
@@ -323,7 +342,7 @@ impl Agent {
     }
 
     /// Probes, L7 proxies, signals, the conntrack sweep and reloads, until SIGTERM/SIGINT.
-    async fn serve(&mut self) -> anyhow::Result<()> {
+    async fn serve(&mut self) -> anyhow::Result<Exit> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -344,13 +363,13 @@ impl Agent {
         // its interval instead of following at once, so the agent never sweeps non-stop.
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut modified = mtime(&self.path);
-        loop {
+        let exit = loop {
             tokio::select! {
                 // Signals first: with the sweep always ready, a random pick could leave SIGTERM
                 // waiting for several sweeps.
                 biased;
-                _ = term.recv() => { info!("SIGTERM"); break; }
-                _ = int.recv() => { info!("SIGINT"); break; }
+                _ = term.recv() => { info!("SIGTERM"); break Exit::Keep; }
+                _ = int.recv() => { info!("SIGINT"); break Exit::Detach; }
                 _ = hup.recv() => { info!("SIGHUP: reloading"); self.reload().await; }
                 _ = usr1.recv() => print!("{}", stats::render_health(&self.health)),
                 // L7 pools read the health directly; the L4 tables are rebuilt and swapped in.
@@ -391,12 +410,12 @@ impl Agent {
                     }
                 }
             }
-        }
+        };
         if let Some(stop) = self.proxies.take() {
             let _ = stop.send(());
         }
         while self.l7_done.join_next().await.is_some() {}
-        Ok(())
+        Ok(exit)
     }
 
     fn apply_health(&mut self) {
@@ -604,15 +623,22 @@ fn stop(state_dir: &Path, detach: bool) -> anyhow::Result<()> {
         println!("lb-agent (pid {pid}) stopped");
     }
     if detach {
-        if !state.pins().as_os_str().is_empty() {
-            dataplane::remove_pins(state.pins())?;
-        }
-        netif::remove_addresses(&state.added_addresses());
-        if let Some(range) = state.reserved_ports() {
-            netif::unreserve_ports(&range)?;
-        }
-        state.remove()?;
+        self::detach(state)?;
         println!("dataplane detached and removed");
     }
+    Ok(())
+}
+
+/// Removes a namespace's dataplane: the pinned links (the program detaches with the last
+/// reference) and maps, the VIP addresses and the port reservation an agent added, the state.
+fn detach(state: State) -> anyhow::Result<()> {
+    if !state.pins().as_os_str().is_empty() {
+        dataplane::remove_pins(state.pins())?;
+    }
+    netif::remove_addresses(&state.added_addresses());
+    if let Some(range) = state.reserved_ports() {
+        netif::unreserve_ports(&range)?;
+    }
+    state.remove()?;
     Ok(())
 }

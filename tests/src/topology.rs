@@ -484,6 +484,14 @@ impl Agent {
         Agent::spawn(&self.ns, self.config_path.clone())
     }
 
+    /// SIGINT (what Ctrl-C sends): the agent removes its dataplane itself. Returns stdout.
+    pub fn interrupt(mut self) -> String {
+        let (out, _) = self.signal_and_wait(nix::sys::signal::Signal::SIGINT);
+        self.owns_dataplane = false;
+        let _ = std::fs::remove_file(&self.config_path);
+        out
+    }
+
     /// Rewrites the config file (for reloads).
     pub fn write_config(&self, config: &str) {
         std::fs::write(&self.config_path, config).expect("write config");

@@ -415,6 +415,8 @@ impl Agent {
             let _ = stop.send(());
         }
         while self.l7_done.join_next().await.is_some() {}
+        // Their access logs' last lines.
+        tokio::task::block_in_place(|| proxy::log::finish_writers(Duration::from_secs(2)));
         Ok(exit)
     }
 

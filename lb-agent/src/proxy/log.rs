@@ -51,9 +51,13 @@ impl AccessLog {
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         // Ends when the last sender (the listener's sites and records) is gone.
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_lines(rx, out))?;
+        WRITERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(writer);
         Ok(Self {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
@@ -67,22 +71,50 @@ impl AccessLog {
     }
 }
 
-/// Writes in batches and flushes whenever the queue runs dry, so lines reach the file promptly
-/// without a write per line under load.
+/// The writer threads, so the agent can let them write their last lines before it exits.
+static WRITERS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits (up to `limit`) for the writers whose listeners are gone to write what they hold.
+pub fn finish_writers(limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut writers = WRITERS.lock().unwrap_or_else(|e| e.into_inner());
+        writers.retain(|w| !w.is_finished());
+        if writers.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        drop(writers);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How often the writer collects lines: it polls rather than being woken per line (a wake-up
+/// per request cost more than the write), as nginx's `access_log ... flush=` does.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Writes what the queue holds every `FLUSH_EVERY`, and once more when it closes.
 fn write_lines(mut rx: mpsc::Receiver<String>, mut out: Box<dyn Write + Send>) {
+    use mpsc::error::TryRecvError;
     let mut buf = String::new();
-    while let Some(line) = rx.blocking_recv() {
-        buf.push_str(&line);
-        while buf.len() < 64 * 1024 {
+    loop {
+        let closed = loop {
             match rx.try_recv() {
                 Ok(line) => buf.push_str(&line),
-                Err(_) => break,
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
             }
+        };
+        if !buf.is_empty() {
+            if let Err(e) = out.write_all(buf.as_bytes()).and_then(|()| out.flush()) {
+                warn!(error = %e, "writing the access log");
+            }
+            buf.clear();
         }
-        if let Err(e) = out.write_all(buf.as_bytes()).and_then(|()| out.flush()) {
-            warn!(error = %e, "writing the access log");
+        if closed {
+            return;
         }
-        buf.clear();
+        std::thread::sleep(FLUSH_EVERY);
     }
 }
 

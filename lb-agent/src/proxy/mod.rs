@@ -86,6 +86,11 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    #[error("starting an L7 worker: {source}")]
+    Worker {
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Builds a server for every http/https listener of `cfg`, listening on what `bind` returns
@@ -154,6 +159,27 @@ impl Server {
     /// The listener's request counters.
     pub fn requests(&self) -> Arc<RequestStats> {
         self.site.requests.clone()
+    }
+
+    /// What a worker thread needs to serve this listener too: the same site on a socket of its
+    /// own (SO_REUSEPORT: the kernel spreads new connections over the workers' sockets).
+    fn twin(&self) -> io::Result<Twin> {
+        Ok(Twin {
+            tcp: bind_shared(self.tcp.local_addr()?)?,
+            site: self.site.clone(),
+            tls: self.tls.clone(),
+            http: self.http.clone(),
+        })
+    }
+
+    /// This server as a twin for a worker thread (its socket leaves this runtime).
+    fn into_twin(self) -> io::Result<Twin> {
+        Ok(Twin {
+            tcp: self.tcp.into_std()?,
+            site: self.site,
+            tls: self.tls,
+            http: self.http,
+        })
     }
 
     /// Serves until `shutdown` changes (or its sender goes), then stops accepting and gives
@@ -1064,13 +1090,80 @@ pub async fn start(
     })
     .await?;
     let requests = servers.iter().map(Server::requests).collect();
-    let tasks: Vec<_> = servers
-        .into_iter()
-        .map(|s| tokio::spawn(s.run(shutdown.clone(), grace)))
-        .collect();
+    let worker_err = |source| ProxyError::Worker { source };
+    // One worker thread per core, each with a runtime of its own and every listener on a socket
+    // of its own, as nginx's workers: a connection lives on one thread, no task migrates.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut sets: Vec<Vec<Twin>> = Vec::new();
+    for _ in 1..workers {
+        sets.push(
+            servers
+                .iter()
+                .map(Server::twin)
+                .collect::<io::Result<_>>()
+                .map_err(worker_err)?,
+        );
+    }
+    sets.push(
+        servers
+            .into_iter()
+            .map(Server::into_twin)
+            .collect::<io::Result<_>>()
+            .map_err(worker_err)?,
+    );
+    let mut threads = Vec::new();
+    for (i, set) in sets.into_iter().enumerate() {
+        let shutdown = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("l7-worker-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => return warn!(error = %e, "L7 worker runtime"),
+                };
+                rt.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for twin in set {
+                        match twin.into_server() {
+                            Ok(s) => {
+                                tasks.spawn(s.run(shutdown.clone(), grace));
+                            }
+                            Err(e) => warn!(error = %e, "L7 worker socket"),
+                        }
+                    }
+                    while tasks.join_next().await.is_some() {}
+                });
+            })
+            .map_err(worker_err)?;
+        threads.push(thread);
+    }
     Ok((requests, async move {
-        for t in tasks {
-            let _ = t.await;
+        for t in threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }))
+}
+
+/// A server's parts on their way to a worker thread.
+struct Twin {
+    tcp: std::net::TcpListener,
+    site: Arc<Site>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Twin {
+    /// Registers the socket with the calling thread's runtime.
+    fn into_server(self) -> io::Result<Server> {
+        self.tcp.set_nonblocking(true)?;
+        Ok(Server {
+            tcp: TcpListener::from_std(self.tcp)?,
+            site: self.site,
+            tls: self.tls,
+            http: self.http,
+        })
+    }
 }

@@ -14,6 +14,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
+    thread::ThreadId,
     time::{Duration, Instant},
 };
 
@@ -68,7 +69,9 @@ pub struct Backend {
     /// Requests in flight (for wlc).
     active: AtomicUsize,
     down_until: Mutex<Option<Instant>>,
-    idle: Mutex<Vec<(SendRequest<ProxyBody>, Instant)>>,
+    /// Kept-alive connections, with the worker thread whose runtime drives each: a worker only
+    /// takes its own (the connection's task stays on one thread, as nginx's per-worker pools).
+    idle: Mutex<Vec<(SendRequest<ProxyBody>, Instant, ThreadId)>>,
 }
 
 impl Backend {
@@ -164,12 +167,14 @@ impl Backend {
 
     fn take_idle(&self) -> Option<SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some((s, since)) = idle.pop() {
+        let here = std::thread::current().id();
+        loop {
+            let i = idle.iter().rposition(|(_, _, t)| *t == here)?;
+            let (s, since, _) = idle.swap_remove(i);
             if !s.is_closed() && since.elapsed() < IDLE_TIMEOUT {
                 return Some(s);
             }
         }
-        None
     }
 
     /// Keeps a connection whose exchange finished cleanly for the next request.
@@ -178,8 +183,12 @@ impl Backend {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() >= MAX_IDLE_PER_BACKEND {
+                // Connections of workers that are gone (a reload replaced them) close.
+                idle.retain(|(s, since, _)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+            }
             if idle.len() < MAX_IDLE_PER_BACKEND {
-                idle.push((s, Instant::now()));
+                idle.push((s, Instant::now(), std::thread::current().id()));
             }
         }
     }

@@ -1127,3 +1127,122 @@ async fn the_listeners_acl_refuses_clients_at_accept() {
     let a = send(allowed.addr("site"), get("x", "/")).await;
     assert_eq!(a.status, StatusCode::OK);
 }
+
+/// A backend behind TLS (with `cert`/`key`, PEM files) answering like `backend`.
+async fn tls_backend(name: &'static str, cert: &Path, key: &Path) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = service_fn(move |req: Request<Incoming>| answer(name, req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_from_the_ca_and_backends_can_be_reached_over_tls() {
+    use rustls::pki_types::pem::PemObject;
+    let dir = TempDir::new();
+    let certs = Certs::new(
+        &dir,
+        &[("site", &["www.example.com"]), ("back", &["backend"])],
+    );
+    let secure = tls_backend(
+        "secure",
+        &dir.path().join("back.pem"),
+        &dir.path().join("back.key"),
+    )
+    .await;
+    std::fs::write(dir.path().join("ca.pem"), certs.ca.pem()).unwrap();
+    let lb = lb_in(
+        dir,
+        &format!(
+            "  - name: site
+    protocol: https
+    vip: 127.0.0.1
+    port: 8443
+    pool: web
+    backend_protocol: https
+    access_log: {{log}}
+    tls: {{ certificates: [{}], client_ca: {{dir}}/ca.pem }}
+",
+            certs.pair("site")
+        ),
+        &pool("web", &[secure]),
+    )
+    .await;
+    let a = lb.addr("site");
+
+    // No client certificate: the handshake (or the first read) fails.
+    let tcp = TcpStream::connect(a).await.unwrap();
+    let sni = rustls::pki_types::ServerName::try_from("www.example.com").unwrap();
+    let refused = match certs.connector(&[]).connect(sni.clone(), tcp).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s
+                .write_all(b"GET / HTTP/1.1\r\nhost: www.example.com\r\n\r\n")
+                .await;
+            let mut buf = [0u8; 16];
+            !matches!(s.read(&mut buf).await, Ok(n) if n > 0)
+        }
+    };
+    assert!(refused, "a client without a certificate was served");
+
+    // With one the CA issued: served, by the backend over TLS.
+    let client_der = certs.issue("client", &["client"]);
+    let client_key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(certs.dir.join("client.key")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs.ca.der().clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(vec![client_der.into(), certs.ca.der().clone()], client_key)
+    .unwrap();
+    let tcp = TcpStream::connect(a).await.unwrap();
+    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(sni, tcp)
+        .await
+        .expect("mutual TLS handshake");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let res = tx
+        .send_request(get("www.example.com", "/mtls"))
+        .await
+        .unwrap();
+    let r = read_answer(res).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.backend(), "secure");
+    lb.shutdown(Duration::from_secs(1)).await;
+}

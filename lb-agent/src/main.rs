@@ -616,7 +616,7 @@ fn stop(state_dir: &Path, detach: bool) -> anyhow::Result<()> {
         kill(Pid::from_raw(pid), Signal::SIGTERM).context("signalling the agent")?;
         // L7 connections get SHUTDOWN_GRACE to finish.
         let deadline = Instant::now() + SHUTDOWN_GRACE + Duration::from_secs(5);
-        while kill(Pid::from_raw(pid), None).is_ok() {
+        while state.agent_pid() == Some(pid) {
             if Instant::now() > deadline {
                 bail!("the agent (pid {pid}) is still running");
             }

@@ -172,7 +172,11 @@ impl State {
     pub fn agent_pid(&self) -> Option<i32> {
         let pid: i32 = self.read("pid")?.trim().parse().ok()?;
         // Signal 0: only asks whether the process exists.
-        kill(Pid::from_raw(pid), None).ok().map(|()| pid)
+        kill(Pid::from_raw(pid), None).ok()?;
+        // An agent that exited but was not reaped (its parent died) is not running.
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+        (state != "Z").then_some(pid)
     }
 
     /// The config file the last agent of this namespace ran with.

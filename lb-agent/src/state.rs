@@ -33,7 +33,7 @@ use nix::{
     },
     unistd::Pid,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 /// Where state lives unless `agent.state_dir` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/lb-agent";
@@ -102,8 +102,11 @@ impl State {
         let ns = namespace_dir()?;
         let files = state_dir.join(&ns);
         let mount_point = state_dir.join("bpf");
-        let (bpffs, held) = match host_view(&mount_point)? {
-            Some((path, fd)) if is_bpffs(&path) => (path, fd),
+        let (bpffs, held) = match outer(&mount_point) {
+            Some((_, path)) if is_bpffs(&path) => {
+                let (path, fd) = hold(&path)?;
+                (path, Some(fd))
+            }
             _ if is_bpffs(&mount_point) => (mount_point, None),
             _ => return Ok(files.is_dir().then(|| Self::files_only(files))),
         };
@@ -174,9 +177,7 @@ impl State {
         // Signal 0: only asks whether the process exists.
         kill(Pid::from_raw(pid), None).ok()?;
         // An agent that exited but was not reaped (its parent died) is not running.
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-        (state != "Z").then_some(pid)
+        (proc_stat(pid, 0)? != "Z").then_some(pid)
     }
 
     /// The config file the last agent of this namespace ran with.
@@ -295,42 +296,50 @@ fn outer_ancestor() -> Option<i32> {
         if ns != own {
             return Some(pid);
         }
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Field 4 (ppid) follows the parenthesised command name, which may contain spaces.
-        pid = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
+        pid = proc_stat(pid, 1)?.parse().ok()?;
     }
     None
 }
 
-/// `mount_point` as seen in an outer mount namespace (through an fd that keeps it reachable),
-/// or `None` when this process is in the outermost namespace it can see.
-fn host_view(mount_point: &Path) -> Result<Option<(PathBuf, Option<OwnedFd>)>, StateError> {
-    let Some(pid) = outer_ancestor() else {
-        return Ok(None);
-    };
-    let outer = PathBuf::from(format!("/proc/{pid}/root"))
+/// Field `n` after the command name of `/proc/PID/stat` (0: state, 1: parent pid). The name
+/// is parenthesised and may hold spaces and parentheses, so fields count from its last `)`.
+fn proc_stat(pid: i32, n: usize) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(n)?
+            .to_string(),
+    )
+}
+
+/// `mount_point` as the nearest ancestor in another mount namespace sees it (with that
+/// ancestor's pid), or `None` when this process is in the outermost namespace it can see.
+fn outer(mount_point: &Path) -> Option<(i32, PathBuf)> {
+    let pid = outer_ancestor()?;
+    let path = PathBuf::from(format!("/proc/{pid}/root"))
         .join(mount_point.strip_prefix("/").unwrap_or(mount_point));
-    if !outer.is_dir() {
-        return Ok(Some((outer, None)));
-    }
-    let fd = open(&outer, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
-        .map_err(|e| io_err(&outer)(e.into()))?;
+    Some((pid, path))
+}
+
+/// A path to the directory `path` that keeps working after the process it goes through
+/// (`/proc/PID/root`) exits: through an fd of ours, which the caller keeps.
+fn hold(path: &Path) -> Result<(PathBuf, OwnedFd), StateError> {
+    let fd = open(path, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
+        .map_err(|e| io_err(path)(e.into()))?;
     // SAFETY: `open` just returned this descriptor and nothing else owns it.
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    Ok(Some((via_fd, Some(fd))))
+    Ok((
+        PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        fd,
+    ))
 }
 
 /// A bpffs at `mount_point` (mounted now if needed) in the outermost mount namespace
 /// reachable; the path to use for it, and the fd that keeps it reachable if any.
 fn bpffs(mount_point: &Path) -> Result<(PathBuf, Option<OwnedFd>), StateError> {
-    let Some(pid) = outer_ancestor() else {
+    let Some((pid, outer)) = outer(mount_point) else {
         if !is_bpffs(mount_point) {
             fs::create_dir_all(mount_point).map_err(io_err(mount_point))?;
             nix::mount::mount(
@@ -348,25 +357,19 @@ fn bpffs(mount_point: &Path) -> Result<(PathBuf, Option<OwnedFd>), StateError> {
         }
         return Ok((mount_point.to_path_buf(), None));
     };
-    let outer_root = PathBuf::from(format!("/proc/{pid}/root"));
-    let outer = outer_root.join(mount_point.strip_prefix("/").unwrap_or(mount_point));
     if !is_bpffs(&outer) {
         fs::create_dir_all(&outer).map_err(io_err(&outer))?;
         mount_in(pid, mount_point)?;
         info!(path = %mount_point.display(), pid, "bpffs mounted in the mount namespace of an ancestor (this one is private)");
     }
-    match host_view(mount_point)? {
-        Some((path, fd)) if is_bpffs(&path) => Ok((path, fd)),
-        _ => {
-            warn!(
-                "the outer bpffs is not reachable; pins last only as long as this mount namespace"
-            );
-            Err(StateError::Mount {
-                path: outer,
-                detail: "not a bpffs after mounting".into(),
-            })
-        }
+    if !is_bpffs(&outer) {
+        return Err(StateError::Mount {
+            path: outer,
+            detail: "not a bpffs after mounting".into(),
+        });
     }
+    let (path, fd) = hold(&outer)?;
+    Ok((path, Some(fd)))
 }
 
 /// Runs `mount -t bpf` inside the mount namespace of `pid`.

@@ -30,21 +30,41 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// A hyper backend answering with its name, the path and the request headers it saw; `/ws`
 /// upgrades and echoes, `/app-cookie` sets `sid`, `/slow` sleeps 3 s.
 async fn backend(name: &'static str) -> SocketAddr {
+    serve_backend(name, None).await
+}
+
+/// `backend`, over TLS when `tls` is given.
+async fn serve_backend(name: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| answer(name, req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .with_upgrades()
-                    .await;
+                match tls {
+                    Some(tls) => {
+                        if let Ok(s) = tls.accept(s).await {
+                            serve_answers(name, s).await;
+                        }
+                    }
+                    None => serve_answers(name, s).await,
+                }
             });
         }
     });
     addr
+}
+
+async fn serve_answers<I>(name: &'static str, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| answer(name, req));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
 }
 
 async fn answer(
@@ -820,17 +840,23 @@ impl Certs {
     }
 
     fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut cfg = self.client_config().with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+
+    /// A client trusting the test CA, before its choice of client certificate.
+    fn client_config(
+        &self,
+    ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
     }
 }
 
@@ -1144,24 +1170,7 @@ async fn tls_backend(name: &'static str, cert: &Path, key: &Path) -> SocketAddr 
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(s) = acceptor.accept(s).await else {
-                    return;
-                };
-                let svc = service_fn(move |req: Request<Incoming>| answer(name, req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_backend(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
 }
 
 #[tokio::test]
@@ -1218,16 +1227,10 @@ async fn client_certificates_are_required_from_the_ca_and_backends_can_be_reache
     let client_der = certs.issue("client", &["client"]);
     let client_key =
         rustls::pki_types::PrivateKeyDer::from_pem_file(certs.dir.join("client.key")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certs.ca.der().clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(vec![client_der.into(), certs.ca.der().clone()], client_key)
-    .unwrap();
+    let cfg = certs
+        .client_config()
+        .with_client_auth_cert(vec![client_der.into(), certs.ca.der().clone()], client_key)
+        .unwrap();
     let tcp = TcpStream::connect(a).await.unwrap();
     let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(sni, tcp)

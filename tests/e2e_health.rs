@@ -198,6 +198,41 @@ fn a_backup_serves_only_while_every_primary_is_down_then_nothing_is_left() {
     );
 }
 
+/// Listener `web` (tcp/80, pool `web`) and `second`, and two pools of the three backends, each
+/// `(name, health check protocol and options, backend port)`, probed with the tests' short
+/// timings.
+fn two_pools(second: &str, pools: [(&str, String, u16); 2]) -> String {
+    let timing = "interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2";
+    let mut cfg = format!(
+        "agent:\n  interfaces: [lb-ext, lb-int]\n  xdp_mode: native\n\
+         snat:\n  addresses: [{SNAT}]\n\
+         listeners:\n\
+         \x20 - {{ name: web, protocol: tcp, vip: 10.91.0.100, port: 80, pool: web }}\n\
+         \x20 - {{ {second} }}\n\
+         pools:\n"
+    );
+    for (pool, check, port) in pools {
+        cfg += &format!(
+            "  - name: {pool}\n    health_check: {{ {check}, {timing} }}\n    backends:\n"
+        );
+        for i in 0..3 {
+            cfg += &format!("      - {{ address: {}, port: {port} }}\n", backend_addr(i));
+        }
+    }
+    cfg
+}
+
+/// The agent's last log line about `backend` (its transition, with the reason).
+fn reason(agent: &Agent, backend: &str) -> String {
+    agent
+        .log
+        .iter()
+        .rev()
+        .find(|l| l.contains(&format!("backend={backend}")))
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// Waits for the agent to log `backend <to>` for `backend` and then the table update that
 /// follows; how long that took.
 fn transition(agent: &mut Agent, backend: &str, to: &str, within: Duration) -> Duration {
@@ -233,23 +268,13 @@ fn udp_probes_see_port_unreachable_and_icmp_probes_see_a_downed_interface() {
     let _tcp_servers: Vec<NameServer> = (0..3)
         .map(|i| NameServer::start(&topo.backends[i], 8081, format!("backend-{}", i + 1)))
         .collect();
-    let timing = "interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2";
-    let mut cfg = format!(
-        "agent:\n  interfaces: [lb-ext, lb-int]\n  xdp_mode: native\n\
-         snat:\n  addresses: [{SNAT}]\n\
-         listeners:\n\
-         \x20 - {{ name: web, protocol: tcp, vip: 10.91.0.100, port: 80, pool: web }}\n\
-         \x20 - {{ name: dns, protocol: udp, vip: 10.91.0.100, port: 53, pool: dns }}\n\
-         pools:\n"
+    let cfg = two_pools(
+        "name: dns, protocol: udp, vip: 10.91.0.100, port: 53, pool: dns",
+        [
+            ("web", "protocol: icmp".into(), 8081),
+            ("dns", "protocol: udp".into(), PORT),
+        ],
     );
-    for (pool, protocol, port) in [("web", "icmp", 8081), ("dns", "udp", PORT)] {
-        cfg += &format!(
-            "  - name: {pool}\n    health_check: {{ protocol: {protocol}, {timing} }}\n    backends:\n"
-        );
-        for i in 0..3 {
-            cfg += &format!("      - {{ address: {}, port: {port} }}\n", backend_addr(i));
-        }
-    }
     let mut agent = topo.start_agent(&cfg);
     let (udp_b2, icmp_b2) = ("10.91.2.12:8080", "10.91.2.12:8081");
     transition(&mut agent, udp_b2, "healthy", Duration::from_secs(5));
@@ -259,15 +284,6 @@ fn udp_probes_see_port_unreachable_and_icmp_probes_see_a_downed_interface() {
     udp_servers[1] = None;
     let detection = transition(&mut agent, udp_b2, "unhealthy", DETECTION + SLACK);
     println!("udp: backend-2 stopped, unhealthy after {detection:?} (bound {DETECTION:?})");
-    let reason = |agent: &Agent, backend: &str| {
-        let line = agent
-            .log
-            .iter()
-            .rev()
-            .find(|l| l.contains(&format!("backend={backend}")))
-            .unwrap();
-        line.clone()
-    };
     let line = reason(&agent, udp_b2);
     assert!(line.contains("port unreachable"), "{line}");
     let answers = topo.udp_many(dns, 20);
@@ -312,32 +328,17 @@ fn http_probes_follow_the_status_code_and_https_probes_a_stopped_tls_service() {
         .collect();
     let tls_server = |i: usize| HttpServer::start_tls(&topo.backends[i], 8443, name(i));
     let mut tls: Vec<Option<HttpServer>> = (0..3).map(|i| Some(tls_server(i))).collect();
-    let timing = "interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2";
-    let mut cfg = format!(
-        "agent:\n  interfaces: [lb-ext, lb-int]\n  xdp_mode: native\n\
-         snat:\n  addresses: [{SNAT}]\n\
-         listeners:\n\
-         \x20 - {{ name: web, protocol: tcp, vip: 10.91.0.100, port: 80, pool: web }}\n\
-         \x20 - {{ name: tls, protocol: tcp, vip: 10.91.0.100, port: 82, pool: tls }}\n\
-         pools:\n"
+    let cfg = two_pools(
+        "name: tls, protocol: tcp, vip: 10.91.0.100, port: 82, pool: tls",
+        [
+            (
+                "web",
+                "protocol: http, port: 8081, path: /healthz".into(),
+                PORT,
+            ),
+            ("tls", "protocol: https, port: 8443".into(), 8082),
+        ],
     );
-    for (pool, check, port) in [
-        (
-            "web",
-            format!("protocol: http, port: 8081, path: /healthz, {timing}"),
-            PORT,
-        ),
-        (
-            "tls",
-            format!("protocol: https, port: 8443, {timing}"),
-            8082,
-        ),
-    ] {
-        cfg += &format!("  - name: {pool}\n    health_check: {{ {check} }}\n    backends:\n");
-        for i in 0..3 {
-            cfg += &format!("      - {{ address: {}, port: {port} }}\n", backend_addr(i));
-        }
-    }
     let mut agent = topo.start_agent(&cfg);
     let (web_b2, tls_b2) = ("10.91.2.12:8080", "10.91.2.12:8082");
     transition(&mut agent, web_b2, "healthy", Duration::from_secs(5));
@@ -352,15 +353,6 @@ fn http_probes_follow_the_status_code_and_https_probes_a_stopped_tls_service() {
         let vip: SocketAddr = format!("10.91.0.100:{port}").parse().unwrap();
         let per = lb_tests::topology::tally(what, &topo.connect_many(vip, 20), SNAT);
         assert!(!per.contains_key("backend-2"), "{what}: {per:?}");
-    };
-    let reason = |agent: &Agent, backend: &str| {
-        agent
-            .log
-            .iter()
-            .rev()
-            .find(|l| l.contains(&format!("backend={backend}")))
-            .cloned()
-            .unwrap_or_default()
     };
 
     // The health endpoint answers 500: out, with the status as the reason.

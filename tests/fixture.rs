@@ -233,6 +233,24 @@ pub fn syn_backend(f: &mut Fixture, client: ([u8; 4], u16)) -> Result<[u8; 4], u
 }
 
 impl Fixture {
+    /// Completes `client`'s handshake with the VIP: its SYN, the chosen backend's SYN-ACK, its
+    /// ACK. Returns the backend and the SNAT address and port the flow got.
+    pub fn establish(&mut self, client: ([u8; 4], u16)) -> (([u8; 4], u16), ([u8; 4], u16)) {
+        let (_, out) = self.run(
+            &tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "S"),
+            self.ext,
+        );
+        let fwd = parse_checked(&out);
+        let (backend, snat) = (fwd.dst, fwd.src);
+        let mac = BACKEND_MACS[(backend.0[3] - 11) as usize];
+        self.run(&tcp_frame(mac, LB_INT_MAC, backend, snat, "SA"), self.int);
+        self.run(
+            &tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "A"),
+            self.ext,
+        );
+        (backend, snat)
+    }
+
     /// The states of all conntrack entries, sorted.
     pub fn states(&self) -> Vec<u8> {
         let mut v: Vec<u8> = self

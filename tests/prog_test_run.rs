@@ -246,13 +246,7 @@ fn the_sweep_expires_flows_by_state_and_keeps_established_ones_until_idle() {
     ns.scoped(|| {
         let mut f = Fixture::new(&CONFIG.replace("pool: web }", "pool: web, idle_timeout: 60s }"));
         // One established flow and one that never got past its SYN.
-        let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
-        let fwd = parse_checked(&out);
-        f.run(
-            &tcp_frame(BACKEND_MACS[0], LB_INT_MAC, fwd.dst, fwd.src, "SA"),
-            f.int,
-        );
-        f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+        f.establish(CLIENT);
         f.run(
             &tcp_frame(CLIENT_MAC, LB_EXT_MAC, ([10, 91, 0, 9], 41000), VIP, "S"),
             f.ext,
@@ -625,14 +619,7 @@ fn a_resetting_listener_keeps_each_directions_last_ack() {
             ),
         ] {
             let mut f = Fixture::new(config);
-            let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
-            let fwd = parse_checked(&out);
-            let (backend, snat) = (fwd.dst, fwd.src);
-            f.run(
-                &tcp_frame(BACKEND_MACS[0], LB_INT_MAC, backend, snat, "SA"),
-                f.int,
-            );
-            f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+            f.establish(CLIENT);
             // (tcp_frame's ACKs acknowledge 555.)
             let acks: Vec<u32> =
                 f.dp.conntrack_entries()
@@ -650,12 +637,8 @@ fn a_syn_flood_only_evicts_unfinished_handshakes_and_never_exhausts_snat_ports()
     ns.scoped(|| {
         let mut f = Fixture::new(CONFIG);
         // An established flow, idle while the flood goes on.
-        let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
-        let fwd = parse_checked(&out);
-        let (backend, snat) = (fwd.dst, fwd.src);
+        let (backend, snat) = f.establish(CLIENT);
         let b = (backend.0[3] - 11) as usize;
-        f.run(&tcp_frame(BACKEND_MACS[b], LB_INT_MAC, backend, snat, "SA"), f.int);
-        f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
 
         // Distinct spoofed SYNs that are never answered: more flows than the handshake table
         // holds, and more than the 3 backends × 40001 SNAT ports could serve at once. With one

@@ -110,6 +110,9 @@ impl Dataplane {
     /// Loads the embedded object into the kernel (maps created, program verified, nothing
     /// attached yet).
     pub fn load() -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NotBuilt);
+        }
         let btf = Btf::from_sys_fs().ok();
         Self::load_with(EbpfLoader::new().btf(btf.as_ref()), None)
     }
@@ -156,10 +159,8 @@ impl Dataplane {
         Ok(dp)
     }
 
+    /// The object through `loader` (the callers checked it was built).
     fn load_with(loader: &mut EbpfLoader, pins: Option<PathBuf>) -> Result<Self, DataplaneError> {
-        if OBJECT.is_empty() {
-            return Err(DataplaneError::NotBuilt);
-        }
         let mut ebpf = loader.load(OBJECT)?;
         let prog: &mut Xdp = ebpf
             .program_mut(maps::PROG_LB)

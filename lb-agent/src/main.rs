@@ -498,7 +498,9 @@ impl Agent {
             warn!(admin = %self.cfg.agent.admin, "agent.admin changed: the admin API moves at the next restart");
         }
         let old = std::mem::replace(&mut self.cfg, cfg);
-        // The new file is the truth again: run-time weight and drain changes end here.
+        // The new file is the truth again: run-time weight and drain changes end here (they
+        // stay with the old config if the maps refuse the new one).
+        let kept = self.overrides.clone();
         self.overrides.clear();
         let health = Arc::new(Health::carrying(&self.cfg, Some(&self.health)));
         self.overrides.apply_to(&health);
@@ -508,6 +510,9 @@ impl Agent {
         let (dp, new_plan) = (&mut self.dp, &plan);
         if let Err(e) = tokio::task::block_in_place(|| dp.apply(new_plan)) {
             self.cfg = old;
+            self.overrides = kept;
+            // Members carried into the refused health are the running ones.
+            self.overrides.apply_to(&self.health);
             let (dp, plan) = (&mut self.dp, &self.plan);
             let _ = tokio::task::block_in_place(|| dp.apply(plan));
             return Err(e).context("updating the maps");

@@ -231,18 +231,22 @@ fn counter(stats: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in:\n{stats}"))
 }
 
-/// A listener's new flows from the agent's report (the last column of its line).
-fn new_flows(stats: &str, listener: &str) -> u64 {
-    stats
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{listener} ")))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no listener {listener} in:
-{stats}"
-            )
+/// A listener's value in `name`'s column of the listener table in the agent's report or in
+/// `lb-agent stats`.
+fn column(stats: &str, listener: &str, name: &str) -> u64 {
+    let row = |first: &str| {
+        stats
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.first() == Some(&first) && cells.len() > 1)
+    };
+    row("name")
+        .zip(row(listener))
+        .and_then(|(header, cells)| {
+            let i = header.iter().position(|h| *h == name)?;
+            cells.get(i)?.parse().ok()
         })
+        .unwrap_or_else(|| panic!("no {name} of listener {listener} in:\n{stats}"))
 }
 
 /// One short connection to the echo listener: connect, say hello, read the answer. The
@@ -280,18 +284,20 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
 
     let flows = Flows::start(&topo.client, echo(), 20, Duration::from_millis(100));
     let before = flows.exchanged();
-    // Bounded by `timeout` even if this test dies; SIGINT makes hping3 print what it sent.
-    let secs = 4;
-    let flood = {
-        let mut c = topo.client.command("timeout");
-        c.args(["-s", "INT", &secs.to_string()]);
-        // At the lowest priority: the flood still fills the handshake table many times over,
-        // without starving the real clients and backends of the 2 cores they share with it
-        // (a starved client loses its SYNs in the veth queue, whatever the LB does).
-        c.args([
-            "nice",
-            "-n",
-            "19",
+    // hping3's rate depends on the CPU it gets beside the clients and backends (from under
+    // 10k to over 100k SYNs/s on these 2 cores), so the flood runs for at least 4 s and until
+    // it has filled the handshake table 3 times over; `timeout` bounds it even if this test
+    // dies. SIGINT makes hping3 print what it sent.
+    let (least, most, turnover) = (
+        Duration::from_secs(4),
+        Duration::from_secs(20),
+        3 * u64::from(CONNTRACK_SYN_ENTRIES) / 2,
+    );
+    let flood = topo
+        .client
+        .command("timeout")
+        .args(["-s", "INT", &most.as_secs().to_string()])
+        .args([
             "hping3",
             "--flood",
             "--syn",
@@ -299,31 +305,55 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
             "-p",
             &ECHO_PORT.to_string(),
             VIP,
-        ]);
-        std::thread::spawn(move || c.output().expect("hping3"))
-    };
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hping3");
     let started = Instant::now();
-    let (mut answers, mut peak) = (Vec::new(), (0, 0));
-    while started.elapsed() < Duration::from_secs(secs) {
-        // Four clients at a time.
-        answers.extend(std::thread::scope(|s| {
-            let clients: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| {
-                        topo.client
-                            .scoped(|| (0..10).map(|_| exchange(echo())).collect::<Vec<_>>())
+    let flooding = AtomicBool::new(true);
+    let (answers, peak, took) = std::thread::scope(|s| {
+        // Clients connecting one after another, each on its own: one waiting out a
+        // retransmission delays only itself, so every run gets hundreds of connections.
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    topo.client.scoped(|| {
+                        let mut answers = Vec::new();
+                        while flooding.load(Ordering::Relaxed) {
+                            answers.push(exchange(echo()));
+                        }
+                        answers
                     })
                 })
-                .collect();
-            clients
-                .into_iter()
-                .flat_map(|c| c.join().expect("client"))
-                .collect::<Vec<_>>()
-        }));
-        let (est, syn) = maps::conntrack_len(pid);
-        peak = (peak.0.max(est), peak.1.max(syn));
-    }
-    let out = flood.join().expect("flood thread");
+            })
+            .collect();
+        let mut peak = (0, 0);
+        loop {
+            let (est, syn) = maps::conntrack_len(pid);
+            peak = (peak.0.max(est), peak.1.max(syn));
+            let stats = String::from_utf8_lossy(&site.agent.cli(&["stats"]).stdout).into_owned();
+            let done =
+                started.elapsed() >= least && column(&stats, "echo", "new_flows") >= turnover;
+            if done || started.elapsed() >= most {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let took = started.elapsed();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(flood.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        flooding.store(false, Ordering::Relaxed);
+        let answers: Vec<_> = clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client"))
+            .collect();
+        (answers, peak, took)
+    });
+    let secs = took.as_secs_f64();
+    let out = flood.wait_with_output().expect("hping3");
     // The statistics go to stderr.
     let text = String::from_utf8_lossy(&out.stderr);
     let sent: u64 = text
@@ -338,12 +368,12 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
 
     let ok = succeeded(&answers);
     let broken: Vec<&Flow> = ended.iter().filter(|f| f.error.is_some()).collect();
-    println!("sent: {sent} SYNs from random spoofed sources to {VIP}:{ECHO_PORT} in {secs} s ({}/s), {} real connections to the same VIP:port meanwhile, 20 established flows exchanging a line every 100 ms", sent / secs, answers.len());
+    println!("sent: {sent} SYNs from random spoofed sources to {VIP}:{ECHO_PORT} in {secs:.1} s ({:.0}/s), {} real connections to the same VIP:port meanwhile, 20 established flows exchanging a line every 100 ms", sent as f64 / secs, answers.len());
     println!(
-        "happened: the handshake table peaked at {} entries (capacity {CONNTRACK_SYN_ENTRIES}), the established table at {}; new flows {}, SNAT exhausted {}, no route for the SYN-ACKs to spoofed sources {}; established flows exchanged {during} lines during the flood",
+        "happened: walks of the handshake table met up to {} distinct keys (capacity {CONNTRACK_SYN_ENTRIES}; keys come and go during a walk), of the established table {}; new flows {}, SNAT exhausted {}, no route for the SYN-ACKs to spoofed sources {}; established flows exchanged {during} lines during the flood",
         peak.1,
         peak.0,
-        new_flows(&stats, "echo"),
+        column(&stats, "echo", "new_flows"),
         counter(&stats, "drop_snat_exhausted"),
         counter(&stats, "drop_no_route"),
     );
@@ -357,7 +387,10 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
             .collect::<Vec<_>>(),
         broken.len()
     );
-    assert!(sent > 10_000, "the flood was not a flood: {sent}");
+    assert!(
+        column(&stats, "echo", "new_flows") >= turnover,
+        "the flood never filled the handshake table 3 times over: {sent} SYNs in {secs:.1} s"
+    );
     assert!(
         ok * 100 >= answers.len() * 99,
         "only {ok} of {} real connections succeeded: {:?}",

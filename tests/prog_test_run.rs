@@ -690,3 +690,94 @@ fn a_syn_flood_only_evicts_unfinished_handshakes_and_never_exhausts_snat_ports()
         assert_eq!(established, 4, "both real flows, both entries each");
     });
 }
+
+#[test]
+fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
+    use lb_common::conn::{DIR_ORIGINAL, DIR_REPLY, STATE_ESTABLISHED};
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        let handshakes = || lb_tests::maps::conntrack(std::process::id(), "CONNTRACK_SYN");
+        // Key and entry of a client port's handshake entry in one direction.
+        let entry = |port: u16, dir| {
+            handshakes()
+                .iter()
+                .filter_map(Result::ok)
+                .find(|(k, e)| {
+                    e.dir == dir
+                        && port.to_be()
+                            == if dir == DIR_ORIGINAL {
+                                k.sport_be
+                            } else {
+                                e.nat_dport_be
+                            }
+                })
+                .expect("a handshake entry")
+        };
+        let syn = |port| tcp_frame(CLIENT_MAC, LB_EXT_MAC, ([10, 91, 0, 2], port), VIP, "S");
+        // The backend's SYN-ACK for the tuple a SYN left with: the action and where it went.
+        let syn_ack = |f: &mut Fixture, out: &[u8]| {
+            let p = parse_checked(out);
+            let mac = BACKEND_MACS[(p.dst.0[3] - 11) as usize];
+            let (action, back) = f.run(&tcp_frame(mac, LB_INT_MAC, p.dst, p.src, "SA"), f.int);
+            (
+                action,
+                (action == XDP_REDIRECT).then(|| parse_checked(&back).dst),
+            )
+        };
+
+        // The original entry evicted (as a flood's inserts can do to one entry of a pair)
+        // before the backend answered: the SYN-ACK puts it back, so the client's ACK completes
+        // the handshake.
+        let (_, out) = f.run(&syn(40000), f.ext);
+        handshakes().remove(&entry(40000, DIR_ORIGINAL).0).unwrap();
+        assert_eq!(
+            syn_ack(&mut f, &out),
+            (XDP_REDIRECT, Some(([10, 91, 0, 2], 40000)))
+        );
+        let (action, ack) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(parse_checked(&ack).dst, parse_checked(&out).dst);
+        assert_eq!(f.states(), [STATE_ESTABLISHED; 2], "promoted, both entries");
+
+        // The reply entry evicted: the retransmitted SYN puts it back, and the SYN-ACK finds
+        // its way.
+        let (_, first) = f.run(&syn(40500), f.ext);
+        handshakes().remove(&entry(40500, DIR_REPLY).0).unwrap();
+        let (action, out) = f.run(&syn(40500), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, first, "the same flow");
+        assert_eq!(handshakes().iter().count(), 2, "both entries again");
+        assert_eq!(
+            syn_ack(&mut f, &out),
+            (XDP_REDIRECT, Some(([10, 91, 0, 2], 40500)))
+        );
+
+        // The reply tuple taken by another flow while its entry was gone: the retransmitted SYN
+        // gets another tuple and leaves the other flow alone.
+        let (_, first) = f.run(&syn(41000), f.ext);
+        let (key, mut other) = entry(41000, DIR_REPLY);
+        other.nat_dst_be[0] = u32::from_ne_bytes([10, 91, 0, 3]);
+        handshakes().insert(key, other, 0).unwrap();
+        let (action, out) = f.run(&syn(41000), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_ne!(
+            parse_checked(&out).src,
+            parse_checked(&first).src,
+            "a new SNAT port"
+        );
+        assert_eq!(
+            handshakes().get(&key, 0).unwrap(),
+            other,
+            "the other flow's entry"
+        );
+        assert_eq!(
+            syn_ack(&mut f, &out),
+            (XDP_REDIRECT, Some(([10, 91, 0, 2], 41000)))
+        );
+
+        // A SYN retransmitted on an intact handshake still follows it.
+        let (_, again) = f.run(&syn(41000), f.ext);
+        assert_eq!(again, out);
+    });
+}

@@ -74,20 +74,65 @@ pub fn lookup(flow: &FlowKey) -> Option<Entry> {
     })
 }
 
-/// A pure client SYN on a closed flow's tuple starts a new connection: the old flow's entries
-/// are removed (true), and the caller schedules the packet as new.
+/// A pure client SYN on the tuple of a flow that cannot carry it starts a new connection: the
+/// old flow's entries are removed (true), and the caller schedules the packet as new. That is
+/// a closed flow (the client reuses its port), or a handshake whose reply tuple another flow
+/// has taken since the LRU evicted its entry (see `pair`).
 #[inline(always)]
-pub fn retire_if_reused(entry: Entry, pkt: &Packet) -> bool {
+pub fn retire_if_stale(entry: Entry, pkt: &Packet) -> bool {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run.
     let e = unsafe { &*entry.ptr };
-    if pkt.flow.proto != PROTO_TCP || !reuses_tuple(e.state, e.dir, pkt.tcp_flags) {
+    if pkt.flow.proto != PROTO_TCP || e.dir != DIR_ORIGINAL || !pkt.is_syn() {
         return false;
     }
-    // Not live any more, so no active count to give back.
     let t = table(entry.handshake);
-    let _ = t.remove(&e.pair_key(pkt.flow.proto, pkt.flow.family));
+    if reuses_tuple(e.state, e.dir, pkt.tcp_flags) {
+        // Not live any more, so no active count to give back.
+        let _ = t.remove(&e.pair_key(pkt.flow.proto, pkt.flow.family));
+    } else if entry.handshake && pair(entry, &pkt.flow).is_none() {
+        // Still counted as live; the pair key is another flow's.
+        active_add(e.backend_id, u64::MAX);
+    } else {
+        return false;
+    }
     let _ = t.remove(&pkt.flow);
     true
+}
+
+/// The other entry of `entry`'s flow (`key` is `entry`'s own key), put back if it is gone.
+/// Under a SYN flood the LRU can evict one entry of a real handshake's pair: without its reply
+/// entry the backend's SYN-ACK has no way back, without its original entry the client's ACK is
+/// dropped, and the surviving entry would carry its retransmissions to nowhere. Each entry's
+/// key is the other's rewritten tuple reversed, so the missing one is rebuilt from the
+/// survivor. None if another flow has taken the key meanwhile.
+#[inline(always)]
+fn pair(entry: Entry, key: &FlowKey) -> Option<(FlowKey, *mut ConnEntry)> {
+    // SAFETY: a pointer from a successful map lookup stays valid for this program run.
+    let e = unsafe { &*entry.ptr };
+    let t = table(entry.handshake);
+    let pair_key = e.pair_key(key.proto, key.family);
+    if let Some(p) = t.get_ptr_mut(&pair_key) {
+        // SAFETY: as above.
+        let r = unsafe { &*p };
+        let ours = r.dir != e.dir && r.nat_dst_be == key.src_be && r.nat_dport_be == key.sport_be;
+        return ours.then_some((pair_key, p));
+    }
+    let rebuilt = ConnEntry {
+        last_seen_ns: e.last_seen_ns,
+        nat_src_be: key.dst_be,
+        nat_dst_be: key.src_be,
+        nat_sport_be: key.dport_be,
+        nat_dport_be: key.sport_be,
+        listener_id: e.listener_id,
+        backend_id: e.backend_id,
+        state: e.state,
+        dir: e.dir ^ 1,
+        flags: e.flags,
+        ..ConnEntry::default()
+    };
+    // BPF_NOEXIST: a flow that took the key since the lookup keeps it.
+    t.insert(&pair_key, &rebuilt, BPF_NOEXIST as u64).ok()?;
+    t.get_ptr_mut(&pair_key).map(|p| (pair_key, p))
 }
 
 /// Advances the TCP state (in both entries of the flow) and refreshes the timestamp; a flow
@@ -111,8 +156,7 @@ pub fn touch(entry: &mut Entry, pkt: &Packet) -> u8 {
             }
             e.state = next;
             refresh(e, now);
-            let pair_key = e.pair_key(pkt.flow.proto, pkt.flow.family);
-            if let Some(pair) = table(entry.handshake).get_ptr_mut(&pair_key) {
+            if let Some((pair_key, pair)) = pair(*entry, &pkt.flow) {
                 // SAFETY: as above.
                 unsafe {
                     (*pair).state = next;

@@ -67,7 +67,7 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
     // Entries are used in place (no copies on the 512-byte stack): the NAT tuple never changes
     // after creation; other CPUs only write state, timestamp and the cached next hop.
-    let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_reused(e, &pkt));
+    let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_stale(e, &pkt));
     let (entry, before) = match hit {
         Some(mut entry) => {
             conntrack::record_ack(ctx, entry, &pkt);

@@ -7,7 +7,7 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
-        ProgramError, Xdp, XdpMode,
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
@@ -17,7 +17,7 @@ use lb_common::{
     maps::{self, ring_base},
     AclKey, Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{config, gc, plan::Plan};
 
@@ -74,6 +74,8 @@ pub struct Dataplane {
     ring: Array<MapData, u32>,
     snat_addrs: Array<MapData, AddrBe>,
     global: Array<MapData, GlobalConfig>,
+    /// Written into `global` with each plan.
+    clock: crate::clock::Clock,
     counters: PerCpuArray<MapData, u64>,
     listener_stats: PerCpuArray<MapData, ListenerStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
@@ -190,7 +192,7 @@ impl Dataplane {
         let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;
         let backend_active =
             Array::try_from(take(maps::BACKEND_ACTIVE)?).map_err(map_err(maps::BACKEND_ACTIVE))?;
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             vips,
             backends,
@@ -205,8 +207,41 @@ impl Dataplane {
             acl_allow,
             acl_deny,
             backend_active,
+            clock: crate::clock::Clock::default(),
             links: Vec::new(),
             pins,
+        };
+        let first = dp.read_clock()?;
+        dp.clock = crate::clock::Clock::calibrate(first, || {
+            std::thread::sleep(crate::clock::SECOND_READING_AFTER);
+            dp.read_clock()
+        })?;
+        debug!(clock = ?dp.clock, "datapath clock calibrated");
+        Ok(dp)
+    }
+
+    /// Both clocks at one instant, read by the `lb_clock` program (see `clock`).
+    fn read_clock(&mut self) -> Result<crate::clock::Reading, DataplaneError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(maps::PROG_CLOCK)
+            .ok_or(DataplaneError::Missing(maps::PROG_CLOCK))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        let frame = [0u8; 64];
+        let mut out = [0u8; 64];
+        prog.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+        let word =
+            |i: usize| u64::from_ne_bytes(out[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        Ok(crate::clock::Reading {
+            jiffies: word(0),
+            mono_ns: word(1),
         })
     }
 
@@ -353,8 +388,13 @@ impl Dataplane {
                 .set(i as u32, a, 0)
                 .map_err(map_err(maps::SNAT_ADDRS))?;
         }
+        let global = GlobalConfig {
+            jiffies_base: self.clock.jiffies_base,
+            ns_per_jiffy: self.clock.ns_per_jiffy,
+            ..plan.global
+        };
         self.global
-            .set(0, plan.global, 0)
+            .set(0, global, 0)
             .map_err(map_err(maps::GLOBAL))?;
         for (id, b) in plan.backends.iter().enumerate() {
             self.backends

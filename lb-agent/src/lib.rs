@@ -2,6 +2,7 @@
 //! keeps them there.
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod gc;

@@ -72,7 +72,8 @@ pub const fn tcp_next_state(state: u8, dir: u8, flags: u8) -> u8 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC) of the last packet seen in this direction.
+    /// CLOCK_MONOTONIC nanoseconds (at jiffy resolution, see `conntrack::now_ns`) of the last
+    /// packet seen in this direction.
     pub last_seen_ns: u64,
     /// The tuple a matching packet leaves with.
     pub nat_src_be: AddrBe,

@@ -107,8 +107,12 @@ pub struct GlobalConfig {
     pub port_min: u16,
     pub port_max: u16,
     pub _pad: u32,
+    /// The datapath's clock (see the agent's `clock`): CLOCK_MONOTONIC nanoseconds are
+    /// `(jiffies - jiffies_base) * ns_per_jiffy`.
+    pub jiffies_base: u64,
+    pub ns_per_jiffy: u64,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -20,6 +20,8 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const PROG_LB: &str = "lb_xdp";
 /// A program that only returns XDP_TX: the benchmark's reference.
 pub const PROG_BASELINE: &str = "xdp_tx_baseline";
+/// Reads the datapath's clocks for the agent (see `lb-agent`'s `clock`); never attached.
+pub const PROG_CLOCK: &str = "lb_clock";
 
 pub const MAX_LISTENERS: u32 = 32;
 pub const MAX_BACKENDS: u32 = 4096;

@@ -52,6 +52,23 @@ pub fn xdp_tx_baseline(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_TX
 }
 
+/// Writes `bpf_jiffies64()` and `bpf_ktime_get_ns()`, read at one instant, over the first 16
+/// bytes of the frame, for the agent to calibrate the conntrack clock (`conntrack::now_ns`).
+/// Never attached: the agent runs it through BPF_PROG_TEST_RUN.
+#[xdp]
+pub fn lb_clock(ctx: XdpContext) -> u32 {
+    if let Some(p) = parse::ptr_at::<[u64; 2]>(&ctx, 0) {
+        // SAFETY: bounds-checked by ptr_at; plain helper calls.
+        unsafe {
+            p.write_unaligned([
+                aya_ebpf::helpers::bpf_jiffies64(),
+                aya_ebpf::helpers::bpf_ktime_get_ns(),
+            ])
+        };
+    }
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let mut pkt = parse::packet(ctx)?;

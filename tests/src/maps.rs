@@ -72,7 +72,7 @@ fn addr(a: Ipv4Addr) -> [u32; 4] {
 pub fn prefill_conntrack(pid: u32, flows: u32, vip: (Ipv4Addr, u16), snat: Ipv4Addr) -> u32 {
     let mut ct = conntrack(pid, maps::CONNTRACK);
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
-    // The datapath's clock (bpf_ktime_get_coarse_ns), so the agent's sweep sees fresh flows.
+    // The clock of conntrack timestamps, so the agent's sweep sees fresh flows.
     let now = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
     for i in 0..flows {
         let client = addr(Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i));

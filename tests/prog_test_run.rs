@@ -697,10 +697,9 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
     let ns = lb_namespace();
     ns.scoped(|| {
         let mut f = Fixture::new(CONFIG);
-        let handshakes = || lb_tests::maps::conntrack(std::process::id(), "CONNTRACK_SYN");
         // Key and entry of a client port's handshake entry in one direction.
-        let entry = |port: u16, dir| {
-            handshakes()
+        let entry = |f: &mut Fixture, port: u16, dir| {
+            f.dp.conntrack_table(true)
                 .iter()
                 .filter_map(Result::ok)
                 .find(|(k, e)| {
@@ -730,7 +729,8 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
         // before the backend answered: the SYN-ACK puts it back, so the client's ACK completes
         // the handshake.
         let (_, out) = f.run(&syn(40000), f.ext);
-        handshakes().remove(&entry(40000, DIR_ORIGINAL).0).unwrap();
+        let (key, _) = entry(&mut f, 40000, DIR_ORIGINAL);
+        f.dp.conntrack_table(true).remove(&key).unwrap();
         assert_eq!(
             syn_ack(&mut f, &out),
             (XDP_REDIRECT, Some(([10, 91, 0, 2], 40000)))
@@ -743,11 +743,16 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
         // The reply entry evicted: the retransmitted SYN puts it back, and the SYN-ACK finds
         // its way.
         let (_, first) = f.run(&syn(40500), f.ext);
-        handshakes().remove(&entry(40500, DIR_REPLY).0).unwrap();
+        let (key, _) = entry(&mut f, 40500, DIR_REPLY);
+        f.dp.conntrack_table(true).remove(&key).unwrap();
         let (action, out) = f.run(&syn(40500), f.ext);
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(out, first, "the same flow");
-        assert_eq!(handshakes().iter().count(), 2, "both entries again");
+        assert_eq!(
+            f.dp.conntrack_table(true).iter().count(),
+            2,
+            "both entries again"
+        );
         assert_eq!(
             syn_ack(&mut f, &out),
             (XDP_REDIRECT, Some(([10, 91, 0, 2], 40500)))
@@ -756,9 +761,9 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
         // The reply tuple taken by another flow while its entry was gone: the retransmitted SYN
         // gets another tuple and leaves the other flow alone.
         let (_, first) = f.run(&syn(41000), f.ext);
-        let (key, mut other) = entry(41000, DIR_REPLY);
+        let (key, mut other) = entry(&mut f, 41000, DIR_REPLY);
         other.nat_dst_be[0] = u32::from_ne_bytes([10, 91, 0, 3]);
-        handshakes().insert(key, other, 0).unwrap();
+        f.dp.conntrack_table(true).insert(key, other, 0).unwrap();
         let (action, out) = f.run(&syn(41000), f.ext);
         assert_eq!(action, XDP_REDIRECT);
         assert_ne!(
@@ -767,7 +772,7 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
             "a new SNAT port"
         );
         assert_eq!(
-            handshakes().get(&key, 0).unwrap(),
+            f.dp.conntrack_table(true).get(&key, 0).unwrap(),
             other,
             "the other flow's entry"
         );

@@ -222,14 +222,7 @@ impl Dataplane {
 
     /// Both clocks at one instant, read by the `lb_clock` program (see `clock`).
     fn read_clock(&mut self) -> Result<crate::clock::Reading, DataplaneError> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(maps::PROG_CLOCK)
-            .ok_or(DataplaneError::Missing(maps::PROG_CLOCK))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()?;
-        }
+        let prog = self.helper_program(maps::PROG_CLOCK)?;
         let frame = [0u8; 64];
         let mut out = [0u8; 64];
         prog.test_run(TestRunOptions {
@@ -257,10 +250,15 @@ impl Dataplane {
     /// The object's trivial XDP_TX program, loaded on first use: the reference the benchmark
     /// measures the real program against, in the same run.
     pub fn baseline_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        self.helper_program(maps::PROG_BASELINE)
+    }
+
+    /// One of the object's never-attached programs, loaded on first use.
+    fn helper_program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
         let prog: &mut Xdp = self
             .ebpf
-            .program_mut(maps::PROG_BASELINE)
-            .ok_or(DataplaneError::Missing(maps::PROG_BASELINE))?
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing(name))?
             .try_into()?;
         if prog.fd().is_err() {
             prog.load()?;
@@ -517,6 +515,18 @@ impl Dataplane {
         self.conntrack
             .insert(key, entry, 0)
             .map_err(map_err(maps::CONNTRACK))
+    }
+
+    /// The established (false) or handshake (true) conntrack table, for tests.
+    pub fn conntrack_table(
+        &mut self,
+        handshake: bool,
+    ) -> &mut HashMap<MapData, FlowKey, ConnEntry> {
+        if handshake {
+            &mut self.conntrack_syn
+        } else {
+            &mut self.conntrack
+        }
     }
 
     /// Conntrack entries (both directions, both tables), for tests and diagnostics.

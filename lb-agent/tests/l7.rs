@@ -752,6 +752,51 @@ async fn a_keep_alive_connection_serves_100_requests_then_closes() {
 }
 
 #[tokio::test]
+async fn idle_http2_and_silent_connections_close_after_the_idle_timeout_requests_keep_them() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log}, timeouts: { idle: 1s } }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    let idle = Duration::from_secs(1);
+    tokio::time::timeout(LIMIT, async {
+        // HTTP/2 (prior knowledge): requests keep the connection; after the last one it closes
+        // once the idle timeout passes.
+        let s = TcpStream::connect(lb.addr("site")).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+        let started = std::time::Instant::now();
+        let conn = tokio::spawn(conn);
+        for _ in 0..3 {
+            let r = read_answer(tx.send_request(get("x", "/")).await.unwrap()).await;
+            assert_eq!(r.status, 200);
+            tokio::time::sleep(idle / 2).await;
+        }
+        let last = started.elapsed();
+        conn.await.unwrap().unwrap();
+        let closed = started.elapsed();
+        assert!(last >= idle, "three requests over {last:?} kept it open");
+        assert!(
+            closed >= last + idle / 2 && closed < last + idle * 3,
+            "closed {:?} after the last request",
+            closed - last
+        );
+
+        // A connection that never sends anything closes too.
+        let mut s = TcpStream::connect(lb.addr("site")).await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(s.read(&mut [0u8; 16]).await.unwrap(), 0);
+        assert!(started.elapsed() >= idle * 9 / 10);
+    })
+    .await
+    .unwrap();
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn http_redirects_to_the_https_listener() {
     let web = backend("web").await;
     let dir = TempDir::new();

@@ -6,6 +6,7 @@
 
 pub mod errors;
 pub mod headers;
+mod idle;
 pub mod log;
 pub mod metrics;
 pub mod tls;
@@ -19,7 +20,7 @@ use std::{
     path::PathBuf,
     pin::Pin,
     sync::{
-        atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering},
+        atomic::{AtomicU64, AtomicU8, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -36,7 +37,7 @@ use hyper::{
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -185,7 +186,9 @@ impl Server {
     /// Serves until `shutdown` changes (or its sender goes), then stops accepting and gives
     /// in-flight requests up to `grace` to finish.
     pub async fn run(self, mut shutdown: watch::Receiver<()>, grace: Duration) {
-        let graceful = GracefulShutdown::new();
+        // Each connection holds a receiver: true asks it to finish, and the sender's
+        // `closed()` is all of them gone.
+        let (drain, draining) = watch::channel(false);
         info!(listener = %self.site.name, addr = ?self.tcp.local_addr().ok(), "proxy listening");
         loop {
             tokio::select! {
@@ -203,7 +206,7 @@ impl Server {
                             http: self.http.clone(),
                             peer,
                         };
-                        tokio::spawn(conn.serve(stream, graceful.watcher()));
+                        tokio::spawn(conn.serve(stream, draining.clone()));
                     }
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
@@ -216,10 +219,9 @@ impl Server {
         }
         drop(self.tcp);
         info!(listener = %self.site.name, "proxy stopped accepting; draining");
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        drop(draining);
+        let _ = drain.send(true);
+        if tokio::time::timeout(grace, drain.closed()).await.is_err() {
             warn!(listener = %self.site.name, grace = ?grace, "connections still open at the shutdown deadline");
         }
     }
@@ -233,78 +235,82 @@ struct Conn {
 }
 
 impl Conn {
-    async fn serve(
-        self,
-        stream: tokio::net::TcpStream,
-        watcher: hyper_util::server::graceful::Watcher,
-    ) {
+    async fn serve(self, stream: tokio::net::TcpStream, mut draining: watch::Receiver<bool>) {
         let _ = stream.set_nodelay(true);
-        let requests = Arc::new(AtomicU32::new(0));
-        let seen = requests.clone();
+        let activity = idle::Activity::new();
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
         let svc = {
-            let site = site.clone();
+            let (site, activity) = (site.clone(), activity.clone());
             service_fn(move |req| {
-                let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
-                site.clone().handle(req, peer, tls, n)
+                let (n, in_flight) = activity.start();
+                let answer = site.clone().handle(req, peer, tls, n);
+                async move {
+                    let mut res = answer.await?;
+                    res.body_mut().request = Some(in_flight);
+                    Ok::<_, Infallible>(res)
+                }
             })
         };
-        let serve = async {
-            match self.tls {
-                Some(acceptor) => {
-                    // The handshake is part of receiving the request.
-                    let timeout = site.timeouts.request;
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => {
-                            let conn = self
-                                .http
-                                .serve_connection_with_upgrades(TokioIo::new(s), svc);
-                            Some(watcher.watch(conn.into_owned()).await)
-                        }
+        let idle = site.timeouts.idle;
+        let io: Box<dyn ClientIo> = match self.tls {
+            Some(acceptor) => {
+                // The handshake is part of receiving the request.
+                let handshake =
+                    tokio::time::timeout(site.timeouts.request, acceptor.accept(stream));
+                tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => {
                             debug!(client = %peer, error = %e, "TLS handshake failed");
-                            None
+                            return;
                         }
                         Err(_) => {
                             debug!(client = %peer, "TLS handshake timed out");
-                            None
+                            return;
                         }
+                    },
+                    () = activity.idle_for(idle) => {
+                        debug!(client = %peer, "no request within the idle timeout; closing");
+                        return;
                     }
-                }
-                None => {
-                    let conn = self
-                        .http
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    Some(watcher.watch(conn.into_owned()).await)
+                    () = drained(&mut draining) => return,
                 }
             }
+            None => Box::new(stream),
         };
-        // hyper's header timer only starts once it reads HTTP/1 (HTTP/2 has none): until then
-        // it waits for the bytes that tell the versions apart, so a client that sends nothing
-        // (or a slow HTTP/2 preface) would hold its connection forever. The first request
-        // head, TLS handshake included (as nginx's client_header_timeout), must come within
-        // the idle timeout; dropping the connection closes it.
+        let conn = self
+            .http
+            .serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        // Idle or draining, the connection is asked to finish gracefully: HTTP/2 sends GOAWAY
+        // and ends once its streams are done, HTTP/1 closes after the response in progress.
         let result = tokio::select! {
-            r = serve => r,
-            () = no_request_within(&seen, site.timeouts.idle) => {
+            r = conn.as_mut() => r,
+            () = activity.idle_for(idle) => {
                 debug!(client = %peer, "no request within the idle timeout; closing");
-                None
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(idle, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+            () = drained(&mut draining) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
             }
         };
-        if let Some(Err(e)) = result {
+        if let Err(e) = result {
             debug!(client = %peer, error = %e, "client connection ended with an error");
         }
     }
 }
 
-/// Completes when `timeout` passes without a request head on the connection; never once one
-/// came.
-async fn no_request_within(requests: &AtomicU32, timeout: Duration) {
-    tokio::time::sleep(timeout).await;
-    if requests.load(Ordering::Relaxed) > 0 {
-        std::future::pending::<()>().await;
-    }
+/// Completes when the server asks its connections to finish (or is gone).
+async fn drained(draining: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await (it is not Send).
+    let _ = draining.wait_for(|d| *d).await;
 }
+
+/// A client connection's transport: TCP, or TLS over it.
+trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
 
 /// A route with its pool.
 struct Rule {
@@ -739,6 +745,7 @@ impl Site {
                 reuse,
                 upstream_sent: Some(up.sent),
                 _active: Some(up.active),
+                request: None,
                 done: false,
             },
         )
@@ -809,6 +816,7 @@ fn local(res: Response<Bytes>, mut record: Record) -> Response<ResponseBody> {
             reuse: None,
             upstream_sent: None,
             _active: None,
+            request: None,
             done: false,
         },
     )
@@ -982,6 +990,8 @@ pub struct ResponseBody {
     reuse: Option<(Arc<Backend>, SendRequest<RequestBody>)>,
     upstream_sent: Option<Instant>,
     _active: Option<ActiveGuard>,
+    /// Keeps the request in flight on its client connection until the body is sent.
+    request: Option<idle::InFlight>,
     done: bool,
 }
 

@@ -1,0 +1,82 @@
+//! A client connection's idle timeout (`timeouts.idle`, 15 s by default): the connection closes
+//! once no request has been in flight on it for that long. hyper's header timer covers HTTP/1
+//! between requests, but not the wait for the bytes that tell HTTP/1 from HTTP/2 (or the TLS
+//! handshake) and nothing at all on HTTP/2, where a client could otherwise hold an idle
+//! connection forever. A request is in flight from its head until its response body is
+//! dropped (sent, or abandoned), so long uploads and downloads never count as idle.
+
+use std::{
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+/// One client connection's requests.
+pub struct Activity {
+    accepted: Instant,
+    /// Requests started so far (the 1-based number of the latest).
+    started: AtomicU32,
+    in_flight: AtomicU32,
+    /// When a request last started or ended, in nanoseconds since `accepted`.
+    last_ns: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            accepted: Instant::now(),
+            started: AtomicU32::new(0),
+            in_flight: AtomicU32::new(0),
+            last_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// A request head arrived: returns its number on the connection and the guard that keeps
+    /// it in flight (hand it to the response body).
+    pub fn start(self: &Arc<Self>) -> (u32, InFlight) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        let n = self.started.fetch_add(1, Ordering::Relaxed) + 1;
+        (n, InFlight(self.clone()))
+    }
+
+    fn touch(&self) {
+        let ns = self.accepted.elapsed().as_nanos() as u64;
+        self.last_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.accepted + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
+    }
+
+    /// Completes once no request has been in flight for `idle` (counting from the accept
+    /// before the first one).
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            let since = self.last();
+            tokio::time::sleep_until(since + idle).await;
+            if self.last() != since {
+                continue;
+            }
+            if self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            // A request still in flight (a long upload or download): look again later.
+            tokio::time::sleep(idle).await;
+        }
+    }
+}
+
+/// Keeps one request in flight until dropped.
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}

@@ -150,6 +150,9 @@ pub fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
+/// Every frame's sequence number; ACKs acknowledge the peer's (so any SYN-ACK's + 1).
+pub const SEQ: u32 = 1000;
+
 pub fn tcp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -157,12 +160,24 @@ pub fn tcp_frame(
     dst: ([u8; 4], u16),
     flags: &str,
 ) -> Vec<u8> {
+    tcp_frame_acking(src_mac, dst_mac, src, dst, flags, SEQ + 1)
+}
+
+/// `tcp_frame` with the acknowledgment number `ack`.
+pub fn tcp_frame_acking(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    flags: &str,
+    ack: u32,
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.0, dst.0, 64);
-    let mut t = b.tcp(src.1, dst.1, 1000, 64240);
+    let mut t = b.tcp(src.1, dst.1, SEQ, 64240);
     for f in flags.chars() {
         t = match f {
             'S' => t.syn(),
-            'A' => t.ack(555),
+            'A' => t.ack(ack),
             'F' => t.fin(),
             'R' => t.rst(),
             _ => unreachable!("flag {f}"),

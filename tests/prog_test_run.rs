@@ -609,24 +609,27 @@ fn a_syn_with_no_backend_to_take_it_is_answered_with_rst() {
 
 #[test]
 fn a_resetting_listener_keeps_each_directions_last_ack() {
+    use lb_common::conn::DIR_ORIGINAL;
     let ns = lb_namespace();
     ns.scoped(|| {
-        for (config, kept) in [
+        // The original entry keeps the ACK that completed the handshake either way; only a
+        // resetting listener keeps the reply direction's (tcp_frame's ACKs acknowledge SEQ + 1).
+        for (config, reply) in [
             (CONFIG, 0),
             (
                 &*CONFIG.replace("pool: web }", "pool: web, reset_on_idle: true }"),
-                555,
+                SEQ + 1,
             ),
         ] {
             let mut f = Fixture::new(config);
             f.establish(CLIENT);
-            // (tcp_frame's ACKs acknowledge 555.)
-            let acks: Vec<u32> =
+            let mut acks: Vec<(bool, u32)> =
                 f.dp.conntrack_entries()
                     .iter()
-                    .map(|(_, e)| u32::from_be(e.ack_be))
+                    .map(|(_, e)| (e.dir == DIR_ORIGINAL, u32::from_be(e.ack_be)))
                     .collect();
-            assert_eq!(acks, [kept; 2], "{config}");
+            acks.sort();
+            assert_eq!(acks, [(false, reply), (true, SEQ + 1)], "{config}");
         }
     });
 }
@@ -784,5 +787,36 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
         // A SYN retransmitted on an intact handshake still follows it.
         let (_, again) = f.run(&syn(41000), f.ext);
         assert_eq!(again, out);
+    });
+}
+
+#[test]
+fn a_blind_ack_does_not_complete_a_handshake() {
+    use lb_common::conn::{STATE_ESTABLISHED, STATE_SYN_RECV};
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        let (_, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+        let p = parse_checked(&out);
+        let mac = BACKEND_MACS[(p.dst.0[3] - 11) as usize];
+        f.run(&tcp_frame(mac, LB_INT_MAC, p.dst, p.src, "SA"), f.int);
+
+        // An ACK that did not see the SYN-ACK (as a spoofed source's): forwarded, for the
+        // backend to reset, but the flow stays a handshake.
+        let blind = tcp_frame_acking(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A", 0x1234_5678);
+        let (action, _) = f.run(&blind, f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(f.states(), [STATE_SYN_RECV; 2]);
+        assert_eq!(
+            f.dp.conntrack_table(true).iter().count(),
+            2,
+            "still in the handshake table"
+        );
+
+        // The ACK of the SYN-ACK's sequence number completes it.
+        let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(f.states(), [STATE_ESTABLISHED; 2]);
+        assert_eq!(f.dp.conntrack_table(false).iter().count(), 2, "promoted");
     });
 }

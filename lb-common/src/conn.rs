@@ -97,9 +97,11 @@ pub struct ConnEntry {
     pub fwd_smac: [u8; 6],
     pub fwd_dmac: [u8; 6],
     pub _pad2: [u8; 2],
-    /// With `CONN_F_RESET_IDLE`: the acknowledgment number of the last packet in this
-    /// direction (network order), i.e. the sequence number its sender expects next, which an
-    /// RST must carry exactly to be accepted (RFC 5961).
+    /// Network order. In the original entry during the handshake: the acknowledgment number
+    /// that completes it (the backend's SYN-ACK sequence number + 1). With `CONN_F_RESET_IDLE`,
+    /// once established: the acknowledgment number of the last packet in this direction, i.e.
+    /// the sequence number its sender expects next, which an RST must carry exactly to be
+    /// accepted (RFC 5961).
     pub ack_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<ConnEntry>() == 80);

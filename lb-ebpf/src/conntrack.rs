@@ -18,7 +18,7 @@ use aya_ebpf::{
 use lb_common::{
     conn::{
         reuses_tuple, tcp_next_state, CONN_F_RESET_IDLE, CONN_F_TOA, DIR_ORIGINAL, DIR_REPLY,
-        STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN_SENT, TCP_ACK,
+        STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN_RECV, STATE_SYN_SENT, TCP_ACK,
     },
     counters::Counter,
     flow::{FAMILY_V4, PROTO_TCP, VIP_F_PASSTHROUGH, VIP_F_RESET_IDLE, VIP_F_TOA},
@@ -149,8 +149,14 @@ fn pair(entry: Entry, key: &FlowKey) -> Option<(FlowKey, *mut ConnEntry)> {
 /// Advances the TCP state (in both entries of the flow) and refreshes the timestamp; a flow
 /// whose client completes the handshake moves to the established table and `entry` follows
 /// it. Returns the state before this packet.
+///
+/// Completing the handshake takes the ACK the backend's SYN-ACK asked for (its sequence
+/// number + 1, kept in the original entry's `ack_be` meanwhile): a spoofed source never sees
+/// the SYN-ACK, so a SYN followed by a blind ACK cannot move flood flows into the established
+/// table, whose entries the handshake table protects. Such an ACK still reaches the backend,
+/// which resets it.
 #[inline(always)]
-pub fn touch(entry: &mut Entry, pkt: &Packet) -> u8 {
+pub fn touch(ctx: &XdpContext, entry: &mut Entry, pkt: &Packet) -> u8 {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run (RCU).
     let e = unsafe { &mut *entry.ptr };
     let before = e.state;
@@ -160,26 +166,43 @@ pub fn touch(entry: &mut Entry, pkt: &Packet) -> u8 {
     }
     if pkt.flow.proto == PROTO_TCP {
         let next = tcp_next_state(e.state, e.dir, pkt.tcp_flags);
-        if next != e.state {
-            // Transitions are rare (handshake, FIN, RST), so the pair lookup costs little.
-            if is_live(e.state) != is_live(next) {
-                active_add(e.backend_id, if is_live(next) { 1 } else { u64::MAX });
+        if next == e.state {
+            return before;
+        }
+        // Transitions are rare (handshake, FIN, RST), so what follows costs little.
+        if next == STATE_ESTABLISHED && e.ack_be != 0 && tcp_word(ctx, pkt, 8) != Some(e.ack_be) {
+            return before;
+        }
+        if is_live(e.state) != is_live(next) {
+            active_add(e.backend_id, if is_live(next) { 1 } else { u64::MAX });
+        }
+        e.state = next;
+        refresh(e, now);
+        if let Some((pair_key, pair)) = pair(*entry, &pkt.flow) {
+            // SAFETY: as above.
+            let p = unsafe { &mut *pair };
+            p.state = next;
+            p.last_seen_ns = now;
+            if next == STATE_SYN_RECV {
+                // The SYN-ACK: the client's completing ACK must acknowledge its sequence number.
+                if let Some(seq) = tcp_word(ctx, pkt, 4) {
+                    p.ack_be = u32::from_be(seq).wrapping_add(1).to_be();
+                }
             }
-            e.state = next;
-            refresh(e, now);
-            if let Some((pair_key, pair)) = pair(*entry, &pkt.flow) {
-                // SAFETY: as above.
-                unsafe {
-                    (*pair).state = next;
-                    (*pair).last_seen_ns = now;
-                }
-                if entry.handshake && next == STATE_ESTABLISHED {
-                    promote(entry, &pkt.flow, &pair_key, pair);
-                }
+            if entry.handshake && next == STATE_ESTABLISHED {
+                promote(entry, &pkt.flow, &pair_key, pair);
             }
         }
     }
     before
+}
+
+/// A 32-bit word of the TCP header at `off` (4: sequence number, 8: acknowledgment number),
+/// network order.
+#[inline(always)]
+fn tcp_word(ctx: &XdpContext, pkt: &Packet, off: usize) -> Option<u32> {
+    // SAFETY: bounds-checked by ptr_at.
+    ptr_at::<u32>(ctx, pkt.l4_off + off).map(|p| unsafe { p.read_unaligned() })
 }
 
 /// Keeps the acknowledgment number of an ACK in its direction's entry, for flows whose
@@ -192,10 +215,7 @@ pub fn record_ack(ctx: &XdpContext, entry: Entry, pkt: &Packet) {
     if e.flags & CONN_F_RESET_IDLE == 0 || pkt.tcp_flags & TCP_ACK == 0 {
         return;
     }
-    // The ACK number: bytes 8..12 of the TCP header.
-    if let Some(p) = ptr_at::<u32>(ctx, pkt.l4_off + 8) {
-        // SAFETY: bounds-checked by ptr_at.
-        let ack = unsafe { p.read_unaligned() };
+    if let Some(ack) = tcp_word(ctx, pkt, 8) {
         if e.ack_be != ack {
             e.ack_be = ack;
         }

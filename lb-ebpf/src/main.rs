@@ -87,8 +87,9 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_stale(e, &pkt));
     let (entry, before) = match hit {
         Some(mut entry) => {
+            // After touch: the handshake check reads what record_ack would overwrite.
+            let before = conntrack::touch(ctx, &mut entry, &pkt);
             conntrack::record_ack(ctx, entry, &pkt);
-            let before = conntrack::touch(&mut entry, &pkt);
             (entry.ptr, before)
         }
         None => {

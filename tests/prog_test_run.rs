@@ -820,3 +820,27 @@ fn a_blind_ack_does_not_complete_a_handshake() {
         assert_eq!(f.dp.conntrack_table(false).iter().count(), 2, "promoted");
     });
 }
+
+#[test]
+fn reusing_a_closed_flows_tuple_leaves_a_flow_that_took_its_reply_key_alone() {
+    use lb_common::conn::DIR_REPLY;
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        f.establish(CLIENT);
+        f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "R"), f.ext);
+        // The closed flow's reply entry evicted and its key taken by another flow.
+        let (key, mut other) =
+            f.dp.conntrack_table(false)
+                .iter()
+                .filter_map(Result::ok)
+                .find(|(_, e)| e.dir == DIR_REPLY)
+                .unwrap();
+        other.nat_dst_be[0] = u32::from_ne_bytes([10, 91, 0, 3]);
+        f.dp.conntrack_table(false).insert(key, other, 0).unwrap();
+
+        let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
+        assert_eq!(action, XDP_REDIRECT, "the SYN starts a new flow");
+        assert_eq!(f.dp.conntrack_table(false).get(&key, 0).unwrap(), other);
+    });
+}

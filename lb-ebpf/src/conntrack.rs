@@ -98,8 +98,14 @@ pub fn retire_if_stale(entry: Entry, pkt: &Packet) -> bool {
     }
     let t = table(entry.handshake);
     if reuses_tuple(e.state, e.dir, pkt.tcp_flags) {
-        // Not live any more, so no active count to give back.
-        let _ = t.remove(&e.pair_key(pkt.flow.proto, pkt.flow.family));
+        // Not live any more, so no active count to give back. Its pair key may be another
+        // flow's by now (see `pair`): that one stays.
+        let pair_key = e.pair_key(pkt.flow.proto, pkt.flow.family);
+        if t.get_ptr(&pair_key)
+            .is_some_and(|p| is_pair(e, &pkt.flow, p))
+        {
+            let _ = t.remove(&pair_key);
+        }
     } else if entry.handshake && pair(entry, &pkt.flow).is_none() {
         // Still counted as live; the pair key is another flow's.
         active_add(e.backend_id, u64::MAX);
@@ -123,10 +129,7 @@ fn pair(entry: Entry, key: &FlowKey) -> Option<(FlowKey, *mut ConnEntry)> {
     let t = table(entry.handshake);
     let pair_key = e.pair_key(key.proto, key.family);
     if let Some(p) = t.get_ptr_mut(&pair_key) {
-        // SAFETY: as above.
-        let r = unsafe { &*p };
-        let ours = r.dir != e.dir && r.nat_dst_be == key.src_be && r.nat_dport_be == key.sport_be;
-        return ours.then_some((pair_key, p));
+        return is_pair(e, key, p).then_some((pair_key, p));
     }
     let rebuilt = ConnEntry {
         last_seen_ns: e.last_seen_ns,
@@ -144,6 +147,15 @@ fn pair(entry: Entry, key: &FlowKey) -> Option<(FlowKey, *mut ConnEntry)> {
     // BPF_NOEXIST: a flow that took the key since the lookup keeps it.
     t.insert(&pair_key, &rebuilt, BPF_NOEXIST as u64).ok()?;
     t.get_ptr_mut(&pair_key).map(|p| (pair_key, p))
+}
+
+/// Whether `other` (found at `e`'s pair key) is the other entry of `e`'s flow, whose key is
+/// `key`: it rewrites to the sender of `key`.
+#[inline(always)]
+fn is_pair(e: &ConnEntry, key: &FlowKey, other: *const ConnEntry) -> bool {
+    // SAFETY: a pointer from a successful map lookup stays valid for this program run.
+    let r = unsafe { &*other };
+    r.dir != e.dir && r.nat_dst_be == key.src_be && r.nat_dport_be == key.sport_be
 }
 
 /// Advances the TCP state (in both entries of the flow) and refreshes the timestamp; a flow

@@ -844,3 +844,51 @@ fn reusing_a_closed_flows_tuple_leaves_a_flow_that_took_its_reply_key_alone() {
         assert_eq!(f.dp.conntrack_table(false).get(&key, 0).unwrap(), other);
     });
 }
+
+#[test]
+fn the_sweeps_batch_read_sees_every_entry_the_per_entry_walk_sees() {
+    use aya::maps::IterableMap as _;
+    use lb_common::{flow::FAMILY_V4, ConnEntry, FlowKey};
+    use std::os::fd::AsFd as _;
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        // More entries than one batch call asks for, so the reads continue from a position.
+        for i in 0..20_000u32 {
+            let key = FlowKey {
+                src_be: [
+                    u32::from_ne_bytes([100, 64, (i >> 8) as u8, i as u8]),
+                    0,
+                    0,
+                    0,
+                ],
+                dst_be: [u32::from_ne_bytes([10, 91, 0, 100]), 0, 0, 0],
+                sport_be: (1024 + (i % 50_000) as u16).to_be(),
+                dport_be: 80u16.to_be(),
+                proto: 6,
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            };
+            let entry = ConnEntry {
+                backend_id: i,
+                ..Default::default()
+            };
+            f.dp.conntrack_insert(key, entry).unwrap();
+        }
+        let table = f.dp.conntrack_table(false);
+        let walked: std::collections::HashMap<FlowKey, ConnEntry> =
+            table.iter().filter_map(Result::ok).collect();
+        let batched: Vec<(FlowKey, ConnEntry)> =
+            lb_agent::batch::entries(table.map().fd().as_fd()).unwrap();
+        assert_eq!(walked.len(), 20_000);
+        assert_eq!(batched.len(), 20_000, "no entry twice, none missed");
+        assert!(batched.iter().all(|(k, e)| walked.get(k) == Some(e)));
+        // An empty table reads as empty.
+        let empty = f.dp.conntrack_table(true);
+        assert!(
+            lb_agent::batch::entries::<FlowKey, ConnEntry>(empty.map().fd().as_fd())
+                .unwrap()
+                .is_empty()
+        );
+    });
+}

@@ -600,9 +600,16 @@ fn sweep(
     snat: &mut gc::SnatCount,
     resets: &mut Vec<crate::reset::Reset>,
 ) {
+    use aya::maps::IterableMap as _;
     use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
-    let entries: std::collections::HashMap<FlowKey, ConnEntry> =
-        table.iter().filter_map(Result::ok).collect();
+    use std::os::fd::AsFd as _;
+    let mut entries = std::collections::HashMap::new();
+    if let Err(e) = crate::batch::for_each(table.map().fd().as_fd(), |k: FlowKey, v: ConnEntry| {
+        entries.insert(k, v);
+    }) {
+        debug!(error = %e, "batch read of a conntrack table failed; reading it entry by entry");
+        entries.extend(table.iter().filter_map(Result::ok));
+    }
     report.entries += entries.len();
     let mut doomed = Vec::new();
     for (key, e) in &entries {

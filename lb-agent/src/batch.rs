@@ -1,0 +1,97 @@
+//! Whole hash maps read with `BPF_MAP_LOOKUP_BATCH`: one syscall per few thousand entries,
+//! where aya's `iter()` makes two per entry (next key, then lookup). The sweep reads both
+//! conntrack tables every second; with a million-entry table 90% full, the per-entry syscalls
+//! kept two thirds of a core busy.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use aya::Pod;
+
+/// `enum bpf_cmd`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Entries asked for per call. A hash map's batch never splits a bucket: a bucket with more
+/// entries than that fails with ENOSPC, and the call is repeated with room for twice as many.
+const CHUNK: usize = 4096;
+
+/// The batch member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every entry of the hash map `fd`, whose key and value types are `K` and `V`. Entries the
+/// datapath adds or removes meanwhile may be missed or seen twice, as with `iter()`.
+pub fn entries<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    for_each(fd, |k, v| out.push((k, v)))?;
+    Ok(out)
+}
+
+/// `f` on every entry of the hash map `fd`, as `entries` reads them, without a copy of the
+/// whole map. On an error `f` may have seen part of it.
+pub fn for_each<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut f: impl FnMut(K, V)) -> io::Result<()> {
+    let mut chunk = CHUNK;
+    // SAFETY: Pod types are plain data, valid when zeroed.
+    let (zero_k, zero_v): (K, V) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let (mut keys, mut values) = (vec![zero_k; chunk], vec![zero_v; chunk]);
+    // Where the next call starts: a bucket index for hash maps (u32); u64 leaves room.
+    let (mut start, mut next) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        keys.resize(chunk, zero_k);
+        values.resize(chunk, zero_v);
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &start as *const u64 as u64
+            },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the attribute points at `count` keys and values of the map's own sizes and
+        // at the two tokens, all alive for the call; the kernel writes back `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let error = (rc < 0).then(io::Error::last_os_error);
+        let n = (attr.count as usize).min(chunk);
+        for (k, v) in keys[..n].iter().zip(&values[..n]) {
+            f(*k, *v);
+        }
+        match error.as_ref().and_then(io::Error::raw_os_error) {
+            None => {}
+            // The end of the map (with the last entries, if any).
+            Some(libc::ENOENT) => return Ok(()),
+            Some(libc::ENOSPC) if n == 0 && chunk < 1 << 20 => {
+                chunk *= 2;
+                continue;
+            }
+            Some(_) => return Err(error.unwrap_or_else(io::Error::last_os_error)),
+        }
+        start = next;
+        first = false;
+    }
+}

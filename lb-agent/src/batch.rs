@@ -5,14 +5,13 @@
 
 use std::{
     io,
-    mem::size_of,
     os::fd::{AsRawFd, BorrowedFd},
 };
 
 use aya::Pod;
+use aya_obj::generated::bpf_cmd::BPF_MAP_LOOKUP_BATCH;
 
-/// `enum bpf_cmd`.
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+use crate::sys_bpf::bpf;
 
 /// Entries asked for per call. A hash map's batch never splits a bucket: a bucket with more
 /// entries than that fails with ENOSPC, and the call is repeated with room for twice as many.
@@ -68,28 +67,21 @@ pub fn for_each<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut f: impl FnMut(K, V)) -> 
         };
         // SAFETY: the attribute points at `count` keys and values of the map's own sizes and
         // at the two tokens, all alive for the call; the kernel writes back `count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        let error = (rc < 0).then(io::Error::last_os_error);
+        let error = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         let n = (attr.count as usize).min(chunk);
         for (k, v) in keys[..n].iter().zip(&values[..n]) {
             f(*k, *v);
         }
-        match error.as_ref().and_then(io::Error::raw_os_error) {
-            None => {}
-            // The end of the map (with the last entries, if any).
-            Some(libc::ENOENT) => return Ok(()),
-            Some(libc::ENOSPC) if n == 0 && chunk < 1 << 20 => {
-                chunk *= 2;
-                continue;
+        if let Some(e) = error {
+            match e.raw_os_error() {
+                // The end of the map (with the last entries, if any).
+                Some(libc::ENOENT) => return Ok(()),
+                Some(libc::ENOSPC) if n == 0 && chunk < 1 << 20 => {
+                    chunk *= 2;
+                    continue;
+                }
+                _ => return Err(e),
             }
-            Some(_) => return Err(error.unwrap_or_else(io::Error::last_os_error)),
         }
         start = next;
         first = false;

@@ -727,6 +727,7 @@ pub fn attached(pins: &Path) -> bool {
 /// The interface an XDP link is attached to (0: none any more), by `BPF_OBJ_GET` and
 /// `BPF_OBJ_GET_INFO_BY_FD` (aya 0.14 does not expose a link's interface).
 fn link_ifindex(pin: &Path) -> Option<u32> {
+    use aya_obj::generated::bpf_cmd::{BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD};
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     #[repr(C)]
     struct ObjGet {
@@ -743,7 +744,7 @@ fn link_ifindex(pin: &Path) -> Option<u32> {
         info: u64,
     }
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
-    let get = ObjGet {
+    let mut get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
@@ -751,38 +752,18 @@ fn link_ifindex(pin: &Path) -> Option<u32> {
         _pad: 0,
     };
     // SAFETY: BPF_OBJ_GET reads `get` (a valid C string pointer) and returns a new fd.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            aya_obj::generated::bpf_cmd::BPF_OBJ_GET as i32,
-            &get as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
+    let fd = unsafe { crate::sys_bpf::bpf(BPF_OBJ_GET, &mut get) }.ok()?;
     // SAFETY: the syscall just returned this fd; the OwnedFd closes it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     // SAFETY: all-zero is a valid bpf_link_info (plain integers and unions of them).
     let mut info: aya_obj::generated::bpf_link_info = unsafe { std::mem::zeroed() };
-    let attr = InfoByFd {
+    let mut attr = InfoByFd {
         bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
         info_len: std::mem::size_of_val(&info) as u32,
         info: &mut info as *mut _ as u64,
     };
     // SAFETY: the kernel writes at most `info_len` bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as i32,
-            &attr as *const InfoByFd,
-            std::mem::size_of::<InfoByFd>(),
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
+    unsafe { crate::sys_bpf::bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.ok()?;
     // SAFETY: an XDP link's info fills the union's `xdp` member.
     Some(unsafe { info.__bindgen_anon_1.xdp.ifindex })
 }

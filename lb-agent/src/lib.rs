@@ -16,4 +16,5 @@ pub mod proxy;
 pub mod reset;
 pub mod state;
 pub mod stats;
+mod sys_bpf;
 pub mod wrr;

@@ -288,8 +288,11 @@ impl Conn {
             r = conn.as_mut() => r,
             () = activity.idle_for(idle) => {
                 debug!(client = %peer, "no request within the idle timeout; closing");
+                // Nothing is in flight, so nothing is cut short: HTTP/1 between requests closes
+                // at once, HTTP/2 gets its GOAWAY out. A head still arriving (slowloris) is not
+                // waited for.
                 conn.as_mut().graceful_shutdown();
-                tokio::time::timeout(idle, conn.as_mut()).await.unwrap_or(Ok(()))
+                tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
             }
             () = drained(&mut draining) => {
                 conn.as_mut().graceful_shutdown();
@@ -1070,6 +1073,10 @@ impl Drop for ResponseBody {
 /// a burst of connections outpaces the accept loop, and every SYN dropped then costs its client
 /// a second; nginx uses 511, and Linux caps it at `net.core.somaxconn` (4096 by default).
 const LISTEN_BACKLOG: i32 = 4096;
+
+/// How long an idle connection asked to close may take to do so (HTTP/2's GOAWAY and the
+/// PING that confirms it) before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// A listening socket with SO_REUSEPORT, so a reloaded proxy listens next to the one it
 /// replaces until that one stops accepting: no connection is refused in between.

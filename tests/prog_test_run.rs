@@ -703,8 +703,8 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
         // Key and entry of a client port's handshake entry in one direction.
         let entry = |f: &mut Fixture, port: u16, dir| {
             f.dp.conntrack_table(true)
-                .iter()
-                .filter_map(Result::ok)
+                .walk()
+                .into_iter()
                 .find(|(k, e)| {
                     e.dir == dir
                         && port.to_be()
@@ -752,7 +752,7 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(out, first, "the same flow");
         assert_eq!(
-            f.dp.conntrack_table(true).iter().count(),
+            f.dp.conntrack_table(true).walk().len(),
             2,
             "both entries again"
         );
@@ -775,7 +775,7 @@ fn a_handshake_that_lost_one_entry_to_the_lru_gets_it_back_or_starts_over() {
             "a new SNAT port"
         );
         assert_eq!(
-            f.dp.conntrack_table(true).get(&key, 0).unwrap(),
+            f.dp.conntrack_table(true).get(&key).unwrap(),
             other,
             "the other flow's entry"
         );
@@ -808,7 +808,7 @@ fn a_blind_ack_does_not_complete_a_handshake() {
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(f.states(), [STATE_SYN_RECV; 2]);
         assert_eq!(
-            f.dp.conntrack_table(true).iter().count(),
+            f.dp.conntrack_table(true).walk().len(),
             2,
             "still in the handshake table"
         );
@@ -817,7 +817,7 @@ fn a_blind_ack_does_not_complete_a_handshake() {
         let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext);
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(f.states(), [STATE_ESTABLISHED; 2]);
-        assert_eq!(f.dp.conntrack_table(false).iter().count(), 2, "promoted");
+        assert_eq!(f.dp.conntrack_table(false).walk().len(), 2, "promoted");
     });
 }
 
@@ -832,8 +832,8 @@ fn reusing_a_closed_flows_tuple_leaves_a_flow_that_took_its_reply_key_alone() {
         // The closed flow's reply entry evicted and its key taken by another flow.
         let (key, mut other) =
             f.dp.conntrack_table(false)
-                .iter()
-                .filter_map(Result::ok)
+                .walk()
+                .into_iter()
                 .find(|(_, e)| e.dir == DIR_REPLY)
                 .unwrap();
         other.nat_dst_be[0] = u32::from_ne_bytes([10, 91, 0, 3]);
@@ -841,15 +841,13 @@ fn reusing_a_closed_flows_tuple_leaves_a_flow_that_took_its_reply_key_alone() {
 
         let (action, _) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "S"), f.ext);
         assert_eq!(action, XDP_REDIRECT, "the SYN starts a new flow");
-        assert_eq!(f.dp.conntrack_table(false).get(&key, 0).unwrap(), other);
+        assert_eq!(f.dp.conntrack_table(false).get(&key).unwrap(), other);
     });
 }
 
 #[test]
 fn the_sweeps_batch_read_sees_every_entry_the_per_entry_walk_sees() {
-    use aya::maps::IterableMap as _;
     use lb_common::{flow::FAMILY_V4, ConnEntry, FlowKey};
-    use std::os::fd::AsFd as _;
     let ns = lb_namespace();
     ns.scoped(|| {
         let mut f = Fixture::new(CONFIG);
@@ -877,18 +875,12 @@ fn the_sweeps_batch_read_sees_every_entry_the_per_entry_walk_sees() {
         }
         let table = f.dp.conntrack_table(false);
         let walked: std::collections::HashMap<FlowKey, ConnEntry> =
-            table.iter().filter_map(Result::ok).collect();
-        let batched: Vec<(FlowKey, ConnEntry)> =
-            lb_agent::batch::entries(table.map().fd().as_fd()).unwrap();
+            table.walk().into_iter().collect();
+        let batched = table.batched().unwrap();
         assert_eq!(walked.len(), 20_000);
         assert_eq!(batched.len(), 20_000, "no entry twice, none missed");
         assert!(batched.iter().all(|(k, e)| walked.get(k) == Some(e)));
         // An empty table reads as empty.
-        let empty = f.dp.conntrack_table(true);
-        assert!(
-            lb_agent::batch::entries::<FlowKey, ConnEntry>(empty.map().fd().as_fd())
-                .unwrap()
-                .is_empty()
-        );
+        assert!(f.dp.conntrack_table(true).batched().unwrap().is_empty());
     });
 }

@@ -31,16 +31,9 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every entry of the hash map `fd`, whose key and value types are `K` and `V`. Entries the
-/// datapath adds or removes meanwhile may be missed or seen twice, as with `iter()`.
-pub fn entries<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
-    let mut out = Vec::new();
-    for_each(fd, |k, v| out.push((k, v)))?;
-    Ok(out)
-}
-
-/// `f` on every entry of the hash map `fd`, as `entries` reads them, without a copy of the
-/// whole map. On an error `f` may have seen part of it.
+/// `f` on every entry of the hash map `fd`, whose key and value types are `K` and `V`.
+/// Entries the datapath adds or removes meanwhile may be missed or seen twice, as with
+/// `iter()`. On an error `f` may have seen part of the map.
 pub fn for_each<K: Pod, V: Pod>(fd: BorrowedFd<'_>, mut f: impl FnMut(K, V)) -> io::Result<()> {
     let mut chunk = CHUNK;
     // SAFETY: Pod types are plain data, valid when zeroed.

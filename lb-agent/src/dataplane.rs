@@ -21,6 +21,8 @@ use tracing::{debug, info, warn};
 
 use crate::{config, gc, plan::Plan};
 
+pub mod conntrack;
+
 /// The object `build.rs` produced (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
@@ -79,10 +81,10 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     listener_stats: PerCpuArray<MapData, ListenerStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
-    conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    conntrack: conntrack::Table,
     /// TCP flows until the client completes the handshake (the datapath then moves them to
     /// `conntrack`).
-    conntrack_syn: HashMap<MapData, FlowKey, ConnEntry>,
+    conntrack_syn: conntrack::Table,
     acl_allow: LpmTrie<MapData, AclKey, u8>,
     acl_deny: LpmTrie<MapData, AclKey, u8>,
     backend_active: Array<MapData, u64>,
@@ -183,10 +185,14 @@ impl Dataplane {
             .map_err(map_err(maps::LISTENER_STATS))?;
         let backend_stats = PerCpuArray::try_from(take(maps::BACKEND_STATS)?)
             .map_err(map_err(maps::BACKEND_STATS))?;
-        let conntrack =
-            HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
-        let conntrack_syn =
-            HashMap::try_from(take(maps::CONNTRACK_SYN)?).map_err(map_err(maps::CONNTRACK_SYN))?;
+        let conntrack = conntrack::Table::new(
+            (maps::CONNTRACK, take(maps::CONNTRACK)?),
+            (maps::CONNTRACK6, take(maps::CONNTRACK6)?),
+        )?;
+        let conntrack_syn = conntrack::Table::new(
+            (maps::CONNTRACK_SYN, take(maps::CONNTRACK_SYN)?),
+            (maps::CONNTRACK6_SYN, take(maps::CONNTRACK6_SYN)?),
+        )?;
         let acl_allow =
             LpmTrie::try_from(take(maps::ACL_ALLOW)?).map_err(map_err(maps::ACL_ALLOW))?;
         let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;
@@ -465,8 +471,8 @@ impl Dataplane {
         let mut flows = 0;
         for table in [&mut self.conntrack, &mut self.conntrack_syn] {
             let doomed: Vec<(FlowKey, FlowKey)> = table
-                .iter()
-                .filter_map(Result::ok)
+                .walk()
+                .into_iter()
                 .filter(|(k, e)| {
                     e.dir == DIR_ORIGINAL
                         && gone.iter().any(|v| {
@@ -512,16 +518,11 @@ impl Dataplane {
         key: FlowKey,
         entry: ConnEntry,
     ) -> Result<(), DataplaneError> {
-        self.conntrack
-            .insert(key, entry, 0)
-            .map_err(map_err(maps::CONNTRACK))
+        self.conntrack.insert(key, entry, 0)
     }
 
     /// The established (false) or handshake (true) conntrack table, for tests.
-    pub fn conntrack_table(
-        &mut self,
-        handshake: bool,
-    ) -> &mut HashMap<MapData, FlowKey, ConnEntry> {
+    pub fn conntrack_table(&mut self, handshake: bool) -> &mut conntrack::Table {
         if handshake {
             &mut self.conntrack_syn
         } else {
@@ -531,11 +532,9 @@ impl Dataplane {
 
     /// Conntrack entries (both directions, both tables), for tests and diagnostics.
     pub fn conntrack_entries(&self) -> Vec<(FlowKey, ConnEntry)> {
-        self.conntrack
-            .iter()
-            .chain(self.conntrack_syn.iter())
-            .filter_map(Result::ok)
-            .collect()
+        let mut all = self.conntrack.walk();
+        all.extend(self.conntrack_syn.walk());
+        all
     }
 }
 
@@ -593,23 +592,18 @@ fn totals(
 /// One conntrack table's part of [`Dataplane::gc`], added to `report`; SNAT ports are counted
 /// into `snat`, and idle-timeout RSTs to send collected in `resets`.
 fn sweep(
-    table: &mut HashMap<MapData, FlowKey, ConnEntry>,
+    table: &mut conntrack::Table,
     plan: &Plan,
     now_ns: u64,
     report: &mut gc::Report,
     snat: &mut gc::SnatCount,
     resets: &mut Vec<crate::reset::Reset>,
 ) {
-    use aya::maps::IterableMap as _;
     use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
-    use std::os::fd::AsFd as _;
     let mut entries = std::collections::HashMap::new();
-    if let Err(e) = crate::batch::for_each(table.map().fd().as_fd(), |k: FlowKey, v: ConnEntry| {
+    table.for_each(|k, v| {
         entries.insert(k, v);
-    }) {
-        debug!(error = %e, "batch read of a conntrack table failed; reading it entry by entry");
-        entries.extend(table.iter().filter_map(Result::ok));
-    }
+    });
     report.entries += entries.len();
     let mut doomed = Vec::new();
     for (key, e) in &entries {

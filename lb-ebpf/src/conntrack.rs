@@ -1,5 +1,6 @@
-//! Connection tracking: two shared LRU maps, an original and a reply entry per flow (see
+//! Connection tracking: shared LRU maps, an original and a reply entry per flow (see
 //! `lb_common::conn`), both in the same map. New flows get a SNAT address and port here.
+//! IPv4 flows are keyed by the 16-byte `FlowKey4` in maps of their own (see `Table`).
 //!
 //! A new TCP flow starts in `CONNTRACK_SYN` and moves to `CONNTRACK` when the client completes
 //! the handshake. A spoofed SYN flood never does (the backend's SYN-ACK goes to an address that
@@ -23,11 +24,14 @@ use lb_common::{
     counters::Counter,
     flow::{FAMILY_V4, PROTO_TCP, VIP_F_PASSTHROUGH, VIP_F_RESET_IDLE, VIP_F_TOA},
     hash::addr_hash,
-    ConnEntry, FlowKey, VipMeta,
+    ConnEntry, FlowKey, FlowKey4, VipMeta,
 };
 
 use crate::{
-    maps::{BACKENDS, BACKEND_ACTIVE, CONNTRACK, CONNTRACK_SYN, GLOBAL, SNAT_ADDRS},
+    maps::{
+        BACKENDS, BACKEND_ACTIVE, CONNTRACK, CONNTRACK6, CONNTRACK6_SYN, CONNTRACK_SYN, GLOBAL,
+        SNAT_ADDRS,
+    },
     parse::{ptr_at, Packet},
     verdict::Verdict,
 };
@@ -62,24 +66,81 @@ pub struct Entry {
     handshake: bool,
 }
 
-#[inline(always)]
-fn table(handshake: bool) -> &'static LruHashMap<FlowKey, ConnEntry> {
-    if handshake {
-        &CONNTRACK_SYN
-    } else {
-        &CONNTRACK
+/// The handshake (true) or the established table, for either family. Keys are `FlowKey`s
+/// here; an IPv4 flow's is narrowed to its `FlowKey4` at the map call.
+#[derive(Clone, Copy)]
+struct Table(bool);
+
+/// A conntrack key type and its pair of maps.
+trait Key: Sized + 'static {
+    fn map(handshake: bool) -> &'static LruHashMap<Self, ConnEntry>;
+}
+
+impl Key for FlowKey4 {
+    #[inline(always)]
+    fn map(handshake: bool) -> &'static LruHashMap<Self, ConnEntry> {
+        if handshake {
+            &CONNTRACK_SYN
+        } else {
+            &CONNTRACK
+        }
     }
 }
 
+impl Key for FlowKey {
+    #[inline(always)]
+    fn map(handshake: bool) -> &'static LruHashMap<Self, ConnEntry> {
+        if handshake {
+            &CONNTRACK6_SYN
+        } else {
+            &CONNTRACK6
+        }
+    }
+}
+
+impl Table {
+    #[inline(always)]
+    fn get(self, key: &FlowKey) -> Option<*mut ConnEntry> {
+        if key.family == FAMILY_V4 {
+            FlowKey4::map(self.0).get_ptr_mut(&key.v4())
+        } else {
+            FlowKey::map(self.0).get_ptr_mut(key)
+        }
+    }
+
+    /// Whether `e` went in (`flags`: 0 or BPF_NOEXIST).
+    #[inline(always)]
+    fn insert(self, key: &FlowKey, e: &ConnEntry, flags: u64) -> bool {
+        if key.family == FAMILY_V4 {
+            FlowKey4::map(self.0).insert(&key.v4(), e, flags).is_ok()
+        } else {
+            FlowKey::map(self.0).insert(key, e, flags).is_ok()
+        }
+    }
+
+    /// Gone already (LRU eviction, the agent's sweep) is fine.
+    #[inline(always)]
+    fn remove(self, key: &FlowKey) {
+        let _ = if key.family == FAMILY_V4 {
+            FlowKey4::map(self.0).remove(&key.v4())
+        } else {
+            FlowKey::map(self.0).remove(key)
+        };
+    }
+}
+
+const ESTABLISHED: Table = Table(false);
+const HANDSHAKE: Table = Table(true);
+
 #[inline(always)]
 pub fn lookup(flow: &FlowKey) -> Option<Entry> {
-    if let Some(ptr) = CONNTRACK.get_ptr_mut(flow) {
+    if let Some(ptr) = ESTABLISHED.get(flow) {
         return Some(Entry {
             ptr,
             handshake: false,
         });
     }
-    CONNTRACK_SYN.get_ptr_mut(flow).map(|ptr| Entry {
+    HANDSHAKE.get(flow).map(|ptr| Entry {
         ptr,
         handshake: true,
     })
@@ -96,15 +157,13 @@ pub fn retire_if_stale(entry: Entry, pkt: &Packet) -> bool {
     if pkt.flow.proto != PROTO_TCP || e.dir != DIR_ORIGINAL || !pkt.is_syn() {
         return false;
     }
-    let t = table(entry.handshake);
+    let t = Table(entry.handshake);
     if reuses_tuple(e.state, e.dir, pkt.tcp_flags) {
         // Not live any more, so no active count to give back. Its pair key may be another
         // flow's by now (see `pair`): that one stays.
         let pair_key = e.pair_key(pkt.flow.proto, pkt.flow.family);
-        if t.get_ptr(&pair_key)
-            .is_some_and(|p| is_pair(e, &pkt.flow, p))
-        {
-            let _ = t.remove(&pair_key);
+        if t.get(&pair_key).is_some_and(|p| is_pair(e, &pkt.flow, p)) {
+            t.remove(&pair_key);
         }
     } else if entry.handshake && pair(entry, &pkt.flow).is_none() {
         // Still counted as live; the pair key is another flow's.
@@ -112,7 +171,7 @@ pub fn retire_if_stale(entry: Entry, pkt: &Packet) -> bool {
     } else {
         return false;
     }
-    let _ = t.remove(&pkt.flow);
+    t.remove(&pkt.flow);
     true
 }
 
@@ -126,9 +185,9 @@ pub fn retire_if_stale(entry: Entry, pkt: &Packet) -> bool {
 fn pair(entry: Entry, key: &FlowKey) -> Option<(FlowKey, *mut ConnEntry)> {
     // SAFETY: a pointer from a successful map lookup stays valid for this program run.
     let e = unsafe { &*entry.ptr };
-    let t = table(entry.handshake);
+    let t = Table(entry.handshake);
     let pair_key = e.pair_key(key.proto, key.family);
-    if let Some(p) = t.get_ptr_mut(&pair_key) {
+    if let Some(p) = t.get(&pair_key) {
         return is_pair(e, key, p).then_some((pair_key, p));
     }
     let rebuilt = ConnEntry {
@@ -145,8 +204,10 @@ fn pair(entry: Entry, key: &FlowKey) -> Option<(FlowKey, *mut ConnEntry)> {
         ..ConnEntry::default()
     };
     // BPF_NOEXIST: a flow that took the key since the lookup keeps it.
-    t.insert(&pair_key, &rebuilt, BPF_NOEXIST as u64).ok()?;
-    t.get_ptr_mut(&pair_key).map(|p| (pair_key, p))
+    if !t.insert(&pair_key, &rebuilt, BPF_NOEXIST as u64) {
+        return None;
+    }
+    t.get(&pair_key).map(|p| (pair_key, p))
 }
 
 /// Whether `other` (found at `e`'s pair key) is the other entry of `e`'s flow, whose key is
@@ -250,17 +311,17 @@ fn refresh(e: &mut ConnEntry, now: u64) {
 fn promote(entry: &mut Entry, key: &FlowKey, pair_key: &FlowKey, pair: *mut ConnEntry) {
     // SAFETY: pointers from successful map lookups stay valid for this program run.
     let (e, p) = unsafe { (&*entry.ptr, &*pair) };
-    if CONNTRACK.insert(pair_key, p, 0).is_err() || CONNTRACK.insert(key, e, 0).is_err() {
+    if !ESTABLISHED.insert(pair_key, p, 0) || !ESTABLISHED.insert(key, e, 0) {
         // Stays a handshake-table flow (an orphan entry left behind is swept by the agent).
         return;
     }
-    if let Some(ptr) = CONNTRACK.get_ptr_mut(key) {
+    if let Some(ptr) = ESTABLISHED.get(key) {
         *entry = Entry {
             ptr,
             handshake: false,
         };
-        let _ = CONNTRACK_SYN.remove(pair_key);
-        let _ = CONNTRACK_SYN.remove(key);
+        HANDSHAKE.remove(pair_key);
+        HANDSHAKE.remove(key);
     }
 }
 
@@ -327,14 +388,14 @@ pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<Entry, Ver
     e.nat_sport_be = reply.dport_be;
     e.nat_dport_be = backend.port_be;
     e.dir = DIR_ORIGINAL;
-    let t = table(handshake);
+    let t = Table(handshake);
     let full = Verdict::drop(Counter::DropConntrackFull);
-    if t.insert(flow, &e, 0).is_err() {
-        let _ = t.remove(&reply);
+    if !t.insert(flow, &e, 0) {
+        t.remove(&reply);
         return Err(full);
     }
     active_add(backend_id, 1);
-    let ptr = t.get_ptr_mut(flow).ok_or(full)?;
+    let ptr = t.get(flow).ok_or(full)?;
     Ok(Entry { ptr, handshake })
 }
 
@@ -342,10 +403,10 @@ pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<Entry, Ver
 /// of either table uses it (an established flow may hold the SNAT port a handshake wants).
 #[inline(always)]
 fn claim(handshake: bool, key: &FlowKey, e: &ConnEntry) -> bool {
-    if handshake && CONNTRACK.get_ptr(key).is_some() {
+    if handshake && ESTABLISHED.get(key).is_some() {
         return false;
     }
-    table(handshake).insert(key, e, BPF_NOEXIST as u64).is_ok()
+    Table(handshake).insert(key, e, BPF_NOEXIST as u64)
 }
 
 /// Whether a flow in `state` counts as an active connection of its backend.

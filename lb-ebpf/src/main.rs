@@ -72,7 +72,7 @@ pub fn lb_clock(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let mut pkt = parse::packet(ctx)?;
-    if pkt.icmp_inner.is_some() {
+    if pkt.is_icmp_error() {
         // An error about a tracked flow goes where that flow's packets go (path-MTU discovery
         // through the LB); about anything else, it is the kernel's business.
         let entry = conntrack::lookup(&pkt.flow).ok_or(Verdict::pass(Counter::Pass))?;

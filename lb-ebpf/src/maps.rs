@@ -9,10 +9,10 @@ use lb_common::{
     counters::{BackendStats, ListenerStats, COUNTER_COUNT},
     flow::AddrBe,
     maps::{
-        CONNTRACK_ENTRIES, CONNTRACK_SYN_ENTRIES, MAX_ACL_ENTRIES, MAX_BACKENDS, MAX_LISTENERS,
-        MAX_SNAT_ADDRS, RING_ENTRIES,
+        CONNTRACK6_ENTRIES, CONNTRACK6_SYN_ENTRIES, CONNTRACK_ENTRIES, CONNTRACK_SYN_ENTRIES,
+        MAX_ACL_ENTRIES, MAX_BACKENDS, MAX_LISTENERS, MAX_SNAT_ADDRS, RING_ENTRIES,
     },
-    AclKey, Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
+    AclKey, Backend, ConnEntry, FlowKey, FlowKey4, GlobalConfig, VipKey, VipMeta,
 };
 
 #[map]
@@ -26,16 +26,25 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static RING: Array<u32> = Array::with_max_entries(RING_ENTRIES, 0);
 
 /// Shared (not per-CPU): a reply may arrive on another CPU than the request. Established
-/// flows, UDP flows and TCP flows closing after their handshake.
+/// flows, UDP flows and TCP flows closing after their handshake; IPv4 here, IPv6 in
+/// `CONNTRACK6`.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
+pub static CONNTRACK: LruHashMap<FlowKey4, ConnEntry> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, 0);
 
 /// TCP flows until the client completes the handshake, then moved to `CONNTRACK` (see
 /// `conntrack`).
 #[map]
-pub static CONNTRACK_SYN: LruHashMap<FlowKey, ConnEntry> =
+pub static CONNTRACK_SYN: LruHashMap<FlowKey4, ConnEntry> =
     LruHashMap::with_max_entries(CONNTRACK_SYN_ENTRIES, 0);
+
+#[map]
+pub static CONNTRACK6: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(CONNTRACK6_ENTRIES, 0);
+
+#[map]
+pub static CONNTRACK6_SYN: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(CONNTRACK6_SYN_ENTRIES, 0);
 
 #[map]
 pub static SNAT_ADDRS: Array<AddrBe> = Array::with_max_entries(MAX_SNAT_ADDRS, 0);

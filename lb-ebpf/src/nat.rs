@@ -74,10 +74,13 @@ pub fn rewrite_icmp_error(
     e: &ConnEntry,
 ) -> Result<(), Verdict> {
     let bad = Verdict::drop(Counter::DropMalformed);
-    let (inner_l3, inner_l4) = pkt.icmp_inner.ok_or(bad)?;
+    if !pkt.is_icmp_error() {
+        return Err(bad);
+    }
+    let (inner_l3, inner_l4) = pkt.icmp_inner;
     // Verifier: the offsets come back from the stack without bounds; both are below
     // 14 + 60 + 8 + 60 = 142, so the mask changes nothing but proves a range.
-    let (inner_l3, inner_l4) = (inner_l3 & 0xff, inner_l4 & 0xff);
+    let (inner_l3, inner_l4) = (inner_l3 as usize & 0xff, inner_l4 as usize & 0xff);
     let is_v4 = pkt.flow.family == FAMILY_V4;
     // Difference over the ICMP message (quoted headers), and for ICMPv6 its pseudo-header too.
     let mut icmp_diff = if is_v4 {

@@ -4,11 +4,14 @@
 
 use std::net::Ipv4Addr;
 
-use aya::maps::{HashMap, Map, MapData, MapInfo};
+use aya::{
+    maps::{HashMap, Map, MapData, MapInfo},
+    Pod,
+};
 use lb_common::{
     conn::{DIR_ORIGINAL, DIR_REPLY, STATE_ESTABLISHED},
     flow::{FAMILY_V4, PROTO_TCP},
-    maps, ConnEntry, FlowKey,
+    maps, ConnEntry, FlowKey, FlowKey4,
 };
 
 /// `(map id, memlock bytes)` of every BPF map the process holds a descriptor for.
@@ -38,8 +41,9 @@ pub fn memory(pid: u32) -> u64 {
     map_fds(pid).iter().map(|m| m.1).sum()
 }
 
-/// One of the agent's conntrack tables (`maps::CONNTRACK`, `maps::CONNTRACK_SYN`).
-pub fn conntrack(pid: u32, name: &str) -> HashMap<MapData, FlowKey, ConnEntry> {
+/// One of the agent's conntrack maps: `K` is `FlowKey4` for the IPv4 ones (`maps::CONNTRACK`,
+/// `maps::CONNTRACK_SYN`), `FlowKey` for the IPv6 ones.
+pub fn conntrack<K: Pod>(pid: u32, name: &str) -> HashMap<MapData, K, ConnEntry> {
     let id = map_fds(pid)
         .into_iter()
         .map(|(id, _)| id)
@@ -49,16 +53,24 @@ pub fn conntrack(pid: u32, name: &str) -> HashMap<MapData, FlowKey, ConnEntry> {
     HashMap::try_from(map).expect("conntrack key and value types")
 }
 
-/// Entries (two per flow) in the agent's conntrack tables: (established, handshake).
+/// Entries (two per flow) in the agent's conntrack tables, both families: (established,
+/// handshake).
 pub fn conntrack_len(pid: u32) -> (usize, usize) {
-    // Distinct keys: a walk restarts from the first key when the datapath deletes the current
-    // one, so a busy table yields some keys twice.
-    let len = |name| {
-        let keys: std::collections::HashSet<FlowKey> =
-            conntrack(pid, name).keys().filter_map(Result::ok).collect();
-        keys.len()
-    };
-    (len(maps::CONNTRACK), len(maps::CONNTRACK_SYN))
+    (
+        distinct::<FlowKey4>(pid, maps::CONNTRACK) + distinct::<FlowKey>(pid, maps::CONNTRACK6),
+        distinct::<FlowKey4>(pid, maps::CONNTRACK_SYN)
+            + distinct::<FlowKey>(pid, maps::CONNTRACK6_SYN),
+    )
+}
+
+/// Distinct keys: a walk restarts from the first key when the datapath deletes the current
+/// one, so a busy table yields some keys twice.
+fn distinct<K: Pod + Eq + std::hash::Hash>(pid: u32, name: &str) -> usize {
+    let keys: std::collections::HashSet<K> = conntrack::<K>(pid, name)
+        .keys()
+        .filter_map(Result::ok)
+        .collect();
+    keys.len()
 }
 
 fn addr(a: Ipv4Addr) -> [u32; 4] {
@@ -70,7 +82,7 @@ fn addr(a: Ipv4Addr) -> [u32; 4] {
 /// uses, so no real flow's tuple or SNAT port is taken). Returns the flows inserted before
 /// the first failure.
 pub fn prefill_conntrack(pid: u32, flows: u32, vip: (Ipv4Addr, u16), snat: Ipv4Addr) -> u32 {
-    let mut ct = conntrack(pid, maps::CONNTRACK);
+    let mut ct = conntrack::<FlowKey4>(pid, maps::CONNTRACK);
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
     // The clock of conntrack timestamps, so the agent's sweep sees fresh flows.
     let now = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
@@ -108,7 +120,9 @@ pub fn prefill_conntrack(pid: u32, flows: u32, vip: (Ipv4Addr, u16), snat: Ipv4A
             ..entry
         };
         let reply_key = entry.pair_key(PROTO_TCP, FAMILY_V4);
-        if ct.insert(original, entry, 0).is_err() || ct.insert(reply_key, reply, 0).is_err() {
+        if ct.insert(original.v4(), entry, 0).is_err()
+            || ct.insert(reply_key.v4(), reply, 0).is_err()
+        {
             return i;
         }
     }

@@ -40,7 +40,7 @@ pub fn monotonic_ns() -> u64 {
 /// What a sweep found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
-    /// Entries in both conntrack tables before the sweep (two per flow).
+    /// Entries in the conntrack tables (both families) before the sweep (two per flow).
     pub entries: usize,
     /// Flows deleted.
     pub expired: usize,

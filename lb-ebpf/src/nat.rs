@@ -62,10 +62,10 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Translates an ICMP error about a tracked flow (`pkt.flow` matched entry `e`): the outer
-/// header goes from `e.nat_src` to `e.nat_dst` like the flow's own packets, and the quoted
-/// packet becomes the one that peer sent (`e.nat_dst:dport` → `e.nat_src:sport`), so its
-/// socket recognises the error. The quoted IP checksum and the ICMP checksum are updated; the
+/// Translates an ICMP error about a tracked flow (`pkt.is_icmp_error()`, and `pkt.flow`
+/// matched entry `e`): the outer header goes from `e.nat_src` to `e.nat_dst` like the flow's
+/// own packets, and the quoted packet becomes the one that peer sent (`e.nat_dst:dport` →
+/// `e.nat_src:sport`), so its socket recognises the error. The quoted IP checksum and the ICMP checksum are updated; the
 /// quoted L4 checksum is left alone (the quote is often truncated and nobody checks it).
 #[inline(always)]
 pub fn rewrite_icmp_error(
@@ -74,9 +74,6 @@ pub fn rewrite_icmp_error(
     e: &ConnEntry,
 ) -> Result<(), Verdict> {
     let bad = Verdict::drop(Counter::DropMalformed);
-    if !pkt.is_icmp_error() {
-        return Err(bad);
-    }
     let (inner_l3, inner_l4) = pkt.icmp_inner;
     // Verifier: the offsets come back from the stack without bounds; both are below
     // 14 + 60 + 8 + 60 = 142, so the mask changes nothing but proves a range.

@@ -81,9 +81,8 @@ impl Table {
     /// Every entry, read with batch lookups only (the sweep's read, for tests).
     pub fn batched(&self) -> std::io::Result<Vec<(FlowKey, ConnEntry)>> {
         let mut out = Vec::new();
-        let fd = self.v4.map().fd().as_fd();
-        crate::batch::for_each(fd, |k: FlowKey4, v| out.push((k.widen(), v)))?;
-        crate::batch::for_each(self.v6.map().fd().as_fd(), |k, v| out.push((k, v)))?;
+        batch(&self.v4, FlowKey4::widen, |k, v| out.push((k, v)))?;
+        batch(&self.v6, |k| *k, |k, v| out.push((k, v)))?;
         Ok(out)
     }
 
@@ -102,11 +101,18 @@ fn read<K: Pod>(
     widen: impl Fn(&K) -> FlowKey,
     mut f: impl FnMut(FlowKey, ConnEntry),
 ) {
-    let fd = map.map().fd().as_fd();
-    if let Err(e) = crate::batch::for_each(fd, |k: K, v| f(widen(&k), v)) {
+    if let Err(e) = batch(map, &widen, &mut f) {
         debug!(map = name, error = %e, "batch read failed; reading entry by entry");
         walk(map, widen, f);
     }
+}
+
+fn batch<K: Pod>(
+    map: &HashMap<MapData, K, ConnEntry>,
+    widen: impl Fn(&K) -> FlowKey,
+    mut f: impl FnMut(FlowKey, ConnEntry),
+) -> std::io::Result<()> {
+    crate::batch::for_each(map.map().fd().as_fd(), |k: K, v| f(widen(&k), v))
 }
 
 fn walk<K: Pod>(

@@ -10,17 +10,20 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Headers that concern one connection only.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that concern one connection only (RFC 9110 §7.6.1, and the legacy keep-alive ones).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
 
 /// Whether the request asks for a protocol upgrade (WebSocket): `Connection: upgrade` with an
 /// `Upgrade` header.
@@ -37,50 +40,55 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers, including those `Connection` names. With `upgrade`, the
 /// `Upgrade` header and `Connection: upgrade` are kept (they must reach the other side).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    // One pass over the names present (usually none or `connection`), rather than a hashed
+    // removal per hop-by-hop name on every message.
+    let mut remove: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n) || (!upgrade && *n == header::UPGRADE))
+        .cloned()
         .collect();
-    for name in named {
-        // `Connection: upgrade` names the Upgrade header, which an upgrade must keep.
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
-        }
-    }
-    for name in HOP_BY_HOP {
+    remove.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            // `Connection: upgrade` names the Upgrade header, which an upgrade must keep.
+            .filter(|n| !(upgrade && n == header::UPGRADE)),
+    );
+    for name in remove {
         headers.remove(name);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
 /// X-Forwarded-For gets the client appended (so its first entry stays the original client);
 /// X-Forwarded-Proto, X-Forwarded-Port and X-Real-IP describe this hop and are replaced.
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str, port: u16) {
-    let client_s = client.to_string();
-    let xff = match headers
+    let Ok(client) = HeaderValue::from_str(&client.to_string()) else {
+        return;
+    };
+    let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-    {
-        prior if prior.is_empty() => client_s.clone(),
-        prior => format!("{}, {client_s}", prior.join(", ")),
+        .collect();
+    let xff = if prior.is_empty() {
+        // Shares the bytes of X-Real-IP's value.
+        Ok(client.clone())
+    } else {
+        let client = client.to_str().unwrap_or_default();
+        HeaderValue::from_str(&format!("{}, {client}", prior.join(", ")))
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
     headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(port));
-    if let Ok(v) = HeaderValue::from_str(&client_s) {
-        headers.insert(X_REAL_IP.clone(), v);
-    }
+    headers.insert(X_REAL_IP.clone(), client);
 }
 
 /// The value of cookie `name` in the request's Cookie headers.

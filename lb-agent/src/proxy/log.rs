@@ -2,7 +2,8 @@
 //! request handling never waits on the disk (nor on tokio's blocking pool, which
 //! `tokio::fs` would go through for every write).
 //!
-//! Fields (strings unless noted): `time` (RFC 3339, UTC, ms), `listener`, `client`
+//! Fields (strings unless noted): `time` (RFC 3339, UTC, ms; when the line is written, as
+//! nginx's `$time_iso8601`), `listener`, `client`
 //! (`ip:port`), `host`, `method`, `path` (with the query), `protocol` (`HTTP/1.1`, `HTTP/2.0`),
 //! `status` (number; 499 when the client left before the response), `bytes_in` and
 //! `bytes_out` (numbers, body bytes), `request_time` (seconds, 3 decimals, until the last
@@ -11,31 +12,43 @@
 //! tried, `-` where there is none, as nginx writes them).
 
 use std::{
+    cell::RefCell,
     io::Write,
     net::SocketAddr,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex, Weak,
     },
     time::{Duration, Instant, SystemTime},
 };
 
-use serde::Serialize;
-use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::metrics::RequestStats;
+use super::{metrics::RequestStats, thread_slot, SLOTS};
 
-/// Lines waiting for the writer; beyond this they are dropped (and counted) rather than
+/// Bytes waiting for the writer; beyond this, lines are dropped (and counted) rather than
 /// slowing requests down.
-const QUEUE: usize = 65536;
+const MAX_PENDING: usize = 16 << 20;
 
 #[derive(Clone, Debug)]
 pub struct AccessLog {
-    tx: mpsc::Sender<String>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    /// The writer thread ends (after writing what is pending) once every clone is gone.
+    _alive: Arc<()>,
 }
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Pending lines, a buffer per worker thread (`super::thread_slot`): workers share no
+    /// lock or cache line while logging; the writer collects them all.
+    shards: [Shard; SLOTS],
+    dropped: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Shard(Mutex<Vec<u8>>);
 
 impl AccessLog {
     /// Appends to `path`, or writes to stdout.
@@ -49,25 +62,43 @@ impl AccessLog {
             ),
             None => Box::new(std::io::stdout()),
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        // Ends when the last sender (the listener's sites and records) is gone.
-        let writer = std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(rx, out))?;
+        let shared = Arc::new(Shared::default());
+        let alive = Arc::new(());
+        let writer = {
+            let (shared, alive) = (shared.clone(), Arc::downgrade(&alive));
+            std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(&shared, &alive, out))?
+        };
         WRITERS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(writer);
         Ok(Self {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
+            shared,
+            _alive: alive,
         })
     }
 
-    fn write(&self, line: String) {
-        if self.tx.try_send(line).is_err() && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-            warn!("access log queue full; dropping lines");
+    fn write(&self, record: &Record, took: Duration) {
+        thread_local! {
+            // Formatting happens outside the shared buffer's lock, in a buffer each worker
+            // thread reuses: no allocation per line.
+            static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            record.line(took, line);
+            let mut pending = self.shared.shards[thread_slot().0]
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if pending.len() + line.len() <= MAX_PENDING / SLOTS {
+                pending.extend_from_slice(line);
+            } else if self.shared.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                warn!("access log writer behind; dropping lines");
+            }
+        });
     }
 }
 
@@ -93,50 +124,29 @@ pub fn finish_writers(limit: Duration) {
 /// per request cost more than the write), as nginx's `access_log ... flush=` does.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-/// Writes what the queue holds every `FLUSH_EVERY`, and once more when it closes.
-fn write_lines(mut rx: mpsc::Receiver<String>, mut out: Box<dyn Write + Send>) {
-    use mpsc::error::TryRecvError;
-    let mut buf = String::new();
+/// Writes what is pending every `FLUSH_EVERY`, and once more when the log is closed.
+fn write_lines(shared: &Shared, alive: &Weak<()>, mut out: Box<dyn Write + Send>) {
+    // Swapped with each pending buffer in turn, so all keep their capacity.
+    let mut batch = Vec::new();
     loop {
-        let closed = loop {
-            match rx.try_recv() {
-                Ok(line) => buf.push_str(&line),
-                Err(TryRecvError::Empty) => break false,
-                Err(TryRecvError::Disconnected) => break true,
+        let closed = alive.strong_count() == 0;
+        for shard in &shared.shards {
+            std::mem::swap(
+                &mut batch,
+                &mut shard.0.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            if !batch.is_empty() {
+                if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+                    warn!(error = %e, "writing the access log");
+                }
+                batch.clear();
             }
-        };
-        if !buf.is_empty() {
-            if let Err(e) = out.write_all(buf.as_bytes()).and_then(|()| out.flush()) {
-                warn!(error = %e, "writing the access log");
-            }
-            buf.clear();
         }
         if closed {
             return;
         }
         std::thread::sleep(FLUSH_EVERY);
     }
-}
-
-/// The JSON line's fields, in the order written.
-#[derive(Serialize)]
-struct Line<'a> {
-    time: String,
-    listener: &'a str,
-    client: String,
-    host: &'a str,
-    method: &'a str,
-    path: &'a str,
-    protocol: &'a str,
-    status: u16,
-    bytes_in: u64,
-    bytes_out: u64,
-    request_time: String,
-    upstream_addr: String,
-    upstream_status: String,
-    upstream_connect_time: String,
-    upstream_header_time: String,
-    upstream_response_time: String,
 }
 
 /// One try at a backend.
@@ -166,7 +176,6 @@ pub struct Record {
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: u64,
     pub attempts: Vec<Attempt>,
-    time: SystemTime,
     start: Instant,
 }
 
@@ -190,13 +199,8 @@ impl Record {
             bytes_in: Arc::new(AtomicU64::new(0)),
             bytes_out: 0,
             attempts: Vec::new(),
-            time: SystemTime::now(),
             start: Instant::now(),
         }
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
     }
 
     /// The status logged and counted: 499 when the client left before the answer.
@@ -204,57 +208,85 @@ impl Record {
         self.status.unwrap_or(499)
     }
 
-    fn line(&self) -> String {
-        use std::fmt::Write as _;
-        let list = |f: &dyn Fn(&Attempt, &mut String) -> std::fmt::Result| {
+    /// The JSON line, appended to `out`; `took`: the request time.
+    fn line(&self, took: Duration, out: &mut Vec<u8>) {
+        // Strings that may hold anything (host, path, ...) go through serde_json's escaping;
+        // addresses, numbers and times need none.
+        let text = |out: &mut Vec<u8>, key: &str, v: &str| {
+            let _ = write!(out, ",\"{key}\":");
+            let _ = serde_json::to_writer(&mut *out, v);
+        };
+        // Seconds with 3 decimals, as nginx logs times.
+        let secs = |out: &mut Vec<u8>, d: Duration| {
+            let ms = (d.as_nanos() + 500_000) / 1_000_000;
+            write!(out, "{}.{:03}", ms / 1000, ms % 1000)
+        };
+        // One value per backend tried, `-` where there is none.
+        let list = |out: &mut Vec<u8>,
+                    key: &str,
+                    f: &dyn Fn(&Attempt, &mut Vec<u8>) -> std::io::Result<()>| {
+            let _ = write!(out, ",\"{key}\":\"");
             if self.attempts.is_empty() {
-                return "-".to_string();
+                out.push(b'-');
             }
-            let mut out = String::new();
             for (i, a) in self.attempts.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(", ");
+                    out.extend_from_slice(b", ");
                 }
                 let before = out.len();
-                let _ = f(a, &mut out);
+                let _ = f(a, out);
                 if out.len() == before {
-                    out.push('-');
+                    out.push(b'-');
                 }
             }
-            out
+            out.push(b'"');
         };
-        let secs = |d: Option<Duration>, out: &mut String| match d {
-            Some(d) => write!(out, "{:.3}", d.as_secs_f64()),
-            None => Ok(()),
-        };
-        let line = Line {
-            time: humantime::format_rfc3339_millis(self.time).to_string(),
-            listener: &self.listener,
-            client: self.client.to_string(),
-            host: &self.host,
-            method: &self.method,
-            path: &self.path,
-            protocol: self.protocol,
-            status: self.final_status(),
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
-            bytes_out: self.bytes_out,
-            request_time: format!("{:.3}", self.start.elapsed().as_secs_f64()),
-            upstream_addr: list(&|a, o| a.addr.map_or(Ok(()), |x| write!(o, "{x}"))),
-            upstream_status: list(&|a, o| a.status.map_or(Ok(()), |x| write!(o, "{x}"))),
-            upstream_connect_time: list(&|a, o| secs(a.connect, o)),
-            upstream_header_time: list(&|a, o| secs(a.header, o)),
-            upstream_response_time: list(&|a, o| secs(a.response, o)),
-        };
-        let mut out = serde_json::to_string(&line).unwrap_or_default();
-        out.push('\n');
-        out
+        let _ = write!(
+            out,
+            "{{\"time\":\"{}\"",
+            humantime::format_rfc3339_millis(SystemTime::now())
+        );
+        text(out, "listener", &self.listener);
+        let _ = write!(out, ",\"client\":\"{}\"", self.client);
+        text(out, "host", &self.host);
+        text(out, "method", &self.method);
+        text(out, "path", &self.path);
+        text(out, "protocol", self.protocol);
+        let _ = write!(
+            out,
+            ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"request_time\":\"",
+            self.final_status(),
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out,
+        );
+        let _ = secs(out, took);
+        out.push(b'"');
+        list(out, "upstream_addr", &|a, o| {
+            a.addr.map_or(Ok(()), |x| write!(o, "{x}"))
+        });
+        list(out, "upstream_status", &|a, o| {
+            a.status.map_or(Ok(()), |x| write!(o, "{x}"))
+        });
+        list(out, "upstream_connect_time", &|a, o| {
+            a.connect.map_or(Ok(()), |d| secs(o, d))
+        });
+        list(out, "upstream_header_time", &|a, o| {
+            a.header.map_or(Ok(()), |d| secs(o, d))
+        });
+        list(out, "upstream_response_time", &|a, o| {
+            a.response.map_or(Ok(()), |d| secs(o, d))
+        });
+        out.extend_from_slice(b"}\n");
     }
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
-        self.requests
-            .record(self.final_status(), self.start.elapsed());
-        self.log.write(self.line());
+        let took = self.start.elapsed();
+        self.requests.record(self.final_status(), took);
+        self.log.write(self, took);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -94,6 +94,21 @@ pub enum ProxyError {
     },
 }
 
+/// Shards of state every worker thread touches per request (access log buffers, idle backend
+/// connections): a worker only takes its own shard's lock, so workers share no lock or cache
+/// line. More threads than slots (tests on a multi-threaded runtime) share them.
+const SLOTS: usize = 8;
+
+/// The calling thread's shard (threads take the next one the first time they ask), and its id.
+fn thread_slot() -> (usize, std::thread::ThreadId) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: (usize, std::thread::ThreadId) =
+            (NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS, std::thread::current().id());
+    }
+    SLOT.with(|s| *s)
+}
+
 /// Builds a server for every http/https listener of `cfg`, listening on what `bind` returns
 /// for it (the VIP and port in production, an ephemeral loopback port in tests).
 pub async fn servers(
@@ -243,7 +258,9 @@ impl Conn {
             let (site, activity) = (site.clone(), activity.clone());
             service_fn(move |req| {
                 let (n, in_flight) = activity.start();
-                let answer = site.clone().handle(req, peer, tls, n);
+                // Boxed once here: the request's future is a few KiB, and hyper's dispatcher
+                // would otherwise copy it whole every time it moves.
+                let answer = Box::pin(site.clone().handle(req, peer, tls, n));
                 async move {
                     let mut res = answer.await?;
                     res.body_mut().request = Some(in_flight);

@@ -24,7 +24,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::RequestBody as ProxyBody;
+use super::{thread_slot, RequestBody as ProxyBody, SLOTS};
 use crate::{
     config::{self, Scheduler},
     health,
@@ -33,7 +33,8 @@ use crate::{
 /// How long a backend that refused or timed out a connect gets no new requests (nginx's
 /// `fail_timeout`).
 const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle kept-alive backend connections per backend, and how long they are kept.
+/// Idle kept-alive backend connections per backend and worker (nginx's `keepalive 256` is
+/// per worker too), and how long they are kept.
 const MAX_IDLE_PER_BACKEND: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -69,10 +70,15 @@ pub struct Backend {
     /// Requests in flight (for wlc).
     active: AtomicUsize,
     down_until: Mutex<Option<Instant>>,
-    /// Kept-alive connections, with the worker thread whose runtime drives each: a worker only
-    /// takes its own (the connection's task stays on one thread, as nginx's per-worker pools).
-    idle: Mutex<Vec<(SendRequest<ProxyBody>, Instant, ThreadId)>>,
+    /// Kept-alive connections in the shard of the worker thread whose runtime drives each
+    /// (`super::thread_slot`), with that thread: a worker only takes its own (the
+    /// connection's task stays on one thread, as nginx's per-worker pools).
+    idle: [IdleShard; SLOTS],
 }
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct IdleShard(Mutex<Vec<(SendRequest<ProxyBody>, Instant, ThreadId)>>);
 
 impl Backend {
     fn new(pool: &str, b: &config::BackendConfig, health: Option<Arc<health::Member>>) -> Self {
@@ -88,7 +94,7 @@ impl Backend {
             cookie: format!("{:016x}", h.finish()),
             active: AtomicUsize::new(0),
             down_until: Mutex::new(None),
-            idle: Mutex::new(Vec::new()),
+            idle: Default::default(),
         }
     }
 
@@ -134,6 +140,17 @@ impl Backend {
                 return Ok((s, None));
             }
         }
+        // Boxed: the connect and TLS handshake futures are large, and every request's future
+        // would otherwise carry (and copy) their space.
+        Box::pin(self.connect(connect_timeout, tls)).await
+    }
+
+    /// A new connection, with its connect time.
+    async fn connect(
+        &self,
+        connect_timeout: Duration,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<(SendRequest<ProxyBody>, Option<Duration>), ConnectError> {
         let started = Instant::now();
         let tcp =
             match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
@@ -166,8 +183,8 @@ impl Backend {
     }
 
     fn take_idle(&self) -> Option<SendRequest<ProxyBody>> {
-        let mut idle = self.idle.lock().ok()?;
-        let here = std::thread::current().id();
+        let (slot, here) = thread_slot();
+        let mut idle = self.idle[slot].0.lock().ok()?;
         loop {
             let i = idle.iter().rposition(|(_, _, t)| *t == here)?;
             let (s, since, _) = idle.swap_remove(i);
@@ -182,13 +199,14 @@ impl Backend {
         if s.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
+        let (slot, here) = thread_slot();
+        if let Ok(mut idle) = self.idle[slot].0.lock() {
             if idle.len() >= MAX_IDLE_PER_BACKEND {
                 // Connections of workers that are gone (a reload replaced them) close.
                 idle.retain(|(s, since, _)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
             }
             if idle.len() < MAX_IDLE_PER_BACKEND {
-                idle.push((s, Instant::now(), std::thread::current().id()));
+                idle.push((s, Instant::now(), here));
             }
         }
     }

@@ -1,0 +1,127 @@
+use super::*;
+
+fn record(log: &AccessLog) -> Record {
+    Record::new(
+        log,
+        &Arc::new(RequestStats::new("site")),
+        "site".into(),
+        "192.0.2.7:40000".parse().unwrap(),
+    )
+}
+
+const FIELDS: [&str; 16] = [
+    "time",
+    "listener",
+    "client",
+    "host",
+    "method",
+    "path",
+    "protocol",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "request_time",
+    "upstream_addr",
+    "upstream_status",
+    "upstream_connect_time",
+    "upstream_header_time",
+    "upstream_response_time",
+];
+
+/// The line as JSON, after checking it is one line with the documented fields in order.
+fn parsed(r: &Record) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = Vec::new();
+    r.line(r.start.elapsed(), &mut out);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.ends_with('\n'), "{text}");
+    assert_eq!(text.matches('\n').count(), 1, "one line: {text}");
+    let at: Vec<usize> = FIELDS
+        .iter()
+        .map(|k| {
+            text.find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k}: {text}"))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "field order: {text}");
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).expect("the line is JSON");
+    assert_eq!(map.len(), FIELDS.len(), "{text}");
+    map
+}
+
+#[tokio::test]
+async fn a_line_is_json_with_every_field_escaped() {
+    let log = AccessLog::open(Some(&std::env::temp_dir().join("lb-log-unit.log")))
+        .await
+        .unwrap();
+    let mut r = record(&log);
+    r.host = "a\"b\\c".into();
+    r.method = "GET".into();
+    r.path = "/x?q=\u{1}\n".into();
+    r.protocol = "HTTP/1.1";
+    r.status = Some(200);
+    r.bytes_out = 12;
+    r.attempts.push(Attempt {
+        addr: Some("10.0.0.1:80".parse().unwrap()),
+        status: Some(502),
+        connect: Some(Duration::from_micros(1500)),
+        header: Some(Duration::from_millis(2)),
+        response: None,
+    });
+    r.attempts.push(Attempt {
+        addr: Some("[2001:db8::1]:8080".parse().unwrap()),
+        status: Some(200),
+        connect: None,
+        header: Some(Duration::from_secs(61)),
+        response: Some(Duration::from_millis(61_250)),
+    });
+    let l = parsed(&r);
+    assert_eq!(l["host"], "a\"b\\c");
+    assert_eq!(l["path"], "/x?q=\u{1}\n");
+    assert_eq!(l["client"], "192.0.2.7:40000");
+    assert_eq!(l["status"], 200);
+    assert_eq!(l["bytes_out"], 12);
+    assert_eq!(l["upstream_addr"], "10.0.0.1:80, [2001:db8::1]:8080");
+    assert_eq!(l["upstream_status"], "502, 200");
+    assert_eq!(l["upstream_connect_time"], "0.002, -");
+    assert_eq!(l["upstream_header_time"], "0.002, 61.000");
+    assert_eq!(l["upstream_response_time"], "-, 61.250");
+    let time = l["time"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_answer_is_499_with_no_upstream() {
+    let log = AccessLog::open(Some(&std::env::temp_dir().join("lb-log-unit.log")))
+        .await
+        .unwrap();
+    let l = parsed(&record(&log));
+    assert_eq!(l["status"], 499);
+    for k in [
+        "upstream_addr",
+        "upstream_status",
+        "upstream_connect_time",
+        "upstream_header_time",
+        "upstream_response_time",
+    ] {
+        assert_eq!(l[k], "-", "{k}");
+    }
+    assert!(l["request_time"].as_str().unwrap().starts_with("0.0"));
+}
+
+#[tokio::test]
+async fn lines_reach_the_file_and_the_writer_ends_with_the_log() {
+    let path = std::env::temp_dir().join(format!("lb-log-unit-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let log = AccessLog::open(Some(&path)).await.unwrap();
+    for _ in 0..3 {
+        let mut r = record(&log);
+        r.status = Some(204);
+    }
+    drop(log);
+    finish_writers(Duration::from_secs(5));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.lines().all(|l| l.contains("\"status\":204")), "{text}");
+}

@@ -262,7 +262,8 @@ Tools: {wrk}; {iperf3}; {haproxy}; {nginx}; {nft}.
 - **l7**: `wrk -t2 -c64 -d8s` against the agent's proxy and against nginx configured alike (two
   workers, keep-alive to the same two nginx backends, access log on, forwarded headers), on
   loopback in one namespace; HTTP and HTTPS (TLS 1.3, ECDSA P-256), keep-alive and a new
-  connection per request.
+  connection per request. Each side is measured twice, alternating, and its better run (with
+  that run's p99) is kept.
 - **scale**: one backend namespace answering on 1000 addresses (nginx, two workers), the agent
   configured with 10, 100 and 1000 of them: new connections per second as in l4, the agent's
   RSS and the kernel memory of its maps (`memlock` of the map descriptors, fully preallocated).

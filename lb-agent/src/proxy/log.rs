@@ -122,7 +122,7 @@ pub fn finish_writers(limit: Duration) {
 
 /// How often the writer collects lines: it polls rather than being woken per line (a wake-up
 /// per request cost more than the write), as nginx's `access_log ... flush=` does.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
+const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Writes what is pending every `FLUSH_EVERY`, and once more when the log is closed.
 fn write_lines(shared: &Shared, alive: &Weak<()>, mut out: Box<dyn Write + Send>) {
@@ -208,24 +208,22 @@ impl Record {
         self.status.unwrap_or(499)
     }
 
-    /// The JSON line, appended to `out`; `took`: the request time.
+    /// The JSON line, appended to `out`; `took`: the request time. Written piece by piece
+    /// (no `format!` machinery): it runs for every request.
     fn line(&self, took: Duration, out: &mut Vec<u8>) {
         // Strings that may hold anything (host, path, ...) go through serde_json's escaping;
         // addresses, numbers and times need none.
-        let text = |out: &mut Vec<u8>, key: &str, v: &str| {
-            let _ = write!(out, ",\"{key}\":");
+        let text = |out: &mut Vec<u8>, key: &[u8], v: &str| {
+            out.extend_from_slice(key);
             let _ = serde_json::to_writer(&mut *out, v);
         };
-        // Seconds with 3 decimals, as nginx logs times.
-        let secs = |out: &mut Vec<u8>, d: Duration| {
-            let ms = (d.as_nanos() + 500_000) / 1_000_000;
-            write!(out, "{}.{:03}", ms / 1000, ms % 1000)
+        let num = |out: &mut Vec<u8>, key: &[u8], v: u64| {
+            out.extend_from_slice(key);
+            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
         };
         // One value per backend tried, `-` where there is none.
-        let list = |out: &mut Vec<u8>,
-                    key: &str,
-                    f: &dyn Fn(&Attempt, &mut Vec<u8>) -> std::io::Result<()>| {
-            let _ = write!(out, ",\"{key}\":\"");
+        let list = |out: &mut Vec<u8>, key: &[u8], f: &dyn Fn(&Attempt, &mut Vec<u8>)| {
+            out.extend_from_slice(key);
             if self.attempts.is_empty() {
                 out.push(b'-');
             }
@@ -234,50 +232,89 @@ impl Record {
                     out.extend_from_slice(b", ");
                 }
                 let before = out.len();
-                let _ = f(a, out);
+                f(a, out);
                 if out.len() == before {
                     out.push(b'-');
                 }
             }
             out.push(b'"');
         };
-        let _ = write!(
-            out,
-            "{{\"time\":\"{}\"",
-            humantime::format_rfc3339_millis(SystemTime::now())
-        );
-        text(out, "listener", &self.listener);
-        let _ = write!(out, ",\"client\":\"{}\"", self.client);
-        text(out, "host", &self.host);
-        text(out, "method", &self.method);
-        text(out, "path", &self.path);
-        text(out, "protocol", self.protocol);
-        let _ = write!(
-            out,
-            ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"request_time\":\"",
-            self.final_status(),
-            self.bytes_in.load(Ordering::Relaxed),
-            self.bytes_out,
-        );
-        let _ = secs(out, took);
+        out.extend_from_slice(b"{\"time\":\"");
+        now_rfc3339_millis(out);
         out.push(b'"');
-        list(out, "upstream_addr", &|a, o| {
-            a.addr.map_or(Ok(()), |x| write!(o, "{x}"))
+        text(out, b",\"listener\":", &self.listener);
+        let _ = write!(out, ",\"client\":\"{}\"", self.client);
+        text(out, b",\"host\":", &self.host);
+        text(out, b",\"method\":", &self.method);
+        text(out, b",\"path\":", &self.path);
+        text(out, b",\"protocol\":", self.protocol);
+        num(out, b",\"status\":", self.final_status().into());
+        num(
+            out,
+            b",\"bytes_in\":",
+            self.bytes_in.load(Ordering::Relaxed),
+        );
+        num(out, b",\"bytes_out\":", self.bytes_out);
+        out.extend_from_slice(b",\"request_time\":\"");
+        secs(out, took);
+        out.push(b'"');
+        list(out, b",\"upstream_addr\":\"", &|a, o| {
+            if let Some(x) = a.addr {
+                let _ = write!(o, "{x}");
+            }
         });
-        list(out, "upstream_status", &|a, o| {
-            a.status.map_or(Ok(()), |x| write!(o, "{x}"))
+        list(out, b",\"upstream_status\":\"", &|a, o| {
+            if let Some(x) = a.status {
+                o.extend_from_slice(itoa::Buffer::new().format(x).as_bytes());
+            }
         });
-        list(out, "upstream_connect_time", &|a, o| {
-            a.connect.map_or(Ok(()), |d| secs(o, d))
+        list(out, b",\"upstream_connect_time\":\"", &|a, o| {
+            a.connect.inspect(|d| secs(o, *d));
         });
-        list(out, "upstream_header_time", &|a, o| {
-            a.header.map_or(Ok(()), |d| secs(o, d))
+        list(out, b",\"upstream_header_time\":\"", &|a, o| {
+            a.header.inspect(|d| secs(o, *d));
         });
-        list(out, "upstream_response_time", &|a, o| {
-            a.response.map_or(Ok(()), |d| secs(o, d))
+        list(out, b",\"upstream_response_time\":\"", &|a, o| {
+            a.response.inspect(|d| secs(o, *d));
         });
         out.extend_from_slice(b"}\n");
     }
+}
+
+/// Seconds with 3 decimals, as nginx logs times.
+fn secs(out: &mut Vec<u8>, d: Duration) {
+    let ms = (d.as_nanos() + 500_000) / 1_000_000;
+    out.extend_from_slice(itoa::Buffer::new().format(ms / 1000).as_bytes());
+    dot_millis(out, (ms % 1000) as u32);
+}
+
+/// `.mmm`, for `ms` below 1000.
+fn dot_millis(out: &mut Vec<u8>, ms: u32) {
+    let digit = |n: u32| b'0' + (n % 10) as u8;
+    out.extend_from_slice(&[b'.', digit(ms / 100), digit(ms / 10), digit(ms)]);
+}
+
+/// The time now in RFC 3339, UTC, with milliseconds; the date and time of day are formatted
+/// once a second per thread.
+fn now_rfc3339_millis(out: &mut Vec<u8>) {
+    thread_local! {
+        // (Unix second, "YYYY-MM-DDTHH:MM:SS")
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with_borrow_mut(|(sec, text)| {
+        if *sec != since.as_secs() {
+            *sec = since.as_secs();
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(*sec);
+            *text = humantime::format_rfc3339_seconds(whole).to_string();
+            text.pop(); // the `Z`
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+    dot_millis(out, since.subsec_millis());
+    out.push(b'Z');
 }
 
 impl Drop for Record {

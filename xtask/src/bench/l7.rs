@@ -16,6 +16,8 @@ const NGINX_HTTPS: u16 = 18443;
 const AGENT_HTTP: u16 = 18090;
 const AGENT_HTTPS: u16 = 18493;
 const SECS: u32 = 8;
+/// Runs of each side per mode; the better one is kept.
+const ROUNDS: usize = 2;
 
 pub fn run(dir: &Path) -> Result<Vec<Row>> {
     let ns = Netns::new("bench-l7");
@@ -128,11 +130,23 @@ pools:\n  - name: web\n    backends:\n{pool}"
     let mut rows = Vec::new();
     for (what, scheme, nginx, ours, close) in modes {
         let url = |port| format!("{scheme}://127.0.0.1:{port}/");
-        // Warm both up (backend connections, caches), then measure each in turn.
+        // Warm both up (backend connections, caches), then measure each in turn, twice,
+        // alternating, and keep each one's better run: a busy moment on the shared cores
+        // then lowers neither side's figure alone.
         wrk(&ns, &url(ours), 2, close)?;
         wrk(&ns, &url(nginx), 2, close)?;
-        let n = wrk(&ns, &url(nginx), SECS, close)?;
-        let a = wrk(&ns, &url(ours), SECS, close)?;
+        let mut n = wrk(&ns, &url(nginx), SECS, close)?;
+        let mut a = wrk(&ns, &url(ours), SECS, close)?;
+        for _ in 1..ROUNDS {
+            let n2 = wrk(&ns, &url(nginx), SECS, close)?;
+            let a2 = wrk(&ns, &url(ours), SECS, close)?;
+            if n2.rps > n.rps {
+                n = n2;
+            }
+            if a2.rps > a.rps {
+                a = a2;
+            }
+        }
         println!(
             "{what:<40} nginx {:>9.0} req/s p99 {:>6.2} ms   lb-agent {:>9.0} req/s p99 {:>6.2} ms",
             n.rps, n.p99_ms, a.rps, a.p99_ms

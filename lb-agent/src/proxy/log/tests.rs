@@ -125,3 +125,24 @@ async fn lines_reach_the_file_and_the_writer_ends_with_the_log() {
     assert_eq!(text.lines().count(), 3, "{text}");
     assert!(text.lines().all(|l| l.contains("\"status\":204")), "{text}");
 }
+
+#[test]
+fn times_have_three_decimals() {
+    let mut out = Vec::new();
+    for ms in [0, 7, 999, 1000, 61_250] {
+        secs(&mut out, Duration::from_millis(ms));
+        out.push(b' ');
+    }
+    secs(&mut out, Duration::from_micros(1_999_500));
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "0.000 0.007 0.999 1.000 61.250 2.000"
+    );
+    let mut now = Vec::new();
+    now_rfc3339_millis(&mut now);
+    let now = String::from_utf8(now).unwrap();
+    assert_eq!(now.len(), "2026-11-22T02:21:07.123Z".len(), "{now}");
+    let parsed = humantime::parse_rfc3339(&now).unwrap();
+    let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
+    assert!(off < Duration::from_secs(2), "{now}");
+}

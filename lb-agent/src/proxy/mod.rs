@@ -140,9 +140,10 @@ pub async fn servers(
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            // hyper's header timer also runs while a kept-alive connection waits for its next
-            // request, so it is the keep-alive idle timeout.
-            .header_read_timeout(site.timeouts.idle)
+            // The connection's idle timer (`idle::Activity`) closes a connection whose next
+            // request head has not come in within the idle timeout, slow heads included;
+            // hyper's own header timer would arm and cancel a second timer per request.
+            .header_read_timeout(None)
             // Heads beyond the buffer are refused with 431 by hyper itself.
             .max_buf_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES))
             .keep_alive(true);
@@ -254,13 +255,22 @@ impl Conn {
         let _ = stream.set_nodelay(true);
         let activity = idle::Activity::new();
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
+        // For X-Forwarded-For and X-Real-IP: formatted once per connection, shared by its
+        // requests.
+        let client_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("-"));
         let svc = {
             let (site, activity) = (site.clone(), activity.clone());
             service_fn(move |req| {
                 let (n, in_flight) = activity.start();
+                let client = Client {
+                    addr: peer,
+                    ip: client_ip.clone(),
+                    tls,
+                };
                 // Boxed once here: the request's future is a few KiB, and hyper's dispatcher
                 // would otherwise copy it whole every time it moves.
-                let answer = Box::pin(site.clone().handle(req, peer, tls, n));
+                let answer = Box::pin(site.clone().handle(req, client, n));
                 async move {
                     let mut res = answer.await?;
                     res.body_mut().request = Some(in_flight);
@@ -326,6 +336,14 @@ impl Conn {
 async fn drained(draining: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await (it is not Send).
     let _ = draining.wait_for(|d| *d).await;
+}
+
+/// Who sent a request.
+struct Client {
+    addr: SocketAddr,
+    /// The address as a header value.
+    ip: HeaderValue,
+    tls: bool,
 }
 
 /// A client connection's transport: TCP, or TLS over it.
@@ -463,11 +481,10 @@ impl Site {
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        tls: bool,
+        client: Client,
         nth: u32,
     ) -> Result<Response<ResponseBody>, Infallible> {
-        let mut record = Record::new(&self.log, &self.requests, self.name.clone(), peer);
+        let mut record = Record::new(&self.log, &self.requests, self.name.clone(), client.addr);
         let host = request_host(&req);
         record.host = host.clone();
         record.method = req.method().to_string();
@@ -492,7 +509,7 @@ impl Site {
                 let location = format!("https://{host}{port}{}", record.path);
                 local(errors::redirect(code, &location), record)
             }
-            None => self.forward(req, record, peer, tls, host).await,
+            None => self.forward(req, record, client, host).await,
         };
         if h1 && nth >= self.max_requests {
             res.headers_mut()
@@ -505,10 +522,10 @@ impl Site {
         &self,
         mut req: Request<Incoming>,
         mut record: Record,
-        peer: SocketAddr,
-        tls: bool,
+        client: Client,
         host: String,
     ) -> Response<ResponseBody> {
+        let peer = client.addr;
         if record.path.len() > self.max_uri_bytes {
             return local_error(StatusCode::URI_TOO_LONG, record);
         }
@@ -538,8 +555,8 @@ impl Site {
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         headers::add_forwarded(
             &mut parts.headers,
-            peer.ip(),
-            if tls { "https" } else { "http" },
+            client.ip,
+            if client.tls { "https" } else { "http" },
             self.port,
         );
         if !parts.headers.contains_key(header::HOST) {

@@ -11,8 +11,8 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
     },
     thread::ThreadId,
     time::{Duration, Instant},
@@ -37,6 +37,12 @@ const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 /// per worker too), and how long they are kept.
 const MAX_IDLE_PER_BACKEND: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Milliseconds since the first call (at least 1, so 0 can mean "never").
+fn since_epoch_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -69,7 +75,9 @@ pub struct Backend {
     health: Option<Arc<health::Member>>,
     /// Requests in flight (for wlc).
     active: AtomicUsize,
-    down_until: Mutex<Option<Instant>>,
+    /// When the fail timeout of a connect failure ends, in ms since `EPOCH`; 0: none. An
+    /// atomic: every request's pick reads it.
+    down_until_ms: AtomicU64,
     /// Kept-alive connections in the shard of the worker thread whose runtime drives each
     /// (`super::thread_slot`), with that thread: a worker only takes its own (the
     /// connection's task stays on one thread, as nginx's per-worker pools).
@@ -93,7 +101,7 @@ impl Backend {
             health,
             cookie: format!("{:016x}", h.finish()),
             active: AtomicUsize::new(0),
-            down_until: Mutex::new(None),
+            down_until_ms: AtomicU64::new(0),
             idle: Default::default(),
         }
     }
@@ -109,17 +117,15 @@ impl Backend {
     pub fn available(&self) -> bool {
         self.weight() > 0
             && self.health.as_ref().is_none_or(|h| h.is_up())
-            && self
-                .down_until
-                .lock()
-                .map(|d| d.is_none_or(|t| Instant::now() >= t))
-                .unwrap_or(true)
+            && match self.down_until_ms.load(Ordering::Relaxed) {
+                0 => true,
+                until => since_epoch_ms() >= until,
+            }
     }
 
     fn mark_failed(&self) {
-        if let Ok(mut d) = self.down_until.lock() {
-            *d = Some(Instant::now() + FAIL_TIMEOUT);
-        }
+        let until = since_epoch_ms() + FAIL_TIMEOUT.as_millis() as u64;
+        self.down_until_ms.store(until, Ordering::Relaxed);
     }
 
     /// Counts a request in flight until the guard drops.

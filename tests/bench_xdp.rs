@@ -14,6 +14,8 @@ use lb_common::{
 };
 
 const REPEAT: u32 = 1_000_000;
+/// Timed batches of `REPEAT` per program for the established flow.
+const ROUNDS: usize = 5;
 /// The cost of the new-flow path, not of port exhaustion or eviction: 20k flows (40k entries)
 /// stay clear of the 64k-entry handshake table's LRU eviction, and use a sixth of each
 /// backend's 40k SNAT ports.
@@ -52,11 +54,20 @@ fn main() {
         };
         f.dp.conntrack_insert(key, entry).unwrap();
         assert_eq!(f.run(&ack, f.ext).0, XDP_REDIRECT);
+        // Alternating rounds, each side's fastest kept: a neighbour's burst on the shared
+        // cores then slows neither figure alone (the kernel times whole batches).
         let before = f.dp.snapshot(1).unwrap().get(Counter::Forwarded);
-        let est = f.time(&ack, f.ext, REPEAT, false);
+        let (mut est, mut est_base) = (f64::MAX, f64::MAX);
+        for _ in 0..ROUNDS {
+            est = est.min(f.time(&ack, f.ext, REPEAT, false));
+            est_base = est_base.min(f.time(&ack, f.ext, REPEAT, true));
+        }
         let forwarded = f.dp.snapshot(1).unwrap().get(Counter::Forwarded) - before;
-        assert_eq!(forwarded, REPEAT as u64, "every timed run was forwarded");
-        let est_base = f.time(&ack, f.ext, REPEAT, true);
+        assert_eq!(
+            forwarded,
+            u64::from(REPEAT) * ROUNDS as u64,
+            "every timed run was forwarded"
+        );
 
         // New flows: every SYN distinct (a repeated SYN would hit its own entry), one run each.
         let syn = |i: u32| {
@@ -77,7 +88,7 @@ fn main() {
         println!("baseline: a program that only returns XDP_TX, run on the same frames\n");
         println!("| path | lb_xdp ns | baseline ns | ratio | runs |");
         println!("| --- | ---: | ---: | ---: | --- |");
-        println!("| established flow (ACK: hit, rewrite, cached next hop, redirect) | {est:.1} | {est_base:.1} | {:.2}x | {REPEAT} repeats |", est / est_base);
+        println!("| established flow (ACK: hit, rewrite, cached next hop, redirect) | {est:.1} | {est_base:.1} | {:.2}x | fastest of {ROUNDS} x {REPEAT} repeats |", est / est_base);
         println!(
             "| new flow (SYN: Maglev pick, SNAT port, 2 inserts into the handshake table) | {new:.1} | {new_base:.1} | {:.2}x | {NEW_FLOWS} distinct SYNs, 1 run each |",
             new / new_base

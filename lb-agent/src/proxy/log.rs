@@ -27,6 +27,26 @@ use tracing::warn;
 
 use super::{metrics::RequestStats, thread_slot, SLOTS};
 
+/// A line's fields, in the order written (see the module's documentation).
+pub const FIELDS: [&str; 16] = [
+    "time",
+    "listener",
+    "client",
+    "host",
+    "method",
+    "path",
+    "protocol",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "request_time",
+    "upstream_addr",
+    "upstream_status",
+    "upstream_connect_time",
+    "upstream_header_time",
+    "upstream_response_time",
+];
+
 /// Bytes waiting for the writer; beyond this, lines are dropped (and counted) rather than
 /// slowing requests down.
 const MAX_PENDING: usize = 16 << 20;

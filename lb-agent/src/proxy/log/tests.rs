@@ -9,25 +9,6 @@ fn record(log: &AccessLog) -> Record {
     )
 }
 
-const FIELDS: [&str; 16] = [
-    "time",
-    "listener",
-    "client",
-    "host",
-    "method",
-    "path",
-    "protocol",
-    "status",
-    "bytes_in",
-    "bytes_out",
-    "request_time",
-    "upstream_addr",
-    "upstream_status",
-    "upstream_connect_time",
-    "upstream_header_time",
-    "upstream_response_time",
-];
-
 /// The line as JSON, after checking it is one line with the documented fields in order.
 fn parsed(r: &Record) -> serde_json::Map<String, serde_json::Value> {
     let mut out = Vec::new();

@@ -211,12 +211,22 @@ impl Tracker {
 /// Which backends of a pool take new traffic: the available primaries, or the available
 /// backups while no primary is available (`backup[i]`, `available[i]` per backend).
 pub fn serving(backup: &[bool], available: &[bool]) -> Vec<bool> {
-    let primary_up = backup.iter().zip(available).any(|(b, a)| !b && *a);
-    backup
-        .iter()
-        .zip(available)
-        .map(|(b, a)| *a && (*b != primary_up))
-        .collect()
+    let mut out = vec![false; backup.len()];
+    for i in serving_indices(backup.len(), |i| backup[i], |i| available[i]) {
+        out[i] = true;
+    }
+    out
+}
+
+/// `serving` as the indices of the backends that take new traffic, for a pool of `n` with
+/// `backup(i)` and `available(i)` asked as needed (the L7 proxy's pick, on every request).
+pub fn serving_indices(
+    n: usize,
+    backup: impl Fn(usize) -> bool + Clone,
+    available: impl Fn(usize) -> bool + Clone,
+) -> impl Iterator<Item = usize> + Clone {
+    let primary_up = (0..n).any(|i| !backup(i) && available(i));
+    (0..n).filter(move |&i| backup(i) != primary_up && available(i))
 }
 
 /// Health of every backend of every pool, indexed like the config.

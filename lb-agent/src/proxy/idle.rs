@@ -21,7 +21,8 @@ pub struct Activity {
     /// Requests started so far (the 1-based number of the latest).
     started: AtomicU32,
     in_flight: AtomicU32,
-    /// When a request last started or ended, in nanoseconds since `accepted`.
+    /// When a request last ended, in nanoseconds since `accepted` (0 before the first). A
+    /// start needs no timestamp: the request counts as in flight until it ends.
     last_ns: AtomicU64,
 }
 
@@ -39,7 +40,6 @@ impl Activity {
     /// it in flight (hand it to the response body).
     pub fn start(self: &Arc<Self>) -> (u32, InFlight) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.touch();
         let n = self.started.fetch_add(1, Ordering::Relaxed) + 1;
         (n, InFlight(self.clone()))
     }

@@ -719,10 +719,8 @@ impl Site {
                 headers::request_cookie(headers, self.cookie_name()).and_then(|v| pool.learned(v))
             }
             PersistenceKind::SourceIp => {
-                let up: Vec<usize> = (0..pool.backends.len())
-                    .filter(|&i| pool.backends[i].available())
-                    .collect();
-                pool.by_source(peer.ip(), &up)
+                let up = (0..pool.backends.len()).filter(|&i| pool.backends[i].available());
+                pool.by_source(peer.ip(), up)
             }
         }
     }

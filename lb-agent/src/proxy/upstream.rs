@@ -12,7 +12,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     thread::ThreadId,
     time::{Duration, Instant},
@@ -38,10 +38,13 @@ const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE_PER_BACKEND: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Milliseconds since the first call (at least 1, so 0 can mean "never").
-fn since_epoch_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+/// CLOCK_MONOTONIC in milliseconds at the kernel tick's resolution (a few ms): a read of the
+/// last tick, not of the clock source, for the fail timeout and the idle connections' ages
+/// (tens of seconds), which every request looks at. At least 1, so 0 can mean "never".
+fn coarse_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).map_or(1, |t| {
+        t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,18 +78,19 @@ pub struct Backend {
     health: Option<Arc<health::Member>>,
     /// Requests in flight (for wlc).
     active: AtomicUsize,
-    /// When the fail timeout of a connect failure ends, in ms since `EPOCH`; 0: none. An
-    /// atomic: every request's pick reads it.
+    /// When the fail timeout of a connect failure ends (`coarse_ms`); 0: none. An atomic:
+    /// every request's pick reads it.
     down_until_ms: AtomicU64,
     /// Kept-alive connections in the shard of the worker thread whose runtime drives each
-    /// (`super::thread_slot`), with that thread: a worker only takes its own (the
-    /// connection's task stays on one thread, as nginx's per-worker pools).
+    /// (`super::thread_slot`), with when each went idle (`coarse_ms`) and that thread: a
+    /// worker only takes its own (the connection's task stays on one thread, as nginx's
+    /// per-worker pools).
     idle: [IdleShard; SLOTS],
 }
 
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct IdleShard(Mutex<Vec<(SendRequest<ProxyBody>, Instant, ThreadId)>>);
+struct IdleShard(Mutex<Vec<(SendRequest<ProxyBody>, u64, ThreadId)>>);
 
 impl Backend {
     fn new(pool: &str, b: &config::BackendConfig, health: Option<Arc<health::Member>>) -> Self {
@@ -119,12 +123,12 @@ impl Backend {
             && self.health.as_ref().is_none_or(|h| h.is_up())
             && match self.down_until_ms.load(Ordering::Relaxed) {
                 0 => true,
-                until => since_epoch_ms() >= until,
+                until => coarse_ms() >= until,
             }
     }
 
     fn mark_failed(&self) {
-        let until = since_epoch_ms() + FAIL_TIMEOUT.as_millis() as u64;
+        let until = coarse_ms() + FAIL_TIMEOUT.as_millis() as u64;
         self.down_until_ms.store(until, Ordering::Relaxed);
     }
 
@@ -194,7 +198,7 @@ impl Backend {
         loop {
             let i = idle.iter().rposition(|(_, _, t)| *t == here)?;
             let (s, since, _) = idle.swap_remove(i);
-            if !s.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if !s.is_closed() && coarse_ms() - since < IDLE_TIMEOUT.as_millis() as u64 {
                 return Some(s);
             }
         }
@@ -209,10 +213,13 @@ impl Backend {
         if let Ok(mut idle) = self.idle[slot].0.lock() {
             if idle.len() >= MAX_IDLE_PER_BACKEND {
                 // Connections of workers that are gone (a reload replaced them) close.
-                idle.retain(|(s, since, _)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+                let now = coarse_ms();
+                idle.retain(|(s, since, _)| {
+                    !s.is_closed() && now - since < IDLE_TIMEOUT.as_millis() as u64
+                });
             }
             if idle.len() < MAX_IDLE_PER_BACKEND {
-                idle.push((s, Instant::now(), here));
+                idle.push((s, coarse_ms(), here));
             }
         }
     }
@@ -277,20 +284,19 @@ impl Pool {
     /// The next backend for a new request, skipping unavailable ones and those in `tried`;
     /// backups only when no primary is left.
     pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Option<usize> {
-        let backup: Vec<bool> = self.backends.iter().map(|b| b.backup).collect();
-        let available: Vec<bool> = (0..self.backends.len())
-            .map(|i| self.backends[i].available() && !tried.contains(&i))
-            .collect();
-        let serving = health::serving(&backup, &available);
-        let candidates: Vec<usize> = (0..self.backends.len()).filter(|&i| serving[i]).collect();
+        let candidates = health::serving_indices(
+            self.backends.len(),
+            |i| self.backends[i].backup,
+            |i| self.backends[i].available() && !tried.contains(&i),
+        );
         match self.scheduler {
             Scheduler::Wrr => {
                 let mut cw = self.wrr.lock().ok()?;
                 let total: i64 = candidates
-                    .iter()
-                    .map(|&i| i64::from(self.backends[i].weight()))
+                    .clone()
+                    .map(|i| i64::from(self.backends[i].weight()))
                     .sum();
-                let best = *candidates.iter().max_by_key(|&&i| {
+                let best = candidates.max_by_key(|&i| {
                     cw[i] += i64::from(self.backends[i].weight());
                     // Ties go to the lower index: max_by_key keeps the last maximum.
                     (cw[i], std::cmp::Reverse(i))
@@ -298,7 +304,7 @@ impl Pool {
                 cw[best] -= total;
                 Some(best)
             }
-            Scheduler::Wlc => candidates.into_iter().min_by(|&a, &b| {
+            Scheduler::Wlc => candidates.min_by(|&a, &b| {
                 // (active_a + 1) / w_a against (active_b + 1) / w_b, without division.
                 let (ba, bb) = (&self.backends[a], &self.backends[b]);
                 let la = (ba.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(bb.weight());
@@ -306,14 +312,18 @@ impl Pool {
                 la.cmp(&lb).then(a.cmp(&b))
             }),
             // Validation refuses maglev on http/https; a client hash is the nearest meaning.
-            Scheduler::SourceIp | Scheduler::Maglev => self.by_source(client, &candidates),
+            Scheduler::SourceIp | Scheduler::Maglev => self.by_source(client, candidates),
         }
     }
 
     /// A stable choice by client address (rendezvous hashing: few clients move when the set of
     /// available backends changes).
-    pub fn by_source(&self, client: IpAddr, candidates: &[usize]) -> Option<usize> {
-        candidates.iter().copied().max_by_key(|&i| {
+    pub fn by_source(
+        &self,
+        client: IpAddr,
+        candidates: impl Iterator<Item = usize>,
+    ) -> Option<usize> {
+        candidates.max_by_key(|&i| {
             let mut h = DefaultHasher::new();
             (client, self.backends[i].addr).hash(&mut h);
             h.finish()

@@ -36,6 +36,15 @@ use tracing::{debug, error, info, warn};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Returns what the calling thread freed to the OS now. mimalloc keeps freed pages for reuse
+/// and purges them on the thread's later allocations: the copy of a full conntrack table a
+/// sweep makes (hundreds of MiB) would stay resident between sweeps (measured: 409 MiB at a
+/// table 90% full, 254 MiB with this, once a second after the sweep on its thread).
+fn release_freed_memory() {
+    // SAFETY: no preconditions; it only walks the calling thread's heap.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 #[derive(Parser)]
 #[command(version, about = "XDP L4 FullNAT load balancer agent")]
 struct Cli {
@@ -393,7 +402,12 @@ impl Agent {
                 // A sweep is blocking map syscalls: keep it off the proxy's workers' queue.
                 _ = sweep.tick() => {
                     let (dp, plan) = (&mut self.dp, &self.plan);
-                    match tokio::task::block_in_place(|| dp.gc(plan, gc::monotonic_ns())) {
+                    let swept = tokio::task::block_in_place(|| {
+                        let r = dp.gc(plan, gc::monotonic_ns());
+                        release_freed_memory();
+                        r
+                    });
+                    match swept {
                         Ok(r) => {
                             if r.expired > 0 {
                                 debug!(expired = r.expired, entries = r.entries, "conntrack sweep");

@@ -198,7 +198,8 @@ impl Backend {
         loop {
             let i = idle.iter().rposition(|(_, _, t)| *t == here)?;
             let (s, since, _) = idle.swap_remove(i);
-            if !s.is_closed() && coarse_ms() - since < IDLE_TIMEOUT.as_millis() as u64 {
+            if !s.is_closed() && coarse_ms().saturating_sub(since) < IDLE_TIMEOUT.as_millis() as u64
+            {
                 return Some(s);
             }
         }
@@ -215,7 +216,7 @@ impl Backend {
                 // Connections of workers that are gone (a reload replaced them) close.
                 let now = coarse_ms();
                 idle.retain(|(s, since, _)| {
-                    !s.is_closed() && now - since < IDLE_TIMEOUT.as_millis() as u64
+                    !s.is_closed() && now.saturating_sub(*since) < IDLE_TIMEOUT.as_millis() as u64
                 });
             }
             if idle.len() < MAX_IDLE_PER_BACKEND {

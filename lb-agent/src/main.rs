@@ -39,7 +39,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Returns what the calling thread freed to the OS now. mimalloc keeps freed pages for reuse
 /// and purges them on the thread's later allocations: the copy of a full conntrack table a
 /// sweep makes (hundreds of MiB) would stay resident between sweeps (measured: 409 MiB at a
-/// table 90% full, 254 MiB with this, once a second after the sweep on its thread).
+/// table 90% full, 276 MiB with this, once a second after the sweep on its thread).
 fn release_freed_memory() {
     // SAFETY: no preconditions; it only walks the calling thread's heap.
     unsafe { libmimalloc_sys::mi_collect(true) }

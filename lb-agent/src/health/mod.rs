@@ -222,9 +222,9 @@ pub fn serving(backup: &[bool], available: &[bool]) -> Vec<bool> {
 /// `backup(i)` and `available(i)` asked as needed (the L7 proxy's pick, on every request).
 pub fn serving_indices(
     n: usize,
-    backup: impl Fn(usize) -> bool + Clone,
-    available: impl Fn(usize) -> bool + Clone,
-) -> impl Iterator<Item = usize> + Clone {
+    backup: impl Fn(usize) -> bool,
+    available: impl Fn(usize) -> bool,
+) -> impl Iterator<Item = usize> {
     let primary_up = (0..n).any(|i| !backup(i) && available(i));
     (0..n).filter(move |&i| backup(i) != primary_up && available(i))
 }

@@ -1,9 +1,10 @@
 //! A client connection's idle timeout (`timeouts.idle`, 15 s by default): the connection closes
-//! once no request has been in flight on it for that long. hyper's header timer covers HTTP/1
-//! between requests, but not the wait for the bytes that tell HTTP/1 from HTTP/2 (or the TLS
-//! handshake) and nothing at all on HTTP/2, where a client could otherwise hold an idle
-//! connection forever. A request is in flight from its head until its response body is
-//! dropped (sent, or abandoned), so long uploads and downloads never count as idle.
+//! once no request has been in flight on it for that long. It is the only such timer (hyper's
+//! per-request header timer is off): it covers HTTP/1 between requests and slow heads, the
+//! wait for the bytes that tell HTTP/1 from HTTP/2 (and the TLS handshake), and HTTP/2, where
+//! a client could otherwise hold an idle connection forever. A request is in flight from its
+//! head until its response body is dropped (sent, or abandoned), so long uploads and
+//! downloads never count as idle.
 
 use std::{
     sync::{

@@ -18,7 +18,7 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, Weak,
+        Arc, Mutex,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -51,11 +51,11 @@ pub const FIELDS: [&str; 16] = [
 /// slowing requests down.
 const MAX_PENDING: usize = 16 << 20;
 
+/// The writer thread holds one reference to `shared` and ends (after writing what is pending)
+/// once it holds the only one: every clone is gone.
 #[derive(Clone, Debug)]
 pub struct AccessLog {
     shared: Arc<Shared>,
-    /// The writer thread ends (after writing what is pending) once every clone is gone.
-    _alive: Arc<()>,
 }
 
 #[derive(Debug, Default)]
@@ -83,21 +83,17 @@ impl AccessLog {
             None => Box::new(std::io::stdout()),
         };
         let shared = Arc::new(Shared::default());
-        let alive = Arc::new(());
         let writer = {
-            let (shared, alive) = (shared.clone(), Arc::downgrade(&alive));
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || write_lines(&shared, &alive, out))?
+                .spawn(move || write_lines(&shared, out))?
         };
         WRITERS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(writer);
-        Ok(Self {
-            shared,
-            _alive: alive,
-        })
+        Ok(Self { shared })
     }
 
     fn write(&self, record: &Record, took: Duration) {
@@ -145,11 +141,11 @@ pub fn finish_writers(limit: Duration) {
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// Writes what is pending every `FLUSH_EVERY`, and once more when the log is closed.
-fn write_lines(shared: &Shared, alive: &Weak<()>, mut out: Box<dyn Write + Send>) {
+fn write_lines(shared: &Arc<Shared>, mut out: Box<dyn Write + Send>) {
     // Swapped with each pending buffer in turn, so all keep their capacity.
     let mut batch = Vec::new();
     loop {
-        let closed = alive.strong_count() == 0;
+        let closed = Arc::strong_count(shared) == 1;
         for shard in &shared.shards {
             std::mem::swap(
                 &mut batch,

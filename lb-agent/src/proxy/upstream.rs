@@ -292,16 +292,20 @@ impl Pool {
         );
         match self.scheduler {
             Scheduler::Wrr => {
+                // One pass: each candidate's availability and weight are read once, so the
+                // total taken back matches the weights just added.
                 let mut cw = self.wrr.lock().ok()?;
-                let total: i64 = candidates
-                    .clone()
-                    .map(|i| i64::from(self.backends[i].weight()))
-                    .sum();
-                let best = candidates.max_by_key(|&i| {
-                    cw[i] += i64::from(self.backends[i].weight());
-                    // Ties go to the lower index: max_by_key keeps the last maximum.
-                    (cw[i], std::cmp::Reverse(i))
-                })?;
+                let (mut total, mut best) = (0, None);
+                for i in candidates {
+                    let w = i64::from(self.backends[i].weight());
+                    total += w;
+                    cw[i] += w;
+                    // Ties go to the lower index (the first seen).
+                    if best.is_none_or(|b: usize| cw[i] > cw[b]) {
+                        best = Some(i);
+                    }
+                }
+                let best = best?;
                 cw[best] -= total;
                 Some(best)
             }

@@ -819,6 +819,9 @@ async fn http_redirects_to_the_https_listener() {
         r.headers["location"],
         "https://www.example.com:8443/a/b?c=d"
     );
+    // An IPv6 literal keeps its brackets; only the port is replaced.
+    let r = send(lb.addr("plain"), get("[2001:db8::5]:8080", "/v6")).await;
+    assert_eq!(r.headers["location"], "https://[2001:db8::5]:8443/v6");
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -124,6 +124,16 @@ pub fn unsupported_transfer_encoding(headers: &HeaderMap) -> Option<String> {
         .find(|c| c != "chunked" && c != "identity")
 }
 
+/// A Host value without its port: `example.com:8080` → `example.com`, `[2001:db8::1]:443` →
+/// `[2001:db8::1]` (an IPv6 literal keeps its brackets and colons).
+pub fn without_port(host: &str) -> &str {
+    let end = match host.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(host.len(), |i| i + 2),
+        None => host.find(':').unwrap_or(host.len()),
+    };
+    &host[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +207,20 @@ mod tests {
             unsupported_transfer_encoding(&map(&[("transfer-encoding", "gzip, chunked")])),
             Some("gzip".into())
         );
+    }
+
+    #[test]
+    fn host_without_port() {
+        for (host, name) in [
+            ("example.com", "example.com"),
+            ("example.com:8080", "example.com"),
+            ("10.0.0.1:80", "10.0.0.1"),
+            ("[2001:db8::1]:443", "[2001:db8::1]"),
+            ("[2001:db8::1]", "[2001:db8::1]"),
+            ("[broken", "[broken"),
+            ("", ""),
+        ] {
+            assert_eq!(without_port(host), name, "{host}");
+        }
     }
 }

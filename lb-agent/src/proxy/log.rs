@@ -185,14 +185,17 @@ pub struct Record {
     pub listener: Arc<str>,
     pub client: SocketAddr,
     pub host: String,
-    pub method: String,
+    pub method: hyper::Method,
     pub path: String,
     pub protocol: &'static str,
     pub status: Option<u16>,
-    pub bytes_in: Arc<AtomicU64>,
+    /// Request body bytes read so far; `None`: the request has no body.
+    pub bytes_in: Option<Arc<AtomicU64>>,
     pub bytes_out: u64,
     pub attempts: Vec<Attempt>,
     start: Instant,
+    /// When the response's last byte came, if that was noted; else the drop's time is used.
+    end: Option<Instant>,
 }
 
 impl Record {
@@ -208,15 +211,21 @@ impl Record {
             listener,
             client,
             host: String::new(),
-            method: String::new(),
+            method: hyper::Method::default(),
             path: String::new(),
             protocol: "",
             status: None,
-            bytes_in: Arc::new(AtomicU64::new(0)),
+            bytes_in: None,
             bytes_out: 0,
             attempts: Vec::new(),
             start: Instant::now(),
+            end: None,
         }
+    }
+
+    /// The response is complete at `now` (the caller's clock read, saving the drop one).
+    pub fn ended(&mut self, now: Instant) {
+        self.end = Some(now);
     }
 
     /// The status logged and counted: 499 when the client left before the answer.
@@ -259,16 +268,20 @@ impl Record {
         now_rfc3339_millis(out);
         out.push(b'"');
         text(out, b",\"listener\":", &self.listener);
-        let _ = write!(out, ",\"client\":\"{}\"", self.client);
+        out.extend_from_slice(b",\"client\":\"");
+        addr(out, self.client);
+        out.push(b'"');
         text(out, b",\"host\":", &self.host);
-        text(out, b",\"method\":", &self.method);
+        text(out, b",\"method\":", self.method.as_str());
         text(out, b",\"path\":", &self.path);
         text(out, b",\"protocol\":", self.protocol);
         num(out, b",\"status\":", self.final_status().into());
         num(
             out,
             b",\"bytes_in\":",
-            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_in
+                .as_ref()
+                .map_or(0, |b| b.load(Ordering::Relaxed)),
         );
         num(out, b",\"bytes_out\":", self.bytes_out);
         out.extend_from_slice(b",\"request_time\":\"");
@@ -276,7 +289,7 @@ impl Record {
         out.push(b'"');
         list(out, b",\"upstream_addr\":\"", &|a, o| {
             if let Some(x) = a.addr {
-                let _ = write!(o, "{x}");
+                addr(o, x);
             }
         });
         list(out, b",\"upstream_status\":\"", &|a, o| {
@@ -294,6 +307,27 @@ impl Record {
             a.response.inspect(|d| secs(o, *d));
         });
         out.extend_from_slice(b"}\n");
+    }
+}
+
+/// `ip:port`, as `SocketAddr`'s `Display` writes it; IPv4 without the formatting machinery,
+/// which cost more than the rest of the line.
+fn addr(out: &mut Vec<u8>, a: SocketAddr) {
+    match a {
+        SocketAddr::V4(v4) => {
+            let mut n = itoa::Buffer::new();
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(n.format(octet).as_bytes());
+            }
+            out.push(b':');
+            out.extend_from_slice(n.format(v4.port()).as_bytes());
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{a}");
+        }
     }
 }
 
@@ -335,7 +369,7 @@ fn now_rfc3339_millis(out: &mut Vec<u8>) {
 
 impl Drop for Record {
     fn drop(&mut self) {
-        let took = self.start.elapsed();
+        let took = self.end.unwrap_or_else(Instant::now) - self.start;
         self.requests.record(self.final_status(), took);
         self.log.write(self, took);
     }

@@ -485,9 +485,8 @@ impl Site {
         nth: u32,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let mut record = Record::new(&self.log, &self.requests, self.name.clone(), client.addr);
-        let host = request_host(&req);
-        record.host = host.clone();
-        record.method = req.method().to_string();
+        record.host = request_host(&req);
+        record.method = req.method().clone();
         record.path = req
             .uri()
             .path_and_query()
@@ -505,11 +504,11 @@ impl Site {
                 } else {
                     format!(":{port}")
                 };
-                let host = host.split(':').next().unwrap_or_default();
+                let host = headers::without_port(&record.host);
                 let location = format!("https://{host}{port}{}", record.path);
                 local(errors::redirect(code, &location), record)
             }
-            None => self.forward(req, record, client, host).await,
+            None => self.forward(req, record, client).await,
         };
         if h1 && nth >= self.max_requests {
             res.headers_mut()
@@ -523,7 +522,6 @@ impl Site {
         mut req: Request<Incoming>,
         mut record: Record,
         client: Client,
-        host: String,
     ) -> Response<ResponseBody> {
         let peer = client.addr;
         if record.path.len() > self.max_uri_bytes {
@@ -540,12 +538,17 @@ impl Site {
         if declared.is_some_and(|n| n > self.max_body_bytes) {
             return local_error(StatusCode::PAYLOAD_TOO_LARGE, record);
         }
-        let hostname = host
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let Some(pool) = self.route(&hostname, req.uri().path()) else {
+        let pool = {
+            let name = headers::without_port(&record.host);
+            // Lower case, as the routes' names are kept; most hosts already are.
+            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(name.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(name)
+            };
+            self.route(&name, req.uri().path())
+        };
+        let Some(pool) = pool else {
             return local_error(StatusCode::NOT_FOUND, record);
         };
 
@@ -561,25 +564,32 @@ impl Site {
         );
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/2 carries the host in the :authority pseudo-header.
-            if let Ok(v) = HeaderValue::from_str(&host) {
+            if let Ok(v) = HeaderValue::from_str(&record.host) {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        let uri: Uri = parts
+        // Origin form (what HTTP/1.1 backends expect), sharing the request's bytes.
+        let uri = parts
             .uri
             .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-            .unwrap_or_else(|_| Uri::from_static("/"));
+            .cloned()
+            .map_or_else(|| Uri::from_static("/"), Uri::from);
         let has_body = !body.is_end_stream();
-        let state = Arc::new(BodyState::default());
-        let mut body = Some(RequestBody::new(
-            body,
-            self.max_body_bytes,
-            self.timeouts.request,
-            state.clone(),
-            record.bytes_in.clone(),
-        ));
+        let state = has_body.then(|| Arc::new(BodyState::default()));
+        let mut body = Some(match &state {
+            Some(state) => {
+                let bytes_in = Arc::new(AtomicU64::new(0));
+                record.bytes_in = Some(bytes_in.clone());
+                RequestBody::new(
+                    body,
+                    self.max_body_bytes,
+                    self.timeouts.request,
+                    state.clone(),
+                    bytes_in,
+                )
+            }
+            None => RequestBody(None),
+        });
 
         let sticky = self.sticky_backend(pool, &parts.headers, peer);
         let idempotent = matches!(
@@ -591,7 +601,8 @@ impl Site {
                 | Method::OPTIONS
                 | Method::TRACE
         );
-        let mut tried: Vec<usize> = Vec::new();
+        // Inline: almost every request tries one backend.
+        let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
         // What to answer when no backend answers; 503 until one was reached.
         let mut failure = StatusCode::SERVICE_UNAVAILABLE;
         loop {
@@ -623,7 +634,7 @@ impl Site {
                 }
             };
             attempt.connect = Some(connect_time.unwrap_or_default());
-            let mut breq = Request::new(body.take().unwrap_or_else(RequestBody::empty));
+            let mut breq = Request::new(body.take().unwrap_or(RequestBody(None)));
             *breq.method_mut() = parts.method.clone();
             *breq.uri_mut() = uri.clone();
             *breq.headers_mut() = parts.headers.clone();
@@ -632,13 +643,12 @@ impl Site {
             tokio::pin!(exchange);
             // The response timeout runs once the whole request is sent; until then a stalled
             // body is the request timeout's business.
-            let early = if has_body {
-                tokio::select! {
+            let early = match &state {
+                Some(state) => tokio::select! {
                     r = &mut exchange => Some(r),
                     _ = state.sent.notified() => None,
-                }
-            } else {
-                None
+                },
+                None => None,
             };
             let outcome = match early {
                 Some(r) => Ok(r),
@@ -664,7 +674,8 @@ impl Site {
                     );
                 }
                 Ok(Err(mut e)) => {
-                    match Fault::from(state.fault.load(Ordering::Relaxed)) {
+                    let fault = state.as_ref().map(|s| s.fault.load(Ordering::Relaxed));
+                    match Fault::from(fault.unwrap_or_default()) {
                         Fault::TooLarge => {
                             return local_error(StatusCode::PAYLOAD_TOO_LARGE, record)
                         }
@@ -902,9 +913,12 @@ pub enum BodyError {
 }
 
 /// The client's request body on its way to the backend, enforcing the size limit and the
-/// request timeout (the longest pause between two pieces).
-pub struct RequestBody {
-    inner: Option<Incoming>,
+/// request timeout (the longest pause between two pieces). `None`: nothing (more) to send, as
+/// for a request without a body, which then costs no allocation.
+pub struct RequestBody(Option<Streaming>);
+
+struct Streaming {
+    inner: Incoming,
     limit: u64,
     seen: u64,
     timeout: Duration,
@@ -921,28 +935,15 @@ impl RequestBody {
         state: Arc<BodyState>,
         bytes_in: Arc<AtomicU64>,
     ) -> Self {
-        Self {
-            inner: Some(inner),
+        Self(Some(Streaming {
+            inner,
             limit,
             seen: 0,
             timeout,
             sleep: None,
             state,
             bytes_in,
-        }
-    }
-
-    /// The body of a repeated bodiless request.
-    fn empty() -> Self {
-        Self {
-            inner: None,
-            limit: 0,
-            seen: 0,
-            timeout: Duration::MAX,
-            sleep: None,
-            state: Arc::default(),
-            bytes_in: Arc::new(AtomicU64::new(0)),
-        }
+        }))
     }
 
     fn fail(
@@ -950,8 +951,9 @@ impl RequestBody {
         fault: Fault,
         e: BodyError,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.state.fault.store(fault as u8, Ordering::Relaxed);
-        self.inner = None;
+        if let Some(s) = self.0.take() {
+            s.state.fault.store(fault as u8, Ordering::Relaxed);
+        }
         Poll::Ready(Some(Err(e)))
     }
 }
@@ -965,16 +967,16 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
+        let Some(s) = this.0.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut s.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.sleep = None;
+                s.sleep = None;
                 if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    this.bytes_in.store(this.seen, Ordering::Relaxed);
-                    if this.seen > this.limit {
+                    s.seen += data.len() as u64;
+                    s.bytes_in.store(s.seen, Ordering::Relaxed);
+                    if s.seen > s.limit {
                         return this.fail(Fault::TooLarge, BodyError::TooLarge);
                     }
                 }
@@ -982,14 +984,14 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => this.fail(Fault::Client, BodyError::Client(e)),
             Poll::Ready(None) => {
-                this.inner = None;
                 // A stored permit: the waiter may only start listening later.
-                this.state.sent.notify_one();
+                s.state.sent.notify_one();
+                this.0 = None;
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let timeout = this.timeout;
-                let sleep = this
+                let timeout = s.timeout;
+                let sleep = s
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match sleep.as_mut().poll(cx) {
@@ -1001,12 +1003,12 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|i| i.is_end_stream())
+        self.0.as_ref().is_none_or(|s| s.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(i) => i.size_hint(),
+        match &self.0 {
+            Some(s) => s.inner.size_hint(),
             None => SizeHint::with_exact(0),
         }
     }
@@ -1038,9 +1040,11 @@ impl ResponseBody {
         }
         self.done = true;
         if let (Some(rec), Some(sent)) = (self.record.as_mut(), self.upstream_sent) {
+            let now = Instant::now();
             if let Some(a) = rec.attempts.last_mut() {
-                a.response = Some(sent.elapsed());
+                a.response = Some(now - sent);
             }
+            rec.ended(now);
         }
         if let Some((backend, sender)) = self.reuse.take() {
             backend.put_idle(sender);

@@ -37,7 +37,7 @@ async fn a_line_is_json_with_every_field_escaped() {
         .unwrap();
     let mut r = record(&log);
     r.host = "a\"b\\c".into();
-    r.method = "GET".into();
+    r.method = hyper::Method::GET;
     r.path = "/x?q=\u{1}\n".into();
     r.protocol = "HTTP/1.1";
     r.status = Some(200);
@@ -126,4 +126,21 @@ fn times_have_three_decimals() {
     let parsed = humantime::parse_rfc3339(&now).unwrap();
     let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
     assert!(off < Duration::from_secs(2), "{now}");
+}
+
+#[test]
+fn addresses_are_written_as_display_writes_them() {
+    for a in [
+        "0.0.0.0:0",
+        "10.0.0.1:80",
+        "192.0.2.255:8080",
+        "255.255.255.255:65535",
+        "[2001:db8::1]:443",
+        "[::ffff:192.0.2.1]:1",
+    ] {
+        let a: SocketAddr = a.parse().unwrap();
+        let mut out = Vec::new();
+        addr(&mut out, a);
+        assert_eq!(String::from_utf8(out).unwrap(), a.to_string());
+    }
 }

@@ -273,6 +273,58 @@ fn the_sweep_expires_flows_by_state_and_keeps_established_ones_until_idle() {
 }
 
 #[test]
+fn the_sweep_keeps_a_flow_while_either_direction_is_recent_and_judges_an_orphan_alone() {
+    use lb_common::{
+        conn::{DIR_ORIGINAL, DIR_REPLY},
+        ConnEntry, FlowKey,
+    };
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(&CONFIG.replace("pool: web }", "pool: web, idle_timeout: 60s }"));
+        f.establish(CLIENT);
+        let entries = f.dp.conntrack_entries();
+        let entry = |dir: u8| *entries.iter().find(|(_, e)| e.dir == dir).unwrap();
+        let (original, reply) = (entry(DIR_ORIGINAL), entry(DIR_REPLY));
+        let set = |f: &mut Fixture, (k, mut e): (FlowKey, ConnEntry), idle_secs: u64| {
+            e.last_seen_ns = gc::monotonic_ns() - idle_secs * 1_000_000_000;
+            f.dp.conntrack_insert(k, e).unwrap();
+        };
+
+        // A download (only the backend sends), then an upload (only the client does).
+        set(&mut f, original, 100);
+        let r = f.gc_after(0);
+        assert_eq!((r.expired, r.active.clone()), (0, vec![1]), "reply recent");
+        set(&mut f, original, 0);
+        set(&mut f, reply, 100);
+        let r = f.gc_after(0);
+        assert_eq!(
+            (r.expired, r.active.clone()),
+            (0, vec![1]),
+            "original recent"
+        );
+        assert_eq!(f.dp.conntrack_entries().len(), 2);
+
+        set(&mut f, original, 100);
+        let r = f.gc_after(0);
+        assert_eq!((r.expired, r.active.clone()), (1, vec![0]), "both idle");
+        assert!(f.dp.conntrack_entries().is_empty());
+
+        // Entries whose pair is gone (LRU eviction): an idle one goes alone, a recent one stays.
+        set(&mut f, reply, 100);
+        assert_eq!(f.gc_after(0).expired, 1, "idle orphan reply");
+        set(&mut f, original, 30);
+        let r = f.gc_after(0);
+        assert_eq!(
+            (r.expired, r.active.clone()),
+            (0, vec![1]),
+            "recent orphan original"
+        );
+        assert_eq!(f.gc_after(31).expired, 1, "then idle");
+        assert!(f.dp.conntrack_entries().is_empty());
+    });
+}
+
+#[test]
 fn a_tiny_snat_port_range_is_exhausted_and_recovers_once_flows_close() {
     let ns = lb_namespace();
     ns.scoped(|| {

@@ -65,6 +65,19 @@ pub enum DataplaneError {
     },
 }
 
+impl DataplaneError {
+    /// A map lookup found no such key.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            DataplaneError::Map {
+                source: aya::maps::MapError::KeyNotFound,
+                ..
+            }
+        )
+    }
+}
+
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
@@ -591,6 +604,12 @@ fn totals(
 
 /// One conntrack table's part of [`Dataplane::gc`], added to `report`; SNAT ports are counted
 /// into `snat`, and idle-timeout RSTs to send collected in `resets`.
+///
+/// The table streams past once (nothing of it is kept: a full one is hundreds of MiB); only
+/// entries idle beyond their own state's timeout are kept, and each looks its pair up. That
+/// finds every expired flow: a flow is judged from its original entry (an orphan reply alone),
+/// with that entry's state and the more recent of the two directions' times, so an original
+/// that is not idle by its own time is not idle by the pair's either.
 fn sweep(
     table: &mut conntrack::Table,
     plan: &Plan,
@@ -600,41 +619,60 @@ fn sweep(
     resets: &mut Vec<crate::reset::Reset>,
 ) {
     use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
-    let mut entries = std::collections::HashMap::new();
-    table.for_each(|k, v| {
-        entries.insert(k, v);
+    let limit = |e: &ConnEntry| {
+        let idle = plan
+            .listeners
+            .get(e.listener_id as usize)
+            .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
+        gc::timeout(e.state, idle).as_nanos() as u64
+    };
+    // Live flows, counted from their original entries; those found expired are taken back.
+    let count = |report: &mut gc::Report, e: &ConnEntry, n: i64| {
+        if e.dir == DIR_ORIGINAL && e.state != STATE_CLOSING && e.state != STATE_CLOSED {
+            if let Some(c) = report.active.get_mut(e.listener_id as usize) {
+                *c = c.saturating_add_signed(n);
+            }
+            if let Some(c) = report.backend_active.get_mut(e.backend_id as usize) {
+                *c = c.saturating_add_signed(n);
+            }
+        }
+    };
+    let mut idle = Vec::new();
+    table.for_each(|key, e| {
+        report.entries += 1;
+        snat.add(&key, &e);
+        count(report, &e, 1);
+        if now_ns.saturating_sub(e.last_seen_ns) > limit(&e) {
+            idle.push((key, e));
+        }
     });
-    report.entries += entries.len();
     let mut doomed = Vec::new();
-    for (key, e) in &entries {
-        snat.add(key, e);
+    for (key, e) in idle {
         let pair_key = e.pair_key(key.proto, key.family);
-        let pair = entries.get(&pair_key);
+        let pair = match table.get(&pair_key) {
+            Ok(p) => Some(p),
+            Err(err) if err.is_not_found() => None,
+            // Unknown: the flow waits for the next sweep rather than being judged half-seen.
+            Err(err) => {
+                debug!(error = %err, "conntrack pair lookup");
+                continue;
+            }
+        };
         // Each flow is judged once: from its original entry, or from an orphan reply.
         if e.dir != DIR_ORIGINAL && pair.is_some() {
             continue;
         }
         let last = pair.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
-        let idle = plan
-            .listeners
-            .get(e.listener_id as usize)
-            .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
-        let limit = gc::timeout(e.state, idle).as_nanos() as u64;
-        if now_ns.saturating_sub(last) > limit {
-            doomed.push(*key);
-            if let Some(pair) = pair {
-                doomed.push(pair_key);
-                resets.extend(crate::reset::for_flow(key, e, &pair_key, pair));
-            }
-            report.expired += 1;
-        } else if e.state != STATE_CLOSING && e.state != STATE_CLOSED {
-            if let Some(n) = report.active.get_mut(e.listener_id as usize) {
-                *n += 1;
-            }
-            if let Some(n) = report.backend_active.get_mut(e.backend_id as usize) {
-                *n += 1;
-            }
+        if now_ns.saturating_sub(last) <= limit(&e) {
+            continue;
         }
+        doomed.push(key);
+        if let Some(pair) = pair {
+            doomed.push(pair_key);
+            resets.extend(crate::reset::for_flow(&key, &e, &pair_key, &pair));
+        }
+        report.expired += 1;
+        count(report, &e, -1);
     }
     for key in doomed {
         // Already gone (LRU eviction, or the datapath re-created it) is fine.

@@ -37,9 +37,8 @@ use tracing::{debug, error, info, warn};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Returns what the calling thread freed to the OS now. mimalloc keeps freed pages for reuse
-/// and purges them on the thread's later allocations: the copy of a full conntrack table a
-/// sweep makes (hundreds of MiB) would stay resident between sweeps (measured: 409 MiB at a
-/// table 90% full, 276 MiB with this, once a second after the sweep on its thread).
+/// and purges them on the thread's later allocations: what a sweep held (the idle entries it
+/// judges, all of a table's when a flood expires at once) would stay resident between sweeps.
 fn release_freed_memory() {
     // SAFETY: no preconditions; it only walks the calling thread's heap.
     unsafe { libmimalloc_sys::mi_collect(true) }
@@ -374,8 +373,8 @@ impl Agent {
         self.publish();
         info!(config = %self.path.display(), listeners = self.cfg.listeners.len(), backends = self.plan.backends.len(), "running");
         let mut sweep = tokio::time::interval(gc::INTERVAL);
-        // A sweep of a full table takes seconds (two syscalls per entry): the next one waits
-        // its interval instead of following at once, so the agent never sweeps non-stop.
+        // A sweep of a full table takes a good part of a second: the next one waits its
+        // interval instead of following at once, so the agent never sweeps non-stop.
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut modified = mtime(&self.path);
         let exit = loop {

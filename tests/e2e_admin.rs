@@ -99,7 +99,11 @@ fn metrics_parse_and_move_with_traffic_and_a_healthy_setup_diagnoses_clean() {
         "every family has its HELP"
     );
     assert_eq!(
-        value(&before, "lb_conntrack_entries_limit", &[]),
+        value(
+            &before,
+            "lb_conntrack_table_entries_limit",
+            &[("table", "ipv4")]
+        ),
         (1 << 20) as f64
     );
 
@@ -128,6 +132,11 @@ fn metrics_parse_and_move_with_traffic_and_a_healthy_setup_diagnoses_clean() {
         value(s, "lb_snat_ports_in_use", &snat) > 0.0
     });
     assert!(value(&after, "lb_conntrack_entries", &[]) > 0.0);
+    assert_eq!(
+        value(&after, "lb_conntrack_table_entries", &[("table", "ipv4")]),
+        value(&after, "lb_conntrack_entries", &[]),
+        "IPv4 flows, established"
+    );
     assert_eq!(value(&after, "lb_snat_port_range_size", &[]), 40001.0);
     let b0 = [("backend", backend(0)), ("state", "unchecked".into())];
     let b0: Vec<(&str, &str)> = b0.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -13,7 +13,7 @@ use aya::{
 };
 use lb_common::{
     counters::{BackendStats, Counter, ListenerStats},
-    flow::AddrBe,
+    flow::{AddrBe, FAMILY_V4},
     maps::{self, ring_base},
     AclKey, Backend, ConnEntry, FlowKey, GlobalConfig, VipKey, VipMeta,
 };
@@ -564,9 +564,18 @@ impl Dataplane {
         };
         let mut resets = Vec::new();
         let mut snat = gc::SnatCount::new(&plan.snat_addrs);
-        // A flow's two entries are always in the same table.
-        for table in [&mut self.conntrack, &mut self.conntrack_syn] {
-            sweep(table, plan, now_ns, &mut report, &mut snat, &mut resets);
+        // A flow's two entries are always in the same table. `gc::TABLES`' order: established
+        // (IPv4, IPv6), then handshake.
+        for (first, table) in [(0, &mut self.conntrack), (2, &mut self.conntrack_syn)] {
+            sweep(
+                table,
+                first,
+                plan,
+                now_ns,
+                &mut report,
+                &mut snat,
+                &mut resets,
+            );
         }
         report.snat = snat.finish();
         if !resets.is_empty() {
@@ -602,8 +611,9 @@ fn totals(
         .collect()
 }
 
-/// One conntrack table's part of [`Dataplane::gc`], added to `report`; SNAT ports are counted
-/// into `snat`, and idle-timeout RSTs to send collected in `resets`.
+/// One conntrack table's part of [`Dataplane::gc`], added to `report` (its IPv4 map counted
+/// at `gc::TABLES[first]`, its IPv6 map next); SNAT ports are counted into `snat`, and
+/// idle-timeout RSTs to send collected in `resets`.
 ///
 /// The table streams past once (nothing of it is kept: a full one is hundreds of MiB); only
 /// entries idle beyond their own state's timeout are kept, and each looks its pair up. That
@@ -612,6 +622,7 @@ fn totals(
 /// that is not idle by its own time is not idle by the pair's either.
 fn sweep(
     table: &mut conntrack::Table,
+    first: usize,
     plan: &Plan,
     now_ns: u64,
     report: &mut gc::Report,
@@ -640,6 +651,7 @@ fn sweep(
     let mut idle = Vec::new();
     table.for_each(|key, e| {
         report.entries += 1;
+        report.tables[first + usize::from(key.family != FAMILY_V4)] += 1;
         snat.add(&key, &e);
         count(report, &e, 1);
         if now_ns.saturating_sub(e.last_seen_ns) > limit(&e) {

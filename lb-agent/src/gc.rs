@@ -7,6 +7,7 @@ use std::{collections::HashMap, time::Duration};
 use lb_common::{
     conn::{DIR_REPLY, STATE_CLOSED, STATE_CLOSING, STATE_ESTABLISHED},
     flow::AddrBe,
+    maps::{CONNTRACK6_ENTRIES, CONNTRACK6_SYN_ENTRIES, CONNTRACK_ENTRIES, CONNTRACK_SYN_ENTRIES},
     ConnEntry, FlowKey,
 };
 
@@ -37,11 +38,22 @@ pub fn monotonic_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
+/// The conntrack tables, in the order of [`Report::tables`]: name and capacity in entries.
+/// Each fills on its own (a SYN flood fills a handshake table), evicting its oldest.
+pub const TABLES: [(&str, u32); 4] = [
+    ("ipv4", CONNTRACK_ENTRIES),
+    ("ipv6", CONNTRACK6_ENTRIES),
+    ("ipv4_handshake", CONNTRACK_SYN_ENTRIES),
+    ("ipv6_handshake", CONNTRACK6_SYN_ENTRIES),
+];
+
 /// What a sweep found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
     /// Entries in the conntrack tables (both families) before the sweep (two per flow).
     pub entries: usize,
+    /// The same, per table of [`TABLES`].
+    pub tables: [usize; 4],
     /// Flows deleted.
     pub expired: usize,
     /// Live flows (not closing or closed) per listener id.

@@ -132,15 +132,40 @@ pub fn render(view: &View) -> String {
     w.family(
         "lb_conntrack_entries",
         "gauge",
-        "Connection-tracking entries at the last sweep (two per flow).",
+        "Connection-tracking entries at the last sweep (two per flow), in all tables.",
     );
     w.sample("lb_conntrack_entries", &[], s.conntrack.entries);
     w.family(
         "lb_conntrack_entries_limit",
         "gauge",
-        "Connection-tracking entries the table holds before the oldest are evicted.",
+        "Connection-tracking entries all tables hold (each evicts its oldest when full).",
     );
     w.sample("lb_conntrack_entries_limit", &[], s.conntrack.capacity);
+    w.family(
+        "lb_conntrack_table_entries",
+        "gauge",
+        "Connection-tracking entries at the last sweep, per table (ipv4, ipv6: established \
+         flows; ipv4_handshake, ipv6_handshake: unanswered ones).",
+    );
+    for t in &s.conntrack.tables {
+        w.sample(
+            "lb_conntrack_table_entries",
+            &[("table", t.table.clone())],
+            t.entries,
+        );
+    }
+    w.family(
+        "lb_conntrack_table_entries_limit",
+        "gauge",
+        "Connection-tracking entries a table holds before its oldest are evicted.",
+    );
+    for t in &s.conntrack.tables {
+        w.sample(
+            "lb_conntrack_table_entries_limit",
+            &[("table", t.table.clone())],
+            t.capacity,
+        );
+    }
 
     w.family(
         "lb_http_requests_total",

@@ -12,7 +12,6 @@ use std::{
 use lb_common::{
     counters::{BackendStats, ListenerStats},
     flow::AddrBe,
-    maps::CONNTRACK_ENTRIES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -46,9 +45,19 @@ pub struct Agent {
     pub interfaces: Vec<String>,
 }
 
-/// Entries at the last sweep (two per flow) and how many the table holds.
+/// Entries at the last sweep (two per flow) and how many the tables hold, in all and per
+/// table (`gc::TABLES`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Conntrack {
+    pub entries: u64,
+    pub capacity: u64,
+    #[serde(default)]
+    pub tables: Vec<ConntrackTable>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConntrackTable {
+    pub table: String,
     pub entries: u64,
     pub capacity: u64,
 }
@@ -246,7 +255,16 @@ impl Status {
                 .collect(),
             conntrack: Conntrack {
                 entries: i.sweep.entries as u64,
-                capacity: CONNTRACK_ENTRIES.into(),
+                capacity: gc::TABLES.iter().map(|(_, c)| u64::from(*c)).sum(),
+                tables: gc::TABLES
+                    .iter()
+                    .zip(i.sweep.tables)
+                    .map(|((table, capacity), entries)| ConntrackTable {
+                        table: table.to_string(),
+                        entries: entries as u64,
+                        capacity: (*capacity).into(),
+                    })
+                    .collect(),
             },
             snat,
             listeners,

@@ -76,6 +76,7 @@ impl Fixture {
         let backends: Vec<_> = (0..plan.backends.len() as u64).map(traffic).collect();
         let sweep = gc::Report {
             entries: 12,
+            tables: [8, 2, 2, 0],
             expired: 0,
             active: vec![6],
             backend_active: vec![4, 2, 0],

@@ -604,19 +604,40 @@ fn pressure(s: &Status) -> Vec<Finding> {
             finding(Level::Ok, subject, text)
         });
     }
-    let (entries, capacity) = (s.conntrack.entries, s.conntrack.capacity.max(1));
-    let used = entries as f64 / capacity as f64;
-    let text = format!("{entries} of {capacity} entries ({:.0}%)", used * 100.0);
-    out.push(if used >= PRESSURE_WARN {
-        problem(
+    // Each table fills on its own (a SYN flood fills a handshake table): each is judged alone.
+    let pressed: Vec<_> = s
+        .conntrack
+        .tables
+        .iter()
+        .filter(|t| t.entries as f64 >= t.capacity.max(1) as f64 * PRESSURE_WARN)
+        .collect();
+    for t in &pressed {
+        let text = format!(
+            "{} of {} entries ({:.0}%)",
+            t.entries,
+            t.capacity,
+            t.entries as f64 * 100.0 / t.capacity.max(1) as f64
+        );
+        let fix = if t.table.ends_with("handshake") {
+            "unanswered handshakes (a SYN flood?): filter the source with the listener's acl"
+        } else {
+            "lower idle_timeout on busy listeners; the oldest flows are evicted when full"
+        };
+        out.push(problem(
             Level::Warn,
-            "conntrack",
+            format!("conntrack {}", t.table),
             text,
-            "lower idle_timeout on busy listeners; the oldest flows are evicted when full",
-        )
-    } else {
-        finding(Level::Ok, "conntrack", text)
-    });
+            fix,
+        ));
+    }
+    if pressed.is_empty() {
+        let (entries, capacity) = (s.conntrack.entries, s.conntrack.capacity.max(1));
+        let text = format!(
+            "{entries} of {capacity} entries ({:.0}%)",
+            entries as f64 * 100.0 / capacity as f64
+        );
+        out.push(finding(Level::Ok, "conntrack", text));
+    }
     for (counter, level, what, fix) in [
         (
             "drop_snat_exhausted",

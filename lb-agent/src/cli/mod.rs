@@ -133,6 +133,9 @@ pub fn stats_table(s: &Status) -> String {
         "conntrack: {} of {} entries",
         s.conntrack.entries, s.conntrack.capacity
     );
+    for t in &s.conntrack.tables {
+        let _ = writeln!(out, "  {}: {} of {}", t.table, t.entries, t.capacity);
+    }
     for n in &s.snat {
         let _ = writeln!(
             out,

@@ -103,6 +103,6 @@ fn the_stats_table_has_drops_by_reason_and_traffic_per_listener_and_backend() {
         "1",
         "new flows of backend id 2"
     );
-    assert!(table.contains("conntrack: 12 of 1048576 entries\n"));
+    assert!(table.contains("conntrack: 12 of 1392640 entries\n  ipv4: 8 of 1048576\n"));
     assert!(table.contains("snat 10.0.0.9: 6 ports in use, 4 of 100 towards the busiest backend\n"));
 }

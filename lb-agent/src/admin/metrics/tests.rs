@@ -141,7 +141,17 @@ fn the_rendering_parses_and_every_metric_has_its_value_and_labels() {
     );
     assert_eq!(value(&s, "lb_snat_port_range_size", &[]), 100.0);
     assert_eq!(value(&s, "lb_conntrack_entries", &[]), 12.0);
-    assert_eq!(value(&s, "lb_conntrack_entries_limit", &[]), 1048576.0);
+    assert_eq!(value(&s, "lb_conntrack_entries_limit", &[]), 1392640.0);
+    let table = |t| [("table", t)];
+    assert_eq!(value(&s, "lb_conntrack_table_entries", &table("ipv6")), 2.0);
+    assert_eq!(
+        value(
+            &s,
+            "lb_conntrack_table_entries_limit",
+            &table("ipv4_handshake")
+        ),
+        65536.0
+    );
 
     let site = |code| [("listener", "site"), ("code", code)];
     assert_eq!(value(&s, "lb_http_requests_total", &site("200")), 2.0);

@@ -11,12 +11,25 @@ fn listeners_hold_their_pools_and_backends_with_health_weights_and_counters() {
     assert_eq!(s.agent.config, Path::new("/etc/lb/lb.yaml"));
     assert_eq!(s.agent.interfaces, ["lo"]);
     assert_eq!(s.packets["forwarded"], 11);
+    let tables: Vec<(&str, u64, u64)> = s
+        .conntrack
+        .tables
+        .iter()
+        .map(|t| (t.table.as_str(), t.entries, t.capacity))
+        .collect();
     assert_eq!(
-        s.conntrack,
-        Conntrack {
-            entries: 12,
-            capacity: 1 << 20
-        }
+        tables,
+        [
+            ("ipv4", 8, 1 << 20),
+            ("ipv6", 2, 1 << 18),
+            ("ipv4_handshake", 2, 1 << 16),
+            ("ipv6_handshake", 0, 1 << 14)
+        ]
+    );
+    assert_eq!(
+        (s.conntrack.entries, s.conntrack.capacity),
+        (12, (1 << 20) + (1 << 18) + (1 << 16) + (1 << 14)),
+        "all tables"
     );
     let snat: Vec<(String, u64, u64, u64)> = s
         .snat

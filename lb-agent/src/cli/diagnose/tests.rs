@@ -109,7 +109,8 @@ fn pressure_and_drops_are_reported_from_the_status() {
         "{before:#?}"
     );
     s.snat[0].busiest_backend_ports = 90;
-    s.conntrack.entries = 900_000;
+    s.conntrack.tables[0].entries = 900_000;
+    s.conntrack.tables[3].entries = 16_000;
     let after = lines(&s);
     assert!(
         after.iter().any(|l| l.starts_with("WARN  snat 10.0.0.9:")
@@ -119,7 +120,13 @@ fn pressure_and_drops_are_reported_from_the_status() {
     assert!(
         after
             .iter()
-            .any(|l| l.starts_with("WARN  conntrack: 900000 of 1048576 entries (86%)")),
+            .any(|l| l.starts_with("WARN  conntrack ipv4: 900000 of 1048576 entries (86%)")),
+        "{after:#?}"
+    );
+    assert!(
+        after.iter().any(|l| l
+            .starts_with("WARN  conntrack ipv6_handshake: 16000 of 16384 entries (98%)")
+            && l.contains("SYN flood")),
         "{after:#?}"
     );
 }

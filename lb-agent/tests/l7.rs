@@ -442,6 +442,13 @@ async fn forwarded_headers_are_added_host_kept_and_hop_by_hop_removed() {
     // The backend's own hop-by-hop header does not reach the client.
     assert!(r.headers.get("keep-alive").is_none());
     assert_eq!(r.headers["x-backend"], "web");
+    // An absolute-form request target goes on in origin form, query included.
+    let r = send(
+        lb.addr("site"),
+        get("shop.example.com", "http://shop.example.com/abs?y=2"),
+    )
+    .await;
+    assert_eq!(r.seen("path"), Some("/abs?y=2"));
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

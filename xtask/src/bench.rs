@@ -261,16 +261,16 @@ Tools: {wrk}; {iperf3}; {haproxy}; {nginx}; {nft}.
   `/proc/PID/stat` (HAProxy; for lb-agent, the agent's sweeps and health checks, the datapath
   being in softirq).
 - **l7**: `wrk -t2 -c64 -d8s` against the agent's proxy and against nginx configured alike (two
-  workers, keep-alive to the same two nginx backends, access log on, forwarded headers), on
-  loopback in one namespace; HTTP and HTTPS (TLS 1.3, ECDSA P-256), keep-alive and a new
-  connection per request. Each side is measured twice, alternating, and its better run (with
+  workers, keep-alive to the same two nginx backends, an access log of the same 16 fields as
+  JSON lines, forwarded headers), on loopback in one namespace; HTTP and HTTPS (TLS 1.3, ECDSA
+  P-256), keep-alive and a new connection per request. Each side is measured twice, alternating, and its better run (with
   that run's p99) is kept.
 - **scale**: one backend namespace answering on 1000 addresses (nginx, two workers), the agent
   configured with 10, 100 and 1000 of them: new connections per second as in l4, the agent's
   RSS and the kernel memory of its maps (`memlock` of the map descriptors, fully preallocated).
   Then 10 backends with the conntrack table prefilled to 10% and 90% of its 1,048,576 entries
   with synthetic established flows (through the agent's map, as a restored state would be): the
-  same rate, plus the agent's CPU (its once-a-second sweep walks the whole table; the empty
+  same rate, plus the agent's CPU (its once-a-second sweep reads the whole table; the empty
   table still holds the run's own closed flows, about 10 s worth of connections).
 
 ## Results

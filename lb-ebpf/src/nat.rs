@@ -65,8 +65,9 @@ pub fn rewrite(
 /// Translates an ICMP error about a tracked flow (`pkt.is_icmp_error()`, and `pkt.flow`
 /// matched entry `e`): the outer header goes from `e.nat_src` to `e.nat_dst` like the flow's
 /// own packets, and the quoted packet becomes the one that peer sent (`e.nat_dst:dport` →
-/// `e.nat_src:sport`), so its socket recognises the error. The quoted IP checksum and the ICMP checksum are updated; the
-/// quoted L4 checksum is left alone (the quote is often truncated and nobody checks it).
+/// `e.nat_src:sport`), so its socket recognises the error. The quoted IP checksum and the ICMP
+/// checksum are updated; the quoted L4 checksum is left alone (the quote is often truncated and
+/// nobody checks it).
 #[inline(always)]
 pub fn rewrite_icmp_error(
     ctx: &aya_ebpf::programs::XdpContext,

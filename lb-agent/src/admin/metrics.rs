@@ -5,7 +5,7 @@
 use std::fmt::{Display, Write as _};
 
 use super::{
-    status::{Backend, HealthState, Snat, Traffic},
+    status::{Backend, ConntrackTable, HealthState, Snat, Traffic},
     View,
 };
 
@@ -141,30 +141,24 @@ pub fn render(view: &View) -> String {
         "Connection-tracking entries all tables hold (each evicts its oldest when full).",
     );
     w.sample("lb_conntrack_entries_limit", &[], s.conntrack.capacity);
-    w.family(
-        "lb_conntrack_table_entries",
-        "gauge",
-        "Connection-tracking entries at the last sweep, per table (ipv4, ipv6: established \
-         flows; ipv4_handshake, ipv6_handshake: unanswered ones).",
-    );
-    for t in &s.conntrack.tables {
-        w.sample(
+    let per_table: [TableGauge; 2] = [
+        (
             "lb_conntrack_table_entries",
-            &[("table", t.table.clone())],
-            t.entries,
-        );
-    }
-    w.family(
-        "lb_conntrack_table_entries_limit",
-        "gauge",
-        "Connection-tracking entries a table holds before its oldest are evicted.",
-    );
-    for t in &s.conntrack.tables {
-        w.sample(
+            "Connection-tracking entries at the last sweep, per table (ipv4, ipv6: established \
+             flows; ipv4_handshake, ipv6_handshake: unanswered ones).",
+            |t| t.entries,
+        ),
+        (
             "lb_conntrack_table_entries_limit",
-            &[("table", t.table.clone())],
-            t.capacity,
-        );
+            "Connection-tracking entries a table holds before its oldest are evicted.",
+            |t| t.capacity,
+        ),
+    ];
+    for (name, help, value) in per_table {
+        w.family(name, "gauge", help);
+        for t in &s.conntrack.tables {
+            w.sample(name, &[("table", t.table.clone())], value(t));
+        }
     }
 
     w.family(
@@ -205,6 +199,9 @@ pub fn render(view: &View) -> String {
 
 /// A per-backend gauge: name, help and value (none: no sample).
 type BackendGauge = (&'static str, &'static str, fn(&Backend) -> Option<f64>);
+
+/// A per-conntrack-table gauge: name, help and value.
+type TableGauge = (&'static str, &'static str, fn(&ConntrackTable) -> u64);
 
 /// Label names and values of one sample.
 type Labels = Vec<(&'static str, String)>;

@@ -357,6 +357,8 @@ struct Rule {
     pool: Arc<Pool>,
 }
 
+/// A route's host, lower case; requests' hosts are compared ignoring ASCII case (DNS names
+/// are case-insensitive), without lowering a copy of each.
 enum HostMatch {
     Exact(String),
     /// `*.example.com` as `.example.com`.
@@ -366,8 +368,11 @@ enum HostMatch {
 impl HostMatch {
     fn matches(&self, host: &str) -> bool {
         match self {
-            HostMatch::Exact(h) => h == host,
-            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                let (host, s) = (host.as_bytes(), s.as_bytes());
+                host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
         }
     }
 }
@@ -538,17 +543,7 @@ impl Site {
         if declared.is_some_and(|n| n > self.max_body_bytes) {
             return local_error(StatusCode::PAYLOAD_TOO_LARGE, record);
         }
-        let pool = {
-            let name = headers::without_port(&record.host);
-            // Lower case, as the routes' names are kept; most hosts already are.
-            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-                std::borrow::Cow::Owned(name.to_ascii_lowercase())
-            } else {
-                std::borrow::Cow::Borrowed(name)
-            };
-            self.route(&name, req.uri().path())
-        };
-        let Some(pool) = pool else {
+        let Some(pool) = self.route(headers::without_port(&record.host), req.uri().path()) else {
             return local_error(StatusCode::NOT_FOUND, record);
         };
 

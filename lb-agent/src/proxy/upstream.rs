@@ -47,6 +47,11 @@ fn coarse_ms() -> u64 {
     })
 }
 
+/// Whether a connection idle since `since_ms` (`coarse_ms`) is still worth reusing at `now_ms`.
+fn still_fresh(since_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(since_ms) < IDLE_TIMEOUT.as_millis() as u64
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connect to {0} timed out")]
@@ -198,8 +203,7 @@ impl Backend {
         loop {
             let i = idle.iter().rposition(|(_, _, t)| *t == here)?;
             let (s, since, _) = idle.swap_remove(i);
-            if !s.is_closed() && coarse_ms().saturating_sub(since) < IDLE_TIMEOUT.as_millis() as u64
-            {
+            if !s.is_closed() && still_fresh(since, coarse_ms()) {
                 return Some(s);
             }
         }
@@ -215,9 +219,7 @@ impl Backend {
             if idle.len() >= MAX_IDLE_PER_BACKEND {
                 // Connections of workers that are gone (a reload replaced them) close.
                 let now = coarse_ms();
-                idle.retain(|(s, since, _)| {
-                    !s.is_closed() && now.saturating_sub(*since) < IDLE_TIMEOUT.as_millis() as u64
-                });
+                idle.retain(|(s, since, _)| !s.is_closed() && still_fresh(*since, now));
             }
             if idle.len() < MAX_IDLE_PER_BACKEND {
                 idle.push((s, coarse_ms(), here));

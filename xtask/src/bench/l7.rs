@@ -1,14 +1,14 @@
 //! `cargo xtask bench l7`: wrk against the agent's L7 proxy and against nginx configured the
 //! same way (same backends, two workers, keep-alive both sides, the same access-log fields as
-//! JSON lines, forwarded headers), in the same run, in a private network namespace (loopback only): HTTP and HTTPS,
-//! keep-alive and a new connection per request.
+//! JSON lines, forwarded headers), in the same run, in a private network namespace (loopback
+//! only): HTTP and HTTPS, keep-alive and a new connection per request.
 
 use std::path::Path;
 
 use anyhow::{bail, Result};
 use lb_tests::{netns::Children, nginx::ok_server, Agent, Netns};
 
-use super::{wait_listening, wrk, Row};
+use super::{wait_listening, wrk, Row, Wrk};
 
 const BACKENDS: [u16; 2] = [18081, 18082];
 const NGINX_HTTP: u16 = 18080;
@@ -143,17 +143,12 @@ pools:\n  - name: web\n    backends:\n{pool}"
         // then lowers neither side's figure alone.
         wrk(&ns, &url(ours), 2, close)?;
         wrk(&ns, &url(nginx), 2, close)?;
+        let better = |best: Wrk, run: Wrk| if run.rps > best.rps { run } else { best };
         let mut n = wrk(&ns, &url(nginx), SECS, close)?;
         let mut a = wrk(&ns, &url(ours), SECS, close)?;
         for _ in 1..ROUNDS {
-            let n2 = wrk(&ns, &url(nginx), SECS, close)?;
-            let a2 = wrk(&ns, &url(ours), SECS, close)?;
-            if n2.rps > n.rps {
-                n = n2;
-            }
-            if a2.rps > a.rps {
-                a = a2;
-            }
+            n = better(n, wrk(&ns, &url(nginx), SECS, close)?);
+            a = better(a, wrk(&ns, &url(ours), SECS, close)?);
         }
         println!(
             "{what:<40} nginx {:>9.0} req/s p99 {:>6.2} ms   lb-agent {:>9.0} req/s p99 {:>6.2} ms",

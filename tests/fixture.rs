@@ -278,6 +278,22 @@ impl Fixture {
         v
     }
 
+    /// Applies another configuration, as a reload does.
+    pub fn reconfigure(&mut self, text: &str) {
+        let host = config::Host::current().unwrap();
+        let cfg = config::parse("fixture.yaml", text, &host).unwrap();
+        self.plan = plan::build(&cfg);
+        self.dp.apply(&self.plan).unwrap();
+    }
+
+    /// Keeps this thread's test runs on one CPU, whose flow cache they then share (the
+    /// kernel runs a test on the calling thread's CPU).
+    pub fn pin_to_one_cpu(&self) {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+    }
+
     /// A sweep as if `secs` seconds had passed.
     pub fn gc_after(&mut self, secs: u64) -> gc::Report {
         self.dp

@@ -8,9 +8,11 @@
 #[path = "fixture.rs"]
 mod fixture;
 
+use std::time::Duration;
+
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use fixture::*;
-use lb_agent::{config, gc, plan};
+use lb_agent::gc;
 use lb_common::{counters::Counter, maps::CONNTRACK_SYN_ENTRIES};
 
 #[test]
@@ -166,9 +168,7 @@ fn acl_deny_wins_over_allow_and_refused_clients_are_dropped_and_counted() {
         );
 
         // Re-applying without the ACL admits everyone again (stale prefixes are removed).
-        let host = config::Host::current().unwrap();
-        let open = config::parse("fixture.yaml", CONFIG, &host).unwrap();
-        f.dp.apply(&plan::build(&open)).unwrap();
+        f.reconfigure(CONFIG);
         assert!(syn_backend(&mut f, ([10, 92, 0, 2], 40001)).is_ok());
     });
 }
@@ -362,10 +362,7 @@ fn established_flows_keep_their_backend_when_it_leaves_the_pool_and_new_flows_av
         let victim = flows[0].1;
         let gone = format!("      - {{ address: 10.91.2.{}, port: 8080 }}\n", victim[3]);
         assert!(CONFIG.contains(&gone));
-        let host = config::Host::current().unwrap();
-        let smaller = config::parse("fixture.yaml", &CONFIG.replace(&gone, ""), &host).unwrap();
-        f.plan = plan::build(&smaller);
-        f.dp.apply(&f.plan).unwrap();
+        f.reconfigure(&CONFIG.replace(&gone, ""));
 
         for (port, backend) in &flows {
             let (action, out) = f.run(
@@ -934,5 +931,123 @@ fn the_sweeps_batch_read_sees_every_entry_the_per_entry_walk_sees() {
         assert!(batched.iter().all(|(k, e)| walked.get(k) == Some(e)));
         // An empty table reads as empty.
         assert!(f.dp.conntrack_table(true).batched().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn plain_packets_of_an_established_flow_leave_the_flow_cache_as_the_conntrack_path_sends_them() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        f.pin_to_one_cpu();
+        // Long enough that no copy expires during the test, however slow the machine.
+        f.dp.set_flow_cache(Some(Duration::from_secs(600))).unwrap();
+        let (backend, snat) = f.establish(CLIENT);
+        let backend_mac = BACKEND_MACS[(backend.0[3] - 11) as usize];
+        let frames = [
+            (tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "A"), f.ext),
+            (
+                tcp_frame(backend_mac, LB_INT_MAC, backend, snat, "A"),
+                f.int,
+            ),
+        ];
+        // Three of each direction, with the per-listener counters they move.
+        let send = |f: &mut Fixture| {
+            let before = f.dp.snapshot(1).unwrap().listeners[0];
+            let hits = f.dp.flow_cache_hits().unwrap();
+            let out: Vec<(u32, Vec<u8>)> = (0..3)
+                .flat_map(|_| {
+                    frames
+                        .iter()
+                        .map(|(frame, i)| f.run(frame, *i))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let after = f.dp.snapshot(1).unwrap().listeners[0];
+            let moved = (
+                after.packets_in - before.packets_in,
+                after.packets_out - before.packets_out,
+                after.bytes_in - before.bytes_in,
+            );
+            (out, moved, f.dp.flow_cache_hits().unwrap() - hits)
+        };
+        let (cached, cached_counts, hits) = send(&mut f);
+        // The handshake's last ACK left the client side's copy; the backend's first ACK
+        // leaves the other.
+        assert_eq!(hits, 5, "served from the flow cache");
+        f.dp.set_flow_cache(None).unwrap();
+        let (looked_up, counts, none) = send(&mut f);
+        assert_eq!(none, 0, "the cache is off");
+        assert_eq!(cached, looked_up, "same frames either way");
+        assert_eq!(cached_counts, counts, "counted alike");
+        assert_eq!(counts.0, 3);
+        assert_eq!(counts.1, 3);
+        for (action, frame) in &cached {
+            assert_eq!(*action, XDP_REDIRECT);
+            parse_checked(frame);
+        }
+    });
+}
+
+#[test]
+fn a_flow_cache_copy_is_not_used_once_its_flow_is_gone_or_replaced() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(CONFIG);
+        f.pin_to_one_cpu();
+        f.dp.set_flow_cache(Some(Duration::from_secs(600))).unwrap();
+        let ack = |client| tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "A");
+        let cached = |f: &mut Fixture, client| {
+            let hits = f.dp.flow_cache_hits().unwrap();
+            assert_eq!(f.run(&ack(client), f.ext).0, XDP_REDIRECT);
+            assert_eq!(
+                f.dp.flow_cache_hits().unwrap(),
+                hits + 1,
+                "a copy served it"
+            );
+        };
+
+        // The datapath replaces a flow: the client closes it and reuses its port, and the new
+        // flow goes elsewhere (its first backend left the pool meanwhile).
+        let (first, _) = f.establish(CLIENT);
+        cached(&mut f, CLIENT);
+        f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, CLIENT, VIP, "R"), f.ext);
+        f.reconfigure(&CONFIG.replace(
+            &format!(
+                "      - {{ address: 10.91.2.{}, port: 8080 }}\n",
+                first.0[3]
+            ),
+            "",
+        ));
+        let (second, _) = f.establish(CLIENT);
+        assert_ne!(second, first);
+        let (action, out) = f.run(&ack(CLIENT), f.ext);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(parse_checked(&out).dst, second, "the new flow's backend");
+
+        // The agent's sweep deletes an idle flow.
+        let other = ([10, 91, 0, 3], 40001);
+        f.establish(other);
+        cached(&mut f, other);
+        assert_eq!(f.gc_after(100_000).expired, 2);
+        let drops = f.dp.snapshot(1).unwrap().get(Counter::DropNoConntrack);
+        assert_eq!(f.run(&ack(other), f.ext).0, XDP_DROP);
+        assert_eq!(
+            f.dp.snapshot(1).unwrap().get(Counter::DropNoConntrack),
+            drops + 1
+        );
+
+        // A reload removes the listener, and its flows with it.
+        f.establish(other);
+        cached(&mut f, other);
+        f.reconfigure(&CONFIG.replace(
+            "  - { name: web, protocol: tcp, vip: 10.91.0.100, port: 80, pool: web }",
+            "  - { name: web, protocol: tcp, vip: 10.91.0.100, port: 8000, pool: web }",
+        ));
+        assert_eq!(
+            f.run(&ack(other), f.ext).0,
+            XDP_PASS,
+            "not the LB's any more"
+        );
     });
 }

@@ -1,6 +1,9 @@
 //! The loaded XDP program and typed handles to its maps.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray},
@@ -12,6 +15,7 @@ use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
+    conn::CachedFlow,
     counters::{BackendStats, Counter, ListenerStats},
     flow::{AddrBe, FAMILY_V4},
     maps::{self, ring_base},
@@ -24,6 +28,20 @@ use crate::{config, gc, plan::Plan};
 pub mod conntrack;
 
 /// The object `build.rs` produced (empty when built with `AYA_BUILD_SKIP=1`).
+/// How long a CPU's flow-cache copy of a conntrack entry serves packets before the entry is
+/// looked up again. Short next to every timeout (the entry's timestamp is refreshed at most
+/// once a second anyway), long next to a stream's packet gaps: a stream pays one conntrack
+/// lookup per CPU per window.
+pub const FLOW_CACHE_WINDOW: Duration = Duration::from_millis(50);
+
+/// `d` in the datapath's jiffies, rounded up.
+fn jiffies_in(clock: &crate::clock::Clock, d: Duration) -> u32 {
+    d.as_nanos()
+        .div_ceil(u128::from(clock.ns_per_jiffy.max(1)))
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +109,10 @@ pub struct Dataplane {
     global: Array<MapData, GlobalConfig>,
     /// Written into `global` with each plan.
     clock: crate::clock::Clock,
+    /// `GlobalConfig::flow_gen`: bumped after conntrack entries are deleted or written.
+    flow_gen: u32,
+    /// `GlobalConfig::flow_cache_jiffies` (0: the flow cache is off).
+    flow_cache_jiffies: u32,
     counters: PerCpuArray<MapData, u64>,
     listener_stats: PerCpuArray<MapData, ListenerStats>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
@@ -101,6 +123,7 @@ pub struct Dataplane {
     acl_allow: LpmTrie<MapData, AclKey, u8>,
     acl_deny: LpmTrie<MapData, AclKey, u8>,
     backend_active: Array<MapData, u64>,
+    flow_cache: PerCpuArray<MapData, CachedFlow>,
     links: Vec<(String, XdpLinkId)>,
     /// Where maps and links are pinned (`None`: nothing is, as in tests and benchmarks).
     pins: Option<PathBuf>,
@@ -211,6 +234,8 @@ impl Dataplane {
         let acl_deny = LpmTrie::try_from(take(maps::ACL_DENY)?).map_err(map_err(maps::ACL_DENY))?;
         let backend_active =
             Array::try_from(take(maps::BACKEND_ACTIVE)?).map_err(map_err(maps::BACKEND_ACTIVE))?;
+        let flow_cache =
+            PerCpuArray::try_from(take(maps::FLOW_CACHE)?).map_err(map_err(maps::FLOW_CACHE))?;
         let mut dp = Self {
             ebpf,
             vips,
@@ -226,7 +251,10 @@ impl Dataplane {
             acl_allow,
             acl_deny,
             backend_active,
+            flow_cache,
             clock: crate::clock::Clock::default(),
+            flow_gen: 0,
+            flow_cache_jiffies: 0,
             links: Vec::new(),
             pins,
         };
@@ -236,6 +264,10 @@ impl Dataplane {
             dp.read_clock()
         })?;
         debug!(clock = ?dp.clock, "datapath clock calibrated");
+        dp.flow_cache_jiffies = jiffies_in(&dp.clock, FLOW_CACHE_WINDOW);
+        // An adopted GLOBAL carries the generation the CPUs' (adopted) flow caches were
+        // checked against: it only moves forward.
+        dp.flow_gen = dp.global.get(&0, 0).map_or(0, |g| g.flow_gen);
         Ok(dp)
     }
 
@@ -408,6 +440,8 @@ impl Dataplane {
         let global = GlobalConfig {
             jiffies_base: self.clock.jiffies_base,
             ns_per_jiffy: self.clock.ns_per_jiffy,
+            flow_gen: self.flow_gen,
+            flow_cache_jiffies: self.flow_cache_jiffies,
             ..plan.global
         };
         self.global
@@ -502,8 +536,45 @@ impl Dataplane {
             }
             flows += doomed.len();
         }
+        self.flow_cache_stale()?;
         info!(vips = gone.len(), flows, "removed listeners' flows dropped");
         Ok(())
+    }
+
+    /// Makes every CPU's flow-cache copies stale (see the datapath's `flowcache`): called
+    /// after conntrack entries were deleted or written here, so no packet is forwarded from a
+    /// copy of what the table no longer holds.
+    fn flow_cache_stale(&mut self) -> Result<(), DataplaneError> {
+        self.flow_gen = self.flow_gen.wrapping_add(1);
+        self.write_flow_cache_settings()
+    }
+
+    /// Sets how long a flow-cache copy serves packets (`None`: the cache is off), for
+    /// benchmarks that measure both paths and tests that must not depend on timing.
+    pub fn set_flow_cache(&mut self, window: Option<Duration>) -> Result<(), DataplaneError> {
+        self.flow_cache_jiffies = window.map_or(0, |w| jiffies_in(&self.clock, w));
+        self.write_flow_cache_settings()
+    }
+
+    /// Packets forwarded from the CPUs' flow-cache copies since the program was loaded.
+    pub fn flow_cache_hits(&self) -> Result<u64, DataplaneError> {
+        let mut hits = 0;
+        for slot in 0..maps::FLOW_CACHE_SLOTS {
+            let per_cpu = self
+                .flow_cache
+                .get(&slot, 0)
+                .map_err(map_err(maps::FLOW_CACHE))?;
+            hits += per_cpu.iter().map(|c| c.hits).sum::<u64>();
+        }
+        Ok(hits)
+    }
+
+    /// Writes `flow_gen` and `flow_cache_jiffies` into GLOBAL, the rest as it is.
+    fn write_flow_cache_settings(&mut self) -> Result<(), DataplaneError> {
+        let mut g = self.global.get(&0, 0).map_err(map_err(maps::GLOBAL))?;
+        g.flow_gen = self.flow_gen;
+        g.flow_cache_jiffies = self.flow_cache_jiffies;
+        self.global.set(0, g, 0).map_err(map_err(maps::GLOBAL))
     }
 
     /// Counter totals over all CPUs.
@@ -531,11 +602,17 @@ impl Dataplane {
         key: FlowKey,
         entry: ConnEntry,
     ) -> Result<(), DataplaneError> {
-        self.conntrack.insert(key, entry, 0)
+        self.conntrack.insert(key, entry, 0)?;
+        self.flow_cache_stale()
     }
 
-    /// The established (false) or handshake (true) conntrack table, for tests.
+    /// The established (false) or handshake (true) conntrack table, for tests. The CPUs'
+    /// flow-cache copies are made stale first; with no packet in flight meanwhile (as in a
+    /// test), none is taken of what the caller then changes.
     pub fn conntrack_table(&mut self, handshake: bool) -> &mut conntrack::Table {
+        if let Err(e) = self.flow_cache_stale() {
+            warn!(error = %e, "flow cache not invalidated");
+        }
         if handshake {
             &mut self.conntrack_syn
         } else {
@@ -578,6 +655,9 @@ impl Dataplane {
             );
         }
         report.snat = snat.finish();
+        if report.expired > 0 {
+            self.flow_cache_stale()?;
+        }
         if !resets.is_empty() {
             match crate::reset::send(&resets) {
                 Ok(n) => report.resets = n,

@@ -122,9 +122,32 @@ impl ConnEntry {
     }
 }
 
+/// A CPU's copy of an established flow's entry: a slot of the per-CPU `FLOW_CACHE` (see the
+/// datapath's `flowcache`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    pub key: crate::FlowKey,
+    pub entry: ConnEntry,
+    /// When the copy was taken.
+    pub filled_jiffies: u64,
+    /// `GlobalConfig::flow_gen` and the tuple's `FLOW_GEN` slot, read before the copied entry
+    /// was looked up.
+    pub flow_gen: u32,
+    pub slot_gen: u32,
+    /// Packets forwarded from this slot's copies since the program was loaded.
+    pub hits: u64,
+}
+const _: () = assert!(core::mem::size_of::<CachedFlow>() == 144);
+
 #[cfg(feature = "user")]
 // SAFETY: repr(C), Copy, explicit padding, every bit pattern valid.
 unsafe impl aya::Pod for ConnEntry {}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), Copy, no implicit padding (FlowKey 40 + ConnEntry 80 + 24), every bit
+// pattern valid.
+unsafe impl aya::Pod for CachedFlow {}
 
 #[cfg(test)]
 mod tests;

@@ -155,13 +155,19 @@ pub struct GlobalConfig {
     /// Inclusive SNAT source-port range, host byte order.
     pub port_min: u16,
     pub port_max: u16,
-    pub _pad: u32,
+    /// Bumped by the agent after it deletes or writes conntrack entries: the CPUs' flow-cache
+    /// copies taken before are stale (see the datapath's `flowcache`).
+    pub flow_gen: u32,
     /// The datapath's clock (see the agent's `clock`): CLOCK_MONOTONIC nanoseconds are
     /// `(jiffies - jiffies_base) * ns_per_jiffy`.
     pub jiffies_base: u64,
     pub ns_per_jiffy: u64,
+    /// How long, in jiffies, a CPU's flow-cache copy of a conntrack entry serves packets
+    /// before the entry itself is looked up again (0: the cache is off).
+    pub flow_cache_jiffies: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -18,6 +18,8 @@ pub const ACL_DENY: &str = "ACL_DENY";
 pub const WRR_CURSOR: &str = "WRR_CURSOR";
 pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
+pub const FLOW_CACHE: &str = "FLOW_CACHE";
+pub const FLOW_GEN: &str = "FLOW_GEN";
 
 /// The XDP program's name in the object.
 pub const PROG_LB: &str = "lb_xdp";
@@ -48,6 +50,11 @@ pub const CONNTRACK6_SYN_ENTRIES: u32 = CONNTRACK_SYN_ENTRIES / 4;
 /// most this many SNAT ports. Big enough that, at the rate of a flood that fills it in a
 /// second, a real handshake still completes long before its entries would be evicted.
 pub const CONNTRACK_SYN_ENTRIES: u32 = 1 << 16;
+
+/// Per-CPU flow-cache slots (direct-mapped by a hash of the 5-tuple), and the shared
+/// generation counters that invalidate them (a finer hash of the same tuple).
+pub const FLOW_CACHE_SLOTS: u32 = 1 << 10;
+pub const FLOW_GEN_SLOTS: u32 = 1 << 16;
 
 /// `RING` value for a slot with no backend.
 pub const NO_BACKEND: u32 = u32::MAX;

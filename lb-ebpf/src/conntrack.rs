@@ -28,6 +28,7 @@ use lb_common::{
 };
 
 use crate::{
+    flowcache,
     maps::{
         BACKENDS, BACKEND_ACTIVE, CONNTRACK, CONNTRACK6, CONNTRACK6_SYN, CONNTRACK_SYN, GLOBAL,
         SNAT_ADDRS,
@@ -63,7 +64,8 @@ fn now_ns() -> u64 {
 #[derive(Clone, Copy)]
 pub struct Entry {
     pub ptr: *mut ConnEntry,
-    handshake: bool,
+    /// In the handshake table.
+    pub handshake: bool,
 }
 
 /// The handshake (true) or the established table, for either family. Keys are `FlowKey`s
@@ -172,6 +174,7 @@ pub fn retire_if_stale(entry: Entry, pkt: &Packet) -> bool {
         return false;
     }
     t.remove(&pkt.flow);
+    flowcache::invalidate(&pkt.flow);
     true
 }
 
@@ -394,6 +397,9 @@ pub fn create(pkt: &Packet, vip: &VipMeta, backend_id: u32) -> Result<Entry, Ver
         t.remove(&reply);
         return Err(full);
     }
+    // Other CPUs may hold copies of an earlier flow with either tuple.
+    flowcache::invalidate(flow);
+    flowcache::invalidate(&reply);
     active_add(backend_id, 1);
     let ptr = t.get(flow).ok_or(full)?;
     Ok(Entry { ptr, handshake })

@@ -1,7 +1,8 @@
 //! XDP L4 FullNAT fast path.
 //!
 //! Pipeline (each stage returns `Result<_, Verdict>`, `Err` being an early verdict):
-//! `parse` → `conntrack` lookup (either direction) → on a miss, `sched` (VIP lookup, Maglev
+//! `parse` → `flowcache` (this CPU's copy of an established flow's entry, for its plain
+//! packets) or `conntrack` lookup (either direction) → on a miss, `sched` (VIP lookup, Maglev
 //! pick) and `conntrack::create` (SNAT port, both entries) → `nat` rewrite → `fwd` (FIB lookup,
 //! MACs, XDP_TX or redirect). Every verdict is counted by reason in `stats`; nothing is logged.
 #![no_std]
@@ -18,6 +19,7 @@
 
 mod acl;
 mod conntrack;
+mod flowcache;
 mod fwd;
 mod maps;
 mod nat;
@@ -30,7 +32,7 @@ mod verdict;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    conn::{CONN_F_TOA, DIR_ORIGINAL, STATE_SYN_RECV, STATE_SYN_SENT},
+    conn::{CONN_F_TOA, DIR_ORIGINAL, STATE_ESTABLISHED, STATE_SYN_RECV, STATE_SYN_SENT},
     counters::Counter,
     flow::PROTO_TCP,
 };
@@ -83,32 +85,22 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         return fwd::forward(ctx, &pkt, entry.ptr);
     }
     // Entries are used in place (no copies on the 512-byte stack): the NAT tuple never changes
-    // after creation; other CPUs only write state, timestamp and the cached next hop.
-    let hit = conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_stale(e, &pkt));
-    let (entry, before) = match hit {
-        Some(mut entry) => {
-            // After touch: the handshake check reads what record_ack would overwrite.
-            let before = conntrack::touch(ctx, &mut entry, &pkt);
-            conntrack::record_ack(ctx, entry, &pkt);
-            (entry.ptr, before)
-        }
-        None => {
-            let vip = sched::vip_lookup(&pkt.flow)?;
-            if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {
-                // Mid-stream packet for a flow we do not know (expired, or forged): never send it
-                // to a backend that has no such connection.
-                return Err(Verdict::drop(Counter::DropNoConntrack));
+    // after creation; other CPUs only write state, timestamp and the cached next hop. A plain
+    // packet of an established flow usually finds this CPU's copy (see `flowcache`).
+    let (entry, before, fill) = match flowcache::lookup(&pkt) {
+        Ok(copy) => (copy, STATE_ESTABLISHED, None),
+        Err(fill) => {
+            let hit =
+                conntrack::lookup(&pkt.flow).filter(|&e| !conntrack::retire_if_stale(e, &pkt));
+            match hit {
+                Some(mut entry) => {
+                    // After touch: the handshake check reads what record_ack would overwrite.
+                    let before = conntrack::touch(ctx, &mut entry, &pkt);
+                    conntrack::record_ack(ctx, entry, &pkt);
+                    (entry.ptr, before, fill.map(|f| (f, entry)))
+                }
+                None => (new_flow(ctx, &pkt)?, 0, None),
             }
-            acl::check(&vip, &pkt.flow)?;
-            let backend_id = match sched::pick_backend(vip, &pkt.flow) {
-                Ok(id) => id,
-                // No backend can take it (all down or drained): refuse the TCP connection.
-                Err(_) if pkt.flow.proto == PROTO_TCP => return rst::refuse(ctx, &pkt),
-                Err(v) => return Err(v),
-            };
-            let entry = conntrack::create(&pkt, &vip, backend_id)?;
-            stats::new_flow(vip.listener_id, backend_id);
-            (entry.ptr, 0)
         }
     };
     // SAFETY: a pointer from a successful map lookup stays valid for this program run.
@@ -122,7 +114,37 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         toa::insert(ctx, &mut pkt)?;
     }
     stats::traffic(e.listener_id, e.backend_id, e.dir == DIR_ORIGINAL, pkt.len);
-    fwd::forward(ctx, &pkt, entry)
+    let v = fwd::forward(ctx, &pkt, entry)?;
+    if let Some((f, entry)) = fill {
+        flowcache::fill(f, &pkt.flow, entry);
+    }
+    Ok(v)
+}
+
+/// A packet no flow matched: a new flow if it may start one (scheduled, its entries
+/// created), else its verdict.
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, pkt: &parse::Packet) -> Result<*mut lb_common::ConnEntry, Verdict> {
+    let vip = sched::vip_lookup(&pkt.flow)?;
+    if pkt.flow.proto == PROTO_TCP && !pkt.is_syn() {
+        // Mid-stream packet for a flow we do not know (expired, or forged): never send it
+        // to a backend that has no such connection.
+        return Err(Verdict::drop(Counter::DropNoConntrack));
+    }
+    acl::check(&vip, &pkt.flow)?;
+    let backend_id = match sched::pick_backend(vip, &pkt.flow) {
+        Ok(id) => id,
+        // No backend can take it (all down or drained): refuse the TCP connection.
+        Err(_) if pkt.flow.proto == PROTO_TCP => {
+            return Err(match rst::refuse(ctx, pkt) {
+                Ok(v) | Err(v) => v,
+            })
+        }
+        Err(v) => return Err(v),
+    };
+    let entry = conntrack::create(pkt, &vip, backend_id)?;
+    stats::new_flow(vip.listener_id, backend_id);
+    Ok(entry.ptr)
 }
 
 #[cfg(not(test))]

@@ -6,11 +6,13 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
+    conn::CachedFlow,
     counters::{BackendStats, ListenerStats, COUNTER_COUNT},
     flow::AddrBe,
     maps::{
         CONNTRACK6_ENTRIES, CONNTRACK6_SYN_ENTRIES, CONNTRACK_ENTRIES, CONNTRACK_SYN_ENTRIES,
-        MAX_ACL_ENTRIES, MAX_BACKENDS, MAX_LISTENERS, MAX_SNAT_ADDRS, RING_ENTRIES,
+        FLOW_CACHE_SLOTS, FLOW_GEN_SLOTS, MAX_ACL_ENTRIES, MAX_BACKENDS, MAX_LISTENERS,
+        MAX_SNAT_ADDRS, RING_ENTRIES,
     },
     AclKey, Backend, ConnEntry, FlowKey, FlowKey4, GlobalConfig, VipKey, VipMeta,
 };
@@ -81,3 +83,11 @@ pub static WRR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_LIST
 /// accounts for flows that expired without closing).
 #[map]
 pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Each CPU's copies of established flows' entries (see `flowcache`).
+#[map]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// Generations of flow-cache tuples, bumped when a flow with such a tuple is created or retired.
+#[map]
+pub static FLOW_GEN: Array<u32> = Array::with_max_entries(FLOW_GEN_SLOTS, 0);

@@ -243,7 +243,8 @@ Tools: {wrk}; {iperf3}; {haproxy}; {nginx}; {nft}.
 - **xdp**: `BPF_PROG_TEST_RUN` of the real program (loaded by the agent's loader, maps filled
   from a config) and of a program that only returns `XDP_TX`, on the same frames: an
   established flow's ACK (5 alternating batches of 1,000,000 repeats per program, the fastest
-  kept) and 20,000 distinct SYNs (new flows: Maglev pick,
+  kept), served from the per-CPU flow cache as deployed and again with the cache off (every
+  packet looks its conntrack entry up), and 20,000 distinct SYNs (new flows: Maglev pick,
   SNAT port, conntrack inserts). Kernel-timed ns per packet.
 - **l4**: one topology (client ── LB ── switch ── 3 backends, veth, native XDP). Backends: nginx
   (one worker each) answering `ok`, and iperf3 on the first. In turn in the LB namespace: the

@@ -287,11 +287,15 @@ impl Fixture {
     }
 
     /// Keeps this thread's test runs on one CPU, whose flow cache they then share (the
-    /// kernel runs a test on the calling thread's CPU).
-    pub fn pin_to_one_cpu(&self) {
+    /// kernel runs a test on the calling thread's CPU), with copies that do not expire during
+    /// the test, however slow the machine.
+    pub fn cache_flows_on_one_cpu(&mut self) {
         let mut set = nix::sched::CpuSet::new();
         set.set(0).unwrap();
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+        self.dp
+            .set_flow_cache(Some(std::time::Duration::from_secs(600)))
+            .unwrap();
     }
 
     /// A sweep as if `secs` seconds had passed.

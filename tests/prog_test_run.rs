@@ -8,8 +8,6 @@
 #[path = "fixture.rs"]
 mod fixture;
 
-use std::time::Duration;
-
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use fixture::*;
 use lb_agent::gc;
@@ -939,9 +937,7 @@ fn plain_packets_of_an_established_flow_leave_the_flow_cache_as_the_conntrack_pa
     let ns = lb_namespace();
     ns.scoped(|| {
         let mut f = Fixture::new(CONFIG);
-        f.pin_to_one_cpu();
-        // Long enough that no copy expires during the test, however slow the machine.
-        f.dp.set_flow_cache(Some(Duration::from_secs(600))).unwrap();
+        f.cache_flows_on_one_cpu();
         let (backend, snat) = f.establish(CLIENT);
         let backend_mac = BACKEND_MACS[(backend.0[3] - 11) as usize];
         let frames = [
@@ -994,8 +990,7 @@ fn a_flow_cache_copy_is_not_used_once_its_flow_is_gone_or_replaced() {
     let ns = lb_namespace();
     ns.scoped(|| {
         let mut f = Fixture::new(CONFIG);
-        f.pin_to_one_cpu();
-        f.dp.set_flow_cache(Some(Duration::from_secs(600))).unwrap();
+        f.cache_flows_on_one_cpu();
         let ack = |client| tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "A");
         let cached = |f: &mut Fixture, client| {
             let hits = f.dp.flow_cache_hits().unwrap();

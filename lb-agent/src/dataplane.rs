@@ -27,7 +27,6 @@ use crate::{config, gc, plan::Plan};
 
 pub mod conntrack;
 
-/// The object `build.rs` produced (empty when built with `AYA_BUILD_SKIP=1`).
 /// How long a CPU's flow-cache copy of a conntrack entry serves packets before the entry is
 /// looked up again. Short next to every timeout (the entry's timestamp is refreshed at most
 /// once a second anyway), long next to a stream's packet gaps: a stream pays one conntrack
@@ -42,6 +41,7 @@ fn jiffies_in(clock: &crate::clock::Clock, d: Duration) -> u32 {
         .unwrap_or(u32::MAX)
 }
 
+/// The object `build.rs` produced (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 #[derive(Debug, thiserror::Error)]

@@ -43,7 +43,9 @@ pub struct Fill {
     jiffies: u64,
 }
 
-/// The cache and generation slots of a tuple: the low and the high bits of one hash.
+/// The cache and generation slots of a tuple: the low and the high bits of one hash. One
+/// mixing round over the folded tuple, not `hash::flow_hash`'s one per word: this runs for
+/// every plain packet.
 #[inline(always)]
 fn slots(k: &FlowKey) -> (u32, u32) {
     let src = k.src_be[0] ^ k.src_be[1] ^ k.src_be[2] ^ k.src_be[3];

@@ -452,6 +452,88 @@ async fn forwarded_headers_are_added_host_kept_and_hop_by_hop_removed() {
     lb.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Undoes HTTP/1.1 chunked framing (sizes in hex, each chunk CRLF-terminated).
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn chunked_bodies_stream_both_ways_over_one_kept_alive_backend_connection() {
+    use std::sync::Mutex;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s2, c2) = (seen.clone(), connections.clone());
+    // Reads chunked requests and answers each in two chunks, 50 ms apart, on one connection.
+    let web = raw_backend(move |mut s| {
+        let (seen, connections) = (s2.clone(), c2.clone());
+        async move {
+            connections.fetch_add(1, Ordering::Relaxed);
+            let mut buf = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                while !String::from_utf8_lossy(&buf).contains("\r\n0\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                        _ => return,
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf).into_owned());
+                buf.clear();
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                s.write_all(head.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                s.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+            }
+        }
+    })
+    .await;
+    let lb = site(&pool("web", &[web])).await;
+    for _ in 0..2 {
+        let out = raw(
+            lb.addr("site"),
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+              3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        )
+        .await;
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{out}"
+        );
+        assert_eq!(dechunk(body), "hello world", "{out}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for req in &seen {
+        let (head, body) = req.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("POST /up HTTP/1.1\r\n"), "{req}");
+        assert!(head.contains("transfer-encoding: chunked"), "{req}");
+        assert_eq!(dechunk(body), "abcdefg", "{req}");
+    }
+    assert_eq!(
+        connections.load(Ordering::Relaxed),
+        1,
+        "the second request reused the backend connection"
+    );
+    let line = &lb.log_lines(2).await[1];
+    assert_eq!(line["bytes_in"], 7);
+    assert_eq!(line["status"], 200);
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
 // === errors ===
 
 #[tokio::test]

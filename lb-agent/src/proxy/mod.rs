@@ -5,6 +5,7 @@
 //! HTTP/1.1. Defaults are the vendors' (Alibaba SLB / Huawei ELB, nginx/Tengine based).
 
 pub mod errors;
+mod h1;
 pub mod headers;
 mod idle;
 pub mod log;
@@ -20,7 +21,7 @@ use std::{
     path::PathBuf,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, AtomicU8, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -30,10 +31,9 @@ use std::{
 use bytes::Bytes;
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
-    client::conn::http1::SendRequest,
     header::{self, HeaderValue},
     service::service_fn,
-    Method, Request, Response, StatusCode, Uri, Version,
+    Method, Request, Response, StatusCode, Version,
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -48,6 +48,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use self::{
+    h1::ExchangeError,
     log::{AccessLog, Attempt, Record},
     metrics::RequestStats,
     upstream::{ActiveGuard, Backend, ConnectError, Pool},
@@ -563,27 +564,15 @@ impl Site {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        // Origin form (what HTTP/1.1 backends expect), sharing the request's bytes.
-        let uri = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .map_or_else(|| Uri::from_static("/"), Uri::from);
+        // Origin form (what HTTP/1.1 backends expect).
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let has_body = !body.is_end_stream();
-        let state = has_body.then(|| Arc::new(BodyState::default()));
-        let mut body = Some(match &state {
-            Some(state) => {
-                let bytes_in = Arc::new(AtomicU64::new(0));
-                record.bytes_in = Some(bytes_in.clone());
-                RequestBody::new(
-                    body,
-                    self.max_body_bytes,
-                    self.timeouts.request,
-                    state.clone(),
-                    bytes_in,
-                )
-            }
-            None => RequestBody(None),
+        let mut body = Some(if has_body {
+            let bytes_in = Arc::new(AtomicU64::new(0));
+            record.bytes_in = Some(bytes_in.clone());
+            RequestBody::new(body, self.max_body_bytes, self.timeouts.request, bytes_in)
+        } else {
+            RequestBody(None)
         });
 
         let sticky = self.sticky_backend(pool, &parts.headers, peer);
@@ -613,7 +602,7 @@ impl Site {
                 addr: Some(backend.addr),
                 ..Attempt::default()
             };
-            let (mut sender, connect_time) = match backend
+            let (mut conn, connect_time) = match backend
                 .connection(self.timeouts.connect, self.backend_tls.as_ref())
                 .await
             {
@@ -629,28 +618,25 @@ impl Site {
                 }
             };
             attempt.connect = Some(connect_time.unwrap_or_default());
-            let mut breq = Request::new(body.take().unwrap_or(RequestBody(None)));
-            *breq.method_mut() = parts.method.clone();
-            *breq.uri_mut() = uri.clone();
-            *breq.headers_mut() = parts.headers.clone();
             let sent = Instant::now();
-            let exchange = sender.try_send_request(breq);
-            tokio::pin!(exchange);
-            // The response timeout runs once the whole request is sent; until then a stalled
-            // body is the request timeout's business.
-            let early = match &state {
-                Some(state) => tokio::select! {
-                    r = &mut exchange => Some(r),
-                    _ = state.sent.notified() => None,
-                },
-                None => None,
-            };
-            let outcome = match early {
-                Some(r) => Ok(r),
-                None => tokio::time::timeout(self.timeouts.response, exchange).await,
+            let exchange = conn
+                .exchange(
+                    &parts.method,
+                    target,
+                    &parts.headers,
+                    body.take().unwrap_or(RequestBody(None)),
+                    self.timeouts.response,
+                )
+                .await;
+            // With the error, whether the connection had been kept alive and nothing came back.
+            let outcome = match exchange {
+                Ok(mut res) => h1::Incoming::new(conn, &parts.method, &mut res)
+                    .map(|body| res.map(|()| body))
+                    .map_err(|e| (e, false)),
+                Err(e) => Err((e, connect_time.is_none() && conn.nothing_received())),
             };
             let error = match outcome {
-                Ok(Ok(res)) => {
+                Ok(res) => {
                     attempt.header = Some(sent.elapsed());
                     attempt.status = Some(res.status().as_u16());
                     record.attempts.push(attempt);
@@ -661,42 +647,41 @@ impl Site {
                             pool: pool.clone(),
                             idx,
                             backend,
-                            sender,
                             active,
                             sent,
                         },
                         client_upgrade,
                     );
                 }
-                Ok(Err(mut e)) => {
-                    let fault = state.as_ref().map(|s| s.fault.load(Ordering::Relaxed));
-                    match Fault::from(fault.unwrap_or_default()) {
-                        Fault::TooLarge => {
-                            return local_error(StatusCode::PAYLOAD_TOO_LARGE, record)
-                        }
-                        Fault::Timeout => return local_error(StatusCode::REQUEST_TIMEOUT, record),
-                        Fault::Client => return local_error(StatusCode::BAD_REQUEST, record),
-                        Fault::None => {}
-                    }
-                    if let Some(unsent) = e.take_message() {
-                        // A kept-alive connection the backend had just closed: nothing was
-                        // sent, so the request (body included) goes to the next backend.
-                        body = Some(unsent.into_body());
-                        tried.pop();
-                        record.attempts.push(attempt);
-                        debug!(listener = %self.name, backend = %backend.addr, "stale backend connection; retrying");
-                        continue;
-                    }
-                    attempt.status = Some(502);
-                    failure = StatusCode::BAD_GATEWAY;
-                    warn!(listener = %self.name, backend = %backend.addr, error = %e.into_error(), "backend failed");
-                    StatusCode::BAD_GATEWAY
+                Err((ExchangeError::Body(e), _)) => {
+                    return local_error(
+                        match e {
+                            BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                            BodyError::Timeout => StatusCode::REQUEST_TIMEOUT,
+                            BodyError::Client(_) => StatusCode::BAD_REQUEST,
+                        },
+                        record,
+                    )
                 }
-                Err(_) => {
+                Err((ExchangeError::Timeout(_), _)) => {
                     attempt.status = Some(504);
                     failure = StatusCode::GATEWAY_TIMEOUT;
                     warn!(listener = %self.name, backend = %backend.addr, timeout = ?self.timeouts.response, "backend response timed out");
                     StatusCode::GATEWAY_TIMEOUT
+                }
+                Err((_, true)) if !has_body && idempotent => {
+                    // A kept-alive connection the backend closed as the request went out:
+                    // nothing came back and nothing is lost, so the request goes again.
+                    tried.pop();
+                    record.attempts.push(attempt);
+                    debug!(listener = %self.name, backend = %backend.addr, "stale backend connection; retrying");
+                    continue;
+                }
+                Err((e, _)) => {
+                    attempt.status = Some(502);
+                    failure = StatusCode::BAD_GATEWAY;
+                    warn!(listener = %self.name, backend = %backend.addr, error = %e, "backend failed");
+                    StatusCode::BAD_GATEWAY
                 }
             };
             attempt.header = Some(sent.elapsed());
@@ -740,7 +725,7 @@ impl Site {
 
     fn respond(
         &self,
-        mut res: Response<Incoming>,
+        mut res: Response<h1::Incoming>,
         mut record: Record,
         up: Upstream,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -749,8 +734,9 @@ impl Site {
         record.status = Some(status.as_u16());
         let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some();
         if let (true, Some(client)) = (upgraded, client_upgrade) {
-            let backend = hyper::upgrade::on(&mut res);
-            tokio::spawn(tunnel(client, backend, self.timeouts.websocket_idle));
+            if let Some(backend) = res.body_mut().take_upgraded() {
+                tokio::spawn(tunnel(client, backend, self.timeouts.websocket_idle));
+            }
         }
         headers::strip_hop_by_hop(res.headers_mut(), upgraded);
         if let Some(p) = &self.persistence {
@@ -777,7 +763,7 @@ impl Site {
             }
         }
         let (parts, body) = res.into_parts();
-        let reuse = (!upgraded).then_some((up.backend, up.sender));
+        let reuse = (!upgraded).then_some(up.backend);
         Response::from_parts(
             parts,
             ResponseBody {
@@ -798,7 +784,6 @@ struct Upstream {
     pool: Arc<Pool>,
     idx: usize,
     backend: Arc<Backend>,
-    sender: SendRequest<RequestBody>,
     active: ActiveGuard,
     sent: Instant,
 }
@@ -814,17 +799,18 @@ fn request_host(req: &Request<Incoming>) -> String {
 
 /// Copies between the client and the backend of an upgraded connection until either side
 /// closes or neither sends anything for `idle`.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
-    idle: Duration,
-) {
-    let (Ok(client), Ok(backend)) = tokio::join!(client, backend) else {
-        debug!("upgrade failed on one side");
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: h1::Conn, idle: Duration) {
+    let Ok(client) = client.await else {
+        debug!("the client's upgrade failed");
         return;
     };
+    let (backend, early) = backend.into_parts();
     let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
-    let (mut br, mut bw) = tokio::io::split(TokioIo::new(backend));
+    let (mut br, mut bw) = tokio::io::split(backend);
+    // What the backend sent right behind its 101.
+    if !early.is_empty() && cw.write_all(&early).await.is_err() {
+        return;
+    }
     let (mut cbuf, mut bbuf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
     loop {
         tokio::select! {
@@ -867,36 +853,6 @@ fn local_error(status: StatusCode, record: Record) -> Response<ResponseBody> {
     local(errors::page(status), record)
 }
 
-/// What the proxy learns from the request body while it streams to the backend.
-#[derive(Default)]
-struct BodyState {
-    /// Why the body stopped early (a [`Fault`]), as the backend exchange cannot tell.
-    fault: AtomicU8,
-    /// Notified once the body has been read to its end.
-    sent: tokio::sync::Notify,
-}
-
-/// Why the request body stopped.
-#[repr(u8)]
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    None,
-    TooLarge,
-    Timeout,
-    Client,
-}
-
-impl From<u8> for Fault {
-    fn from(v: u8) -> Self {
-        match v {
-            1 => Fault::TooLarge,
-            2 => Fault::Timeout,
-            3 => Fault::Client,
-            _ => Fault::None,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("request body over the limit")]
@@ -918,37 +874,23 @@ struct Streaming {
     seen: u64,
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
-    state: Arc<BodyState>,
     bytes_in: Arc<AtomicU64>,
 }
 
 impl RequestBody {
-    fn new(
-        inner: Incoming,
-        limit: u64,
-        timeout: Duration,
-        state: Arc<BodyState>,
-        bytes_in: Arc<AtomicU64>,
-    ) -> Self {
+    fn new(inner: Incoming, limit: u64, timeout: Duration, bytes_in: Arc<AtomicU64>) -> Self {
         Self(Some(Streaming {
             inner,
             limit,
             seen: 0,
             timeout,
             sleep: None,
-            state,
             bytes_in,
         }))
     }
 
-    fn fail(
-        &mut self,
-        fault: Fault,
-        e: BodyError,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(s) = self.0.take() {
-            s.state.fault.store(fault as u8, Ordering::Relaxed);
-        }
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.0 = None;
         Poll::Ready(Some(Err(e)))
     }
 }
@@ -972,15 +914,13 @@ impl Body for RequestBody {
                     s.seen += data.len() as u64;
                     s.bytes_in.store(s.seen, Ordering::Relaxed);
                     if s.seen > s.limit {
-                        return this.fail(Fault::TooLarge, BodyError::TooLarge);
+                        return this.fail(BodyError::TooLarge);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => this.fail(Fault::Client, BodyError::Client(e)),
+            Poll::Ready(Some(Err(e))) => this.fail(BodyError::Client(e)),
             Poll::Ready(None) => {
-                // A stored permit: the waiter may only start listening later.
-                s.state.sent.notify_one();
                 this.0 = None;
                 Poll::Ready(None)
             }
@@ -990,7 +930,7 @@ impl Body for RequestBody {
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => this.fail(Fault::Timeout, BodyError::Timeout),
+                    Poll::Ready(()) => this.fail(BodyError::Timeout),
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -1011,7 +951,7 @@ impl Body for RequestBody {
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(h1::Incoming),
 }
 
 /// The response on its way to the client: counts bytes, hands the backend connection back for
@@ -1019,7 +959,7 @@ enum Inner {
 pub struct ResponseBody {
     inner: Inner,
     record: Option<Record>,
-    reuse: Option<(Arc<Backend>, SendRequest<RequestBody>)>,
+    reuse: Option<Arc<Backend>>,
     upstream_sent: Option<Instant>,
     _active: Option<ActiveGuard>,
     /// Keeps the request in flight on its client connection until the body is sent.
@@ -1041,20 +981,22 @@ impl ResponseBody {
             }
             rec.ended(now);
         }
-        if let Some((backend, sender)) = self.reuse.take() {
-            backend.put_idle(sender);
+        if let (Some(backend), Inner::Upstream(body)) = (self.reuse.take(), &mut self.inner) {
+            if let Some(conn) = body.take_reusable() {
+                backend.put_idle(conn);
+            }
         }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         let frame = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),

@@ -1,10 +1,11 @@
 //! Backends of a listener's pools: selection (wrr, wlc, source_ip, sticky cookies), passive
 //! health, and HTTP/1.1 connections to them, kept alive for reuse.
 //!
-//! Connections are made here rather than through hyper-util's pooled client because the
-//! proxy needs what that client hides: the connect time on its own (for the access log and
-//! the "connect timeout, then next backend" rule) and the request body back when a connect
-//! fails, so a POST can still go to the next backend.
+//! Connections are made and pooled here (each worker keeps its own) and carry exchanges
+//! driven by the request's task (`super::h1`). The proxy needs what a pooled client would
+//! hide: the connect time on its own (for the access log and the "connect timeout, then next
+//! backend" rule) and the request body back when a connect fails, so a POST can still go to
+//! the next backend.
 
 use std::{
     collections::HashMap,
@@ -18,13 +19,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tracing::debug;
 
-use super::{thread_slot, RequestBody as ProxyBody, SLOTS};
+use super::{h1, thread_slot, SLOTS};
 use crate::{
     config::{self, Scheduler},
     health,
@@ -62,12 +60,6 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
-    #[error("HTTP handshake with {addr}: {source}")]
-    Handshake {
-        addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
 }
 
 #[derive(Debug)]
@@ -95,7 +87,7 @@ pub struct Backend {
 
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct IdleShard(Mutex<Vec<(SendRequest<ProxyBody>, u64, ThreadId)>>);
+struct IdleShard(Mutex<Vec<(h1::Conn, u64, ThreadId)>>);
 
 impl Backend {
     fn new(pool: &str, b: &config::BackendConfig, health: Option<Arc<health::Member>>) -> Self {
@@ -148,12 +140,9 @@ impl Backend {
         &self,
         connect_timeout: Duration,
         tls: Option<&tokio_rustls::TlsConnector>,
-    ) -> Result<(SendRequest<ProxyBody>, Option<Duration>), ConnectError> {
-        while let Some(mut s) = self.take_idle() {
-            // Returned right at the end of its response; hyper may still be wrapping up.
-            if s.ready().await.is_ok() {
-                return Ok((s, None));
-            }
+    ) -> Result<(h1::Conn, Option<Duration>), ConnectError> {
+        if let Some(c) = self.take_idle() {
+            return Ok((c, None));
         }
         // Boxed: the connect and TLS handshake futures are large, and every request's future
         // would otherwise carry (and copy) their space.
@@ -165,7 +154,7 @@ impl Backend {
         &self,
         connect_timeout: Duration,
         tls: Option<&tokio_rustls::TlsConnector>,
-    ) -> Result<(SendRequest<ProxyBody>, Option<Duration>), ConnectError> {
+    ) -> Result<(h1::Conn, Option<Duration>), ConnectError> {
         let started = Instant::now();
         let tcp =
             match tokio::time::timeout(connect_timeout, TcpStream::connect(self.addr)).await {
@@ -178,7 +167,7 @@ impl Backend {
             }
             .inspect_err(|_| self.mark_failed())?;
         let _ = tcp.set_nodelay(true);
-        let sender = match tls {
+        let io = match tls {
             Some(tls) => {
                 let name = ServerName::IpAddress(self.addr.ip().into());
                 let remaining = connect_timeout.saturating_sub(started.elapsed());
@@ -190,61 +179,39 @@ impl Backend {
                     }),
                 }
                 .inspect_err(|_| self.mark_failed())?;
-                handshake(self.addr, TokioIo::new(stream)).await?
+                h1::Io::Tls(Box::new(stream))
             }
-            None => handshake(self.addr, TokioIo::new(tcp)).await?,
+            None => h1::Io::Plain(tcp),
         };
-        Ok((sender, Some(started.elapsed())))
+        Ok((h1::Conn::new(io), Some(started.elapsed())))
     }
 
-    fn take_idle(&self) -> Option<SendRequest<ProxyBody>> {
+    fn take_idle(&self) -> Option<h1::Conn> {
         let (slot, here) = thread_slot();
         let mut idle = self.idle[slot].0.lock().ok()?;
         loop {
             let i = idle.iter().rposition(|(_, _, t)| *t == here)?;
-            let (s, since, _) = idle.swap_remove(i);
-            if !s.is_closed() && still_fresh(since, coarse_ms()) {
-                return Some(s);
+            let (c, since, _) = idle.swap_remove(i);
+            if still_fresh(since, coarse_ms()) && c.is_reusable() {
+                return Some(c);
             }
         }
     }
 
     /// Keeps a connection whose exchange finished cleanly for the next request.
-    pub fn put_idle(&self, s: SendRequest<ProxyBody>) {
-        if s.is_closed() {
-            return;
-        }
+    pub fn put_idle(&self, c: h1::Conn) {
         let (slot, here) = thread_slot();
         if let Ok(mut idle) = self.idle[slot].0.lock() {
             if idle.len() >= MAX_IDLE_PER_BACKEND {
                 // Connections of workers that are gone (a reload replaced them) close.
                 let now = coarse_ms();
-                idle.retain(|(s, since, _)| !s.is_closed() && still_fresh(*since, now));
+                idle.retain(|(c, since, _)| still_fresh(*since, now) && c.is_reusable());
             }
             if idle.len() < MAX_IDLE_PER_BACKEND {
-                idle.push((s, coarse_ms(), here));
+                idle.push((c, coarse_ms(), here));
             }
         }
     }
-}
-
-async fn handshake<T>(
-    addr: SocketAddr,
-    io: TokioIo<T>,
-) -> Result<SendRequest<ProxyBody>, ConnectError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|source| ConnectError::Handshake { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            debug!(backend = %addr, error = %e, "backend connection ended");
-        }
-    });
-    Ok(sender)
 }
 
 pub struct ActiveGuard(Arc<Backend>);

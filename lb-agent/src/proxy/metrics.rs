@@ -1,11 +1,14 @@
 //! Request counters of one http/https listener, for the admin API's `/metrics`: requests by
 //! status code and a latency histogram. Recorded when a request's access log record is
-//! written; a few relaxed atomic adds, no lock.
+//! written; a few relaxed atomic adds, no lock, in counters of the worker thread's own
+//! (`super::thread_slot`): workers never write to the same cache line. Reads add them up.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
+
+use super::{thread_slot, SLOTS};
 
 /// Upper bounds of the latency buckets, in seconds (Prometheus' default buckets).
 pub const LATENCY_BUCKETS: [f64; 11] = [
@@ -18,6 +21,12 @@ const LAST_CODE: u16 = 599;
 #[derive(Debug)]
 pub struct RequestStats {
     pub listener: String,
+    shards: Box<[Shard; SLOTS]>,
+}
+
+#[derive(Debug)]
+#[repr(align(64))]
+struct Shard {
     /// Requests by status code, indexed from 100 (the codes hyper can produce).
     codes: [AtomicU64; (LAST_CODE - FIRST_CODE + 1) as usize],
     /// Requests per latency bucket, not cumulative; the last one is over the largest bound.
@@ -38,24 +47,35 @@ impl RequestStats {
     pub fn new(listener: &str) -> Self {
         Self {
             listener: listener.into(),
-            codes: std::array::from_fn(|_| AtomicU64::new(0)),
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_ns: AtomicU64::new(0),
+            shards: Box::new(std::array::from_fn(|_| Shard {
+                codes: std::array::from_fn(|_| AtomicU64::new(0)),
+                buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+                sum_ns: AtomicU64::new(0),
+            })),
         }
+    }
+
+    /// A counter summed over the shards.
+    fn sum(&self, counter: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| counter(s).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// One finished request: its status (499: the client left first) and how long it took
     /// until the last byte of the answer.
     pub fn record(&self, status: u16, took: Duration) {
+        let shard = &self.shards[thread_slot().0];
         let code = status.clamp(FIRST_CODE, LAST_CODE) - FIRST_CODE;
-        self.codes[code as usize].fetch_add(1, Ordering::Relaxed);
+        shard.codes[code as usize].fetch_add(1, Ordering::Relaxed);
         let secs = took.as_secs_f64();
         let bucket = LATENCY_BUCKETS
             .iter()
             .position(|&b| secs <= b)
             .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        shard.sum_ns.fetch_add(
             u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
@@ -64,14 +84,14 @@ impl RequestStats {
     /// (status code, requests) for every code seen, in code order.
     pub fn codes(&self) -> Vec<(u16, u64)> {
         (FIRST_CODE..=LAST_CODE)
-            .zip(&self.codes)
-            .map(|(code, n)| (code, n.load(Ordering::Relaxed)))
+            .enumerate()
+            .map(|(i, code)| (code, self.sum(|s| &s.codes[i])))
             .filter(|&(_, n)| n > 0)
             .collect()
     }
 
     pub fn total(&self) -> u64 {
-        self.codes.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+        self.codes().iter().map(|&(_, n)| n).sum()
     }
 
     /// The latency histogram so far. Read without a lock, so a request being recorded may
@@ -80,17 +100,17 @@ impl RequestStats {
         let mut running = 0;
         let buckets = LATENCY_BUCKETS
             .iter()
-            .zip(&self.buckets)
-            .map(|(&le, n)| {
-                running += n.load(Ordering::Relaxed);
+            .enumerate()
+            .map(|(i, &le)| {
+                running += self.sum(|s| &s.buckets[i]);
                 (le, running)
             })
             .collect();
-        let over = self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        let over = self.sum(|s| &s.buckets[LATENCY_BUCKETS.len()]);
         Histogram {
             buckets,
             count: running + over,
-            sum_seconds: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            sum_seconds: self.sum(|s| &s.sum_ns) as f64 / 1e9,
         }
     }
 }
@@ -103,8 +123,11 @@ mod tests {
     fn requests_count_by_code_and_fall_into_cumulative_latency_buckets() {
         let s = RequestStats::new("site");
         s.record(200, Duration::from_millis(3));
-        s.record(200, Duration::from_millis(10));
-        s.record(502, Duration::from_millis(300));
+        // From other threads: counted in their own shards, read as one.
+        std::thread::scope(|t| {
+            t.spawn(|| s.record(200, Duration::from_millis(10)));
+            t.spawn(|| s.record(502, Duration::from_millis(300)));
+        });
         s.record(499, Duration::from_secs(30));
         assert_eq!(s.codes(), [(200, 2), (499, 1), (502, 1)]);
         assert_eq!(s.total(), 4);

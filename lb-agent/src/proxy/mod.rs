@@ -4,6 +4,7 @@
 //! Clients speak HTTP/1.1 or HTTP/2 (ALPN on https, the preface on http); backends get
 //! HTTP/1.1. Defaults are the vendors' (Alibaba SLB / Huawei ELB, nginx/Tengine based).
 
+mod client_tcp;
 pub mod errors;
 mod h1;
 pub mod headers;
@@ -48,6 +49,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use self::{
+    client_tcp::ClientTcp,
     h1::ExchangeError,
     log::{AccessLog, Attempt, Record},
     metrics::RequestStats,
@@ -254,6 +256,7 @@ struct Conn {
 impl Conn {
     async fn serve(self, stream: tokio::net::TcpStream, mut draining: watch::Receiver<bool>) {
         let _ = stream.set_nodelay(true);
+        let stream = ClientTcp::new(stream);
         let activity = idle::Activity::new();
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
         // For X-Forwarded-For and X-Real-IP: formatted once per connection, shared by its

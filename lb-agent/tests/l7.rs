@@ -534,6 +534,46 @@ async fn chunked_bodies_stream_both_ways_over_one_kept_alive_backend_connection(
     lb.shutdown(Duration::from_secs(1)).await;
 }
 
+#[tokio::test]
+async fn a_large_response_streams_through_whole_with_and_without_a_length() {
+    const SIZE: usize = 8 << 20;
+    // Printable, as the test client reads the body as text.
+    let body: Arc<Vec<u8>> = Arc::new((0..SIZE).map(|i| b'a' + (i % 26) as u8).collect());
+    let b2 = body.clone();
+    // `/length` answers with Content-Length, anything else until the close.
+    let web = raw_backend(move |mut s| {
+        let body = b2.clone();
+        async move {
+            let mut head = Vec::new();
+            let mut b = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
+                    _ => return,
+                }
+            }
+            let with_length = head.starts_with(b"GET /length ");
+            let answer = if with_length {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n")
+            } else {
+                "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_string()
+            };
+            s.write_all(answer.as_bytes()).await.unwrap();
+            s.write_all(&body).await.unwrap();
+        }
+    })
+    .await;
+    let lb = site(&pool("web", &[web])).await;
+    for path in ["/length", "/until-close"] {
+        let r = send(lb.addr("site"), get("x", path)).await;
+        assert_eq!(r.status, 200);
+        let got = r.body.as_bytes();
+        assert_eq!(got.len(), SIZE, "{path}");
+        assert!(got == &body[..], "{path}: the bytes differ");
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
 // === errors ===
 
 #[tokio::test]

@@ -580,6 +580,17 @@ mod tests {
         answer: &'static [u8],
         close: bool,
     ) -> (Result<Response<Incoming>, ExchangeError>, String) {
+        exchange_in_pieces(method, headers, answer, close, answer.len()).await
+    }
+
+    /// `exchange_with`, the backend writing its answer `piece` bytes at a time, 1 ms apart.
+    async fn exchange_in_pieces(
+        method: Method,
+        headers: HeaderMap,
+        answer: &'static [u8],
+        close: bool,
+        piece: usize,
+    ) -> (Result<Response<Incoming>, ExchangeError>, String) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let backend = tokio::spawn(async move {
@@ -591,7 +602,13 @@ mod tests {
                 assert!(n > 0, "request head incomplete");
                 seen.extend_from_slice(&b[..n]);
             }
-            s.write_all(answer).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            for part in answer.chunks(piece.max(1)) {
+                s.write_all(part).await.unwrap();
+                if part.len() < answer.len() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
             if close {
                 drop(s);
             } else {
@@ -617,7 +634,8 @@ mod tests {
         let seen = if close || res.is_err() {
             backend.await.unwrap()
         } else {
-            backend.abort();
+            // Left running (not aborted): it may still be writing the body being read.
+            drop(backend);
             String::new()
         };
         (res, seen)
@@ -678,6 +696,34 @@ mod tests {
         .await;
         let mut res = res.unwrap();
         assert!(res.headers().get(header::CONTENT_LENGTH).is_none());
+        assert_eq!(body_of(&mut res).await.unwrap(), b"hello world");
+        assert!(res.body_mut().take_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn answers_arriving_a_byte_at_a_time_are_framed_alike() {
+        let (res, _) = exchange_in_pieces(
+            Method::GET,
+            HeaderMap::new(),
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n",
+            false,
+            1,
+        )
+        .await;
+        let mut res = res.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(body_of(&mut res).await.unwrap(), b"hello world");
+        assert!(res.body_mut().take_reusable().is_some());
+        let (res, _) = exchange_in_pieces(
+            Method::GET,
+            HeaderMap::new(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world",
+            false,
+            3,
+        )
+        .await;
+        let mut res = res.unwrap();
         assert_eq!(body_of(&mut res).await.unwrap(), b"hello world");
         assert!(res.body_mut().take_reusable().is_some());
     }

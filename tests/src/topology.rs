@@ -380,6 +380,8 @@ pub struct Agent {
     pub log: Vec<String>,
     /// Whether dropping this handle detaches the dataplane (not when a successor adopted it).
     owns_dataplane: bool,
+    /// Whether dropping this handle removes the config file (not when a successor reads it).
+    owns_config: bool,
 }
 
 /// The agent binary: `LB_AGENT_BIN`, else the workspace's debug build.
@@ -428,6 +430,7 @@ impl Agent {
             stderr: rx,
             log: Vec::new(),
             owns_dataplane: true,
+            owns_config: true,
         };
         agent.wait_for("running", Duration::from_secs(30));
         agent
@@ -481,6 +484,7 @@ impl Agent {
     pub fn restart(mut self, signal: nix::sys::signal::Signal) -> Agent {
         self.signal_and_wait(signal);
         self.owns_dataplane = false;
+        self.owns_config = false;
         Agent::spawn(&self.ns, self.config_path.clone())
     }
 
@@ -488,7 +492,6 @@ impl Agent {
     pub fn interrupt(mut self) -> String {
         let (out, _) = self.signal_and_wait(nix::sys::signal::Signal::SIGINT);
         self.owns_dataplane = false;
-        let _ = std::fs::remove_file(&self.config_path);
         out
     }
 
@@ -560,7 +563,6 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let owned = self.owns_dataplane;
         let (out, _) = self.terminate();
         // A failing test shows what the agent saw and counted (the harness prints captured
         // output of failed tests only).
@@ -570,7 +572,8 @@ impl Drop for Agent {
                 self.log.join("\n")
             );
         }
-        if owned {
+        // Also after `stop_cleanly`, which has already detached the dataplane.
+        if self.owns_config {
             let _ = std::fs::remove_file(&self.config_path);
         }
     }

@@ -21,10 +21,8 @@ use hyper::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
     Method, Response, StatusCode, Version,
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio_util::either::Either;
 
 use super::{BodyError, RequestBody};
 
@@ -37,58 +35,14 @@ const READ_CHUNK: usize = 16 << 10;
 /// A chunk-size line, with its extensions, longer than this is refused.
 const MAX_CHUNK_LINE: usize = 4 << 10;
 
-/// A backend connection's transport.
-pub enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+/// A backend connection's transport: TCP, or TLS over it (`backend_protocol: https`).
+pub type Io = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-impl Io {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Io::Plain(s) => s,
-            Io::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
+/// The TCP socket under a transport.
+fn tcp(io: &Io) -> &TcpStream {
+    match io {
+        Either::Left(s) => s,
+        Either::Right(s) => s.get_ref().0,
     }
 }
 
@@ -118,7 +72,7 @@ pub struct Conn {
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("h1::Conn")
-            .field("peer", &self.io.tcp().peer_addr().ok())
+            .field("peer", &tcp(&self.io).peer_addr().ok())
             .finish()
     }
 }
@@ -140,16 +94,16 @@ impl Conn {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.io.tcp().poll_read_ready(&mut cx) {
+        match tcp(&self.io).poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             // The readiness may be left over from the last response's read; a read tells.
             // Under TLS that read would eat a record, so the connection is not reused.
             Poll::Ready(Ok(())) => match &self.io {
-                Io::Plain(s) => {
+                Either::Left(s) => {
                     matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
                 }
-                Io::Tls(_) => false,
+                Either::Right(_) => false,
             },
         }
     }
@@ -617,7 +571,7 @@ mod tests {
             }
             String::from_utf8(seen).unwrap()
         });
-        let mut conn = Conn::new(Io::Plain(TcpStream::connect(addr).await.unwrap()));
+        let mut conn = Conn::new(Either::Left(TcpStream::connect(addr).await.unwrap()));
         let res = conn
             .exchange(
                 &method,

@@ -21,6 +21,7 @@ use std::{
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use super::{h1, thread_slot, SLOTS};
 use crate::{
@@ -179,9 +180,9 @@ impl Backend {
                     }),
                 }
                 .inspect_err(|_| self.mark_failed())?;
-                h1::Io::Tls(Box::new(stream))
+                Either::Right(Box::new(stream))
             }
-            None => h1::Io::Plain(tcp),
+            None => Either::Left(tcp),
         };
         Ok((h1::Conn::new(io), Some(started.elapsed())))
     }

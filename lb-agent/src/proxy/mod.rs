@@ -53,7 +53,7 @@ use self::{
     h1::ExchangeError,
     log::{AccessLog, Attempt, Record},
     metrics::RequestStats,
-    upstream::{ActiveGuard, Backend, ConnectError, Pool},
+    upstream::{ActiveGuard, ConnectError, Pool},
 };
 use crate::{
     config::{BackendProtocol, Config, Listener, Persistence, PersistenceKind, Timeouts},
@@ -599,7 +599,7 @@ impl Site {
             };
             let Some(idx) = pick else { break };
             tried.push(idx);
-            let backend = pool.backends[idx].clone();
+            let backend = &pool.backends[idx];
             let active = backend.start();
             let mut attempt = Attempt {
                 addr: Some(backend.addr),
@@ -647,9 +647,8 @@ impl Site {
                         res,
                         record,
                         Upstream {
-                            pool: pool.clone(),
+                            pool,
                             idx,
-                            backend,
                             active,
                             sent,
                         },
@@ -730,7 +729,7 @@ impl Site {
         &self,
         mut res: Response<h1::Incoming>,
         mut record: Record,
-        up: Upstream,
+        up: Upstream<'_>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<ResponseBody> {
         let status = res.status();
@@ -749,7 +748,7 @@ impl Site {
                     let cookie = format!(
                         "{}={}; Path=/; Max-Age={}; HttpOnly",
                         self.cookie_name(),
-                        up.backend.cookie,
+                        up.active.backend().cookie,
                         p.timeout.as_secs()
                     );
                     // Sent every time, so the expiry slides with use.
@@ -766,15 +765,13 @@ impl Site {
             }
         }
         let (parts, body) = res.into_parts();
-        let reuse = (!upgraded).then_some(up.backend);
         Response::from_parts(
             parts,
             ResponseBody {
                 inner: Inner::Upstream(body),
                 record: Some(record),
-                reuse,
                 upstream_sent: Some(up.sent),
-                _active: Some(up.active),
+                active: Some(up.active),
                 request: None,
                 done: false,
             },
@@ -782,11 +779,10 @@ impl Site {
     }
 }
 
-/// The backend a request went to, until its response body is done.
-struct Upstream {
-    pool: Arc<Pool>,
+/// The backend (`pool.backends[idx]`) a request's answer came from.
+struct Upstream<'a> {
+    pool: &'a Pool,
     idx: usize,
-    backend: Arc<Backend>,
     active: ActiveGuard,
     sent: Instant,
 }
@@ -843,9 +839,8 @@ fn local(res: Response<Bytes>, mut record: Record) -> Response<ResponseBody> {
         ResponseBody {
             inner: Inner::Full(Some(body)),
             record: Some(record),
-            reuse: None,
             upstream_sent: None,
-            _active: None,
+            active: None,
             request: None,
             done: false,
         },
@@ -962,9 +957,10 @@ enum Inner {
 pub struct ResponseBody {
     inner: Inner,
     record: Option<Record>,
-    reuse: Option<Arc<Backend>>,
     upstream_sent: Option<Instant>,
-    _active: Option<ActiveGuard>,
+    /// The backend answering, counted busy until the body is dropped; its connection goes
+    /// back to it once the body is complete (not after a 101: the tunnel has it).
+    active: Option<ActiveGuard>,
     /// Keeps the request in flight on its client connection until the body is sent.
     request: Option<idle::InFlight>,
     done: bool,
@@ -984,9 +980,9 @@ impl ResponseBody {
             }
             rec.ended(now);
         }
-        if let (Some(backend), Inner::Upstream(body)) = (self.reuse.take(), &mut self.inner) {
+        if let (Some(active), Inner::Upstream(body)) = (&self.active, &mut self.inner) {
             if let Some(conn) = body.take_reusable() {
-                backend.put_idle(conn);
+                active.backend().put_idle(conn);
             }
         }
     }

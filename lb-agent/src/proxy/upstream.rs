@@ -215,7 +215,15 @@ impl Backend {
     }
 }
 
+/// A request in flight at a backend (for wlc), until dropped; the response body holds it, and
+/// through it the backend its connection goes back to.
 pub struct ActiveGuard(Arc<Backend>);
+
+impl ActiveGuard {
+    pub fn backend(&self) -> &Backend {
+        &self.0
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {

@@ -24,7 +24,7 @@ use hyper::{
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_util::either::Either;
 
-use super::{BodyError, RequestBody};
+use super::{headers::connection_has, BodyError, RequestBody};
 
 /// A response head larger than this is refused (502): the limit of the client side's heads.
 const MAX_HEAD_BYTES: usize = super::DEFAULT_MAX_HEADER_BYTES;
@@ -490,16 +490,6 @@ impl Body for Incoming {
             _ => SizeHint::default(),
         }
     }
-}
-
-/// Whether the Connection header lists `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// The Content-Length of a head: several equal values count as one, differing ones or a

@@ -741,6 +741,99 @@ async fn every_error_code_is_provoked_and_logged() {
     lb.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Sends a request head declaring a `len`-byte body and then the body, from a task of its own
+/// (it stalls when nobody reads); returns the answer's head as soon as it arrives.
+async fn upload(addr: SocketAddr, path: &str, len: usize) -> String {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+    let body = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 64 << 10];
+        let mut sent = 0;
+        while sent < len {
+            let n = chunk.len().min(len - sent);
+            wr.write_all(&chunk[..n]).await?;
+            sent += n;
+        }
+        Ok::<_, std::io::Error>(wr)
+    });
+    let answer = tokio::time::timeout(LIMIT, async {
+        let mut out = Vec::new();
+        let mut b = [0u8; 4096];
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&b[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("answer in time");
+    body.abort();
+    answer
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_response_timeout() {
+    let stuck = raw_backend(|mut s| async move {
+        // Takes the head (and what fits in the buffers), then reads nothing more.
+        let mut b = [0u8; 4096];
+        let _ = s.read(&mut b).await;
+        tokio::time::sleep(LIMIT).await;
+    })
+    .await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log},
+      max_body_bytes: 1000000000, timeouts: { response: 1s } }\n",
+        &pool("web", &[stuck]),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let answer = upload(lb.addr("site"), "/up", 256 << 20).await;
+    assert_eq!(
+        status_line(&answer),
+        "HTTP/1.1 504 Gateway Timeout",
+        "{answer}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let line = &lb.log_lines(1).await[0];
+    assert_eq!(line["status"], 504);
+    assert_eq!(line["upstream_status"], "504");
+}
+
+#[tokio::test]
+async fn an_idle_backend_connection_the_backend_closes_is_closed_too() {
+    // Answers one request on a kept-alive connection, closes its side a moment later, and
+    // reports how long the proxy then took to close its own.
+    let (tx, mut closed_after) = tokio::sync::mpsc::unbounded_channel();
+    let backend = raw_backend(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = s.shutdown().await;
+            let closed = std::time::Instant::now();
+            let _ = tokio::time::timeout(LIMIT, s.read(&mut b)).await;
+            let _ = tx.send(closed.elapsed());
+        }
+    })
+    .await;
+    let lb = site(&pool("web", &[backend])).await;
+    assert_eq!(send(lb.addr("site"), get("x", "/")).await.status, 200);
+    let waited = tokio::time::timeout(LIMIT, closed_after.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Idle connections are swept every second.
+    assert!(waited < Duration::from_secs(3), "closed after {waited:?}");
+}
+
 #[tokio::test]
 async fn a_refused_connect_moves_on_to_the_next_backend_and_is_logged() {
     let web = backend("web").await;

@@ -8,7 +8,9 @@
 //! message framing follows RFC 9112 §6.
 
 use std::{
-    fmt, io,
+    fmt,
+    future::Future,
+    io,
     pin::Pin,
     task::{ready, Context, Poll, Waker},
     time::Duration,
@@ -24,7 +26,10 @@ use hyper::{
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_util::either::Either;
 
-use super::{headers::connection_has, BodyError, RequestBody};
+use super::{
+    headers::{connection_has, Forwarded},
+    BodyError, RequestBody,
+};
 
 /// A response head larger than this is refused (502): the limit of the client side's heads.
 const MAX_HEAD_BYTES: usize = super::DEFAULT_MAX_HEADER_BYTES;
@@ -56,7 +61,8 @@ pub enum ExchangeError {
     Closed,
     #[error("invalid response head: {0}")]
     Invalid(&'static str),
-    #[error("no response head within {0:?}")]
+    /// The backend took none of the request body, or sent no response head, for this long.
+    #[error("backend stalled for {0:?}")]
     Timeout(Duration),
 }
 
@@ -122,11 +128,13 @@ impl Conn {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        forwarded: &Forwarded<'_>,
         body: RequestBody,
         timeout: Duration,
     ) -> Result<Response<()>, ExchangeError> {
         self.received = false;
-        self.send(method, target, headers, body).await?;
+        self.send(method, target, headers, forwarded, body, timeout)
+            .await?;
         match tokio::time::timeout(timeout, self.read_head()).await {
             Ok(r) => r,
             Err(_) => Err(ExchangeError::Timeout(timeout)),
@@ -138,7 +146,9 @@ impl Conn {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        forwarded: &Forwarded<'_>,
         mut body: RequestBody,
+        timeout: Duration,
     ) -> Result<(), ExchangeError> {
         let chunked = !body.is_end_stream() && !headers.contains_key(header::CONTENT_LENGTH);
         let mut head = Vec::with_capacity(512);
@@ -146,12 +156,7 @@ impl Conn {
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in headers {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
+        forwarded.write_lines(headers, &mut head);
         if chunked {
             head.extend_from_slice(b"transfer-encoding: chunked\r\n");
         } else if body.is_end_stream()
@@ -162,34 +167,38 @@ impl Conn {
             head.extend_from_slice(b"content-length: 0\r\n");
         }
         head.extend_from_slice(b"\r\n");
-        let io_err = ExchangeError::Io;
-        self.io.write_all(&head).await.map_err(io_err)?;
-        if !body.is_end_stream() {
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(ExchangeError::Body)?;
-                let Ok(data) = frame.into_data() else {
-                    // Trailers are not passed on.
-                    continue;
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                if chunked {
-                    head.clear();
-                    head.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                    head.extend_from_slice(&data);
-                    head.extend_from_slice(b"\r\n");
-                    self.io.write_all(&head).await.map_err(io_err)?;
-                } else {
-                    self.io.write_all(&data).await.map_err(io_err)?;
-                }
+        // The head goes out without a timer: it is at most the header limit (64 KiB), which
+        // the connection's buffers take whether or not the backend reads.
+        self.io.write_all(&head).await.map_err(ExchangeError::Io)?;
+        if body.is_end_stream() {
+            // TLS buffers what it encrypts until flushed.
+            return self.io.flush().await.map_err(ExchangeError::Io);
+        }
+        // A body can be more than the buffers take: a backend that stops reading it fails
+        // the exchange after `timeout` without progress (nginx's proxy_send_timeout).
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(ExchangeError::Body)?;
+            let Ok(data) = frame.into_data() else {
+                // Trailers are not passed on.
+                continue;
+            };
+            if data.is_empty() {
+                continue;
             }
             if chunked {
-                self.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
+                head.clear();
+                head.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                head.extend_from_slice(&data);
+                head.extend_from_slice(b"\r\n");
+                within(timeout, self.io.write_all(&head)).await?;
+            } else {
+                within(timeout, self.io.write_all(&data)).await?;
             }
         }
-        // TLS buffers what it encrypts until flushed.
-        self.io.flush().await.map_err(io_err)
+        if chunked {
+            within(timeout, self.io.write_all(b"0\r\n\r\n")).await?;
+        }
+        within(timeout, self.io.flush()).await
     }
 
     /// Reads the final response head (1xx interim answers other than 101 are skipped).
@@ -276,6 +285,17 @@ impl Conn {
     /// The transport and what was read past the response head, for a tunnel (101).
     pub fn into_parts(self) -> (Io, Bytes) {
         (self.io, self.buf.freeze())
+    }
+}
+
+/// `write`, failing with [`ExchangeError::Timeout`] when it takes longer than `timeout`.
+async fn within(
+    timeout: Duration,
+    write: impl Future<Output = io::Result<()>>,
+) -> Result<(), ExchangeError> {
+    match tokio::time::timeout(timeout, write).await {
+        Ok(r) => r.map_err(ExchangeError::Io),
+        Err(_) => Err(ExchangeError::Timeout(timeout)),
     }
 }
 
@@ -562,11 +582,20 @@ mod tests {
             String::from_utf8(seen).unwrap()
         });
         let mut conn = Conn::new(Either::Left(TcpStream::connect(addr).await.unwrap()));
+        let client = HeaderValue::from_static("10.0.0.7");
+        let forwarded = Forwarded {
+            client: &client,
+            scheme: "http",
+            port: 80,
+            upgrade: false,
+            host: None,
+        };
         let res = conn
             .exchange(
                 &method,
                 "/p?q=1",
                 &headers,
+                &forwarded,
                 RequestBody(None),
                 Duration::from_secs(5),
             )
@@ -606,7 +635,9 @@ mod tests {
         assert_eq!(res.unwrap().status(), 204);
         assert_eq!(
             seen,
-            "POST /p?q=1 HTTP/1.1\r\nhost: example.com\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 0\r\n\r\n"
+            "POST /p?q=1 HTTP/1.1\r\nhost: example.com\r\nx-a: 1\r\nx-a: 2\r\n\
+             x-forwarded-for: 10.0.0.7\r\nx-forwarded-proto: http\r\nx-forwarded-port: 80\r\n\
+             x-real-ip: 10.0.0.7\r\ncontent-length: 0\r\n\r\n"
         );
     }
 

@@ -2,6 +2,7 @@
 //! the X-Forwarded-* family and X-Real-IP added, cookies read.
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -31,12 +32,29 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 
 /// Whether the Connection header lists `token` (ignoring case).
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers)
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The header names `Connection` lists: they concern this connection only.
+fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&str; 4]> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
+        .collect()
+}
+
+/// Whether header `name` stays on this hop: hop-by-hop by definition or `listed` by
+/// `Connection`; `Upgrade` goes along only with an upgrade.
+fn hop_only(name: &HeaderName, listed: &[&str], upgrade: bool) -> bool {
+    if *name == header::UPGRADE {
+        return !upgrade;
+    }
+    is_hop_by_hop(name) || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Removes hop-by-hop headers, including those `Connection` names. With `upgrade`, the
@@ -44,21 +62,14 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // One pass over the names present (usually none or `connection`), rather than a hashed
     // removal per hop-by-hop name on every message.
-    let mut remove: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n) || (!upgrade && *n == header::UPGRADE))
-        .cloned()
-        .collect();
-    remove.extend(
+    let remove: SmallVec<[HeaderName; 4]> = {
+        let listed = connection_tokens(headers);
         headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            // `Connection: upgrade` names the Upgrade header, which an upgrade must keep.
-            .filter(|n| !(upgrade && n == header::UPGRADE)),
-    );
+            .keys()
+            .filter(|n| hop_only(n, &listed, upgrade))
+            .cloned()
+            .collect()
+    };
     for name in remove {
         headers.remove(name);
     }
@@ -67,31 +78,66 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// X-Forwarded-For gets the client appended (so its first entry stays the original client);
-/// X-Forwarded-Proto, X-Forwarded-Port and X-Real-IP describe this hop and are replaced.
-pub fn add_forwarded(
-    headers: &mut HeaderMap,
-    client: HeaderValue,
-    scheme: &'static str,
-    port: u16,
-) {
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let xff = if prior.is_empty() {
-        Ok(client.clone())
-    } else {
-        let client = client.to_str().unwrap_or_default();
-        HeaderValue::from_str(&format!("{}, {client}", prior.join(", ")))
-    };
-    if let Ok(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+/// What this hop tells a backend about the request it passes on.
+#[derive(Debug)]
+pub struct Forwarded<'a> {
+    /// The client's IP address: X-Real-IP, and the last X-Forwarded-For entry.
+    pub client: &'a HeaderValue,
+    /// X-Forwarded-Proto: the scheme the client used.
+    pub scheme: &'static str,
+    /// X-Forwarded-Port: the listener's port.
+    pub port: u16,
+    /// The request upgrades (WebSocket): `Upgrade` and `Connection: upgrade` go along.
+    pub upgrade: bool,
+    /// The Host to send when the request has none (HTTP/2 carries it in `:authority`).
+    pub host: Option<HeaderValue>,
+}
+
+impl Forwarded<'_> {
+    /// Appends the request's header lines as the backend gets them: hop-by-hop headers
+    /// dropped (see [`strip_hop_by_hop`]); X-Forwarded-For with the client appended (so its
+    /// first entry stays the original client); X-Forwarded-Proto, X-Forwarded-Port and
+    /// X-Real-IP describing this hop, replacing the client's. Written as the head is
+    /// serialized rather than by editing the map: inserting into it (and growing it past
+    /// the client's few headers) cost more than writing the whole head.
+    pub fn write_lines(&self, headers: &HeaderMap, out: &mut Vec<u8>) {
+        let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        let listed = connection_tokens(headers);
+        for (name, value) in headers {
+            let replaced = *name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_PORT
+                || *name == X_REAL_IP;
+            if !replaced && !hop_only(name, &listed, self.upgrade) {
+                line(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        if self.upgrade {
+            line(out, b"connection", b"upgrade");
+        }
+        if let Some(host) = &self.host {
+            line(out, b"host", host.as_bytes());
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for prior in headers.get_all(&X_FORWARDED_FOR) {
+            out.extend_from_slice(prior.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(self.client.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        line(out, b"x-forwarded-proto", self.scheme.as_bytes());
+        line(
+            out,
+            b"x-forwarded-port",
+            itoa::Buffer::new().format(self.port).as_bytes(),
+        );
+        line(out, b"x-real-ip", self.client.as_bytes());
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
-    headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(port));
-    headers.insert(X_REAL_IP.clone(), client);
 }
 
 /// The value of cookie `name` in the request's Cookie headers.
@@ -177,19 +223,73 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
     }
 
+    /// The header lines `fwd` writes for `h`.
+    fn lines(h: &HeaderMap, fwd: &Forwarded) -> Vec<String> {
+        let mut out = Vec::new();
+        fwd.write_lines(h, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("\r\n"));
+        text.split_terminator("\r\n").map(str::to_string).collect()
+    }
+
+    static CLIENT: HeaderValue = HeaderValue::from_static("10.0.0.7");
+
+    fn forwarded(upgrade: bool, host: Option<&'static str>) -> Forwarded<'static> {
+        Forwarded {
+            client: &CLIENT,
+            scheme: "https",
+            port: 443,
+            upgrade,
+            host: host.map(HeaderValue::from_static),
+        }
+    }
+
     #[test]
     fn forwarded_for_appends_and_the_rest_is_replaced() {
-        let mut h = map(&[
+        let h = map(&[
+            ("host", "example.com"),
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
             ("x-real-ip", "9.9.9.9"),
             ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-port", "1"),
+            ("accept", "*/*"),
         ]);
-        add_forwarded(&mut h, HeaderValue::from_static("10.0.0.7"), "https", 443);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.7");
-        assert_eq!(h["x-real-ip"], "10.0.0.7");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(
+            lines(&h, &forwarded(false, None)),
+            [
+                "host: example.com",
+                "accept: */*",
+                "x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.0.0.7",
+                "x-forwarded-proto: https",
+                "x-forwarded-port: 443",
+                "x-real-ip: 10.0.0.7",
+            ]
+        );
+    }
+
+    #[test]
+    fn requests_pass_on_without_hop_by_hop_headers() {
+        let h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "1"),
+        ]);
+        let sent = lines(&h, &forwarded(false, Some("h2.example")));
+        assert_eq!(&sent[..2], ["x-kept: 1", "host: h2.example"]);
+        // An upgrade keeps Upgrade and says so in Connection, and nothing else it lists.
+        let h = map(&[
+            ("connection", "Upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+        ]);
+        let sent = lines(&h, &forwarded(true, None));
+        assert_eq!(&sent[..2], ["upgrade: websocket", "connection: upgrade"]);
+        assert!(sent[2].starts_with("x-forwarded-for: "));
     }
 
     #[test]

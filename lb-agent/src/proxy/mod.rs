@@ -209,6 +209,8 @@ impl Server {
         // `closed()` is all of them gone.
         let (drain, draining) = watch::channel(false);
         info!(listener = %self.site.name, addr = ?self.tcp.local_addr().ok(), "proxy listening");
+        let mut sweep = tokio::time::interval(SWEEP_IDLE_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 accepted = self.tcp.accept() => match accepted {
@@ -233,6 +235,7 @@ impl Server {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
+                _ = sweep.tick() => self.site.pools.iter().for_each(|p| p.sweep_idle()),
                 _ = shutdown.changed() => break,
             }
         }
@@ -388,6 +391,8 @@ struct Site {
     port: u16,
     rules: Vec<Rule>,
     default: Option<Arc<Pool>>,
+    /// Every pool the rules and the default use, once.
+    pools: Vec<Arc<Pool>>,
     /// The code and the https port to redirect every request to.
     redirect: Option<(StatusCode, u16)>,
     persistence: Option<Persistence>,
@@ -458,6 +463,7 @@ impl Site {
             port: l.port.0,
             rules,
             default,
+            pools,
             redirect,
             persistence: l.session_persistence.clone(),
             timeouts: l.timeouts.clone().unwrap_or_default(),
@@ -499,7 +505,8 @@ impl Site {
         record.path = req
             .uri()
             .path_and_query()
-            .map_or_else(|| "/".into(), |p| p.to_string());
+            .map_or("/", |p| p.as_str())
+            .to_owned();
         record.protocol = match req.version() {
             Version::HTTP_2 => "HTTP/2.0",
             Version::HTTP_10 => "HTTP/1.0",
@@ -553,20 +560,19 @@ impl Site {
 
         let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::add_forwarded(
-            &mut parts.headers,
-            client.ip,
-            if client.tls { "https" } else { "http" },
-            self.port,
-        );
-        if !parts.headers.contains_key(header::HOST) {
+        let (parts, body) = req.into_parts();
+        let forwarded = headers::Forwarded {
+            client: &client.ip,
+            scheme: if client.tls { "https" } else { "http" },
+            port: self.port,
+            upgrade,
             // HTTP/2 carries the host in the :authority pseudo-header.
-            if let Ok(v) = HeaderValue::from_str(&record.host) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
+            host: if parts.headers.contains_key(header::HOST) {
+                None
+            } else {
+                HeaderValue::from_str(&record.host).ok()
+            },
+        };
         // Origin form (what HTTP/1.1 backends expect).
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let has_body = !body.is_end_stream();
@@ -627,6 +633,7 @@ impl Site {
                     &parts.method,
                     target,
                     &parts.headers,
+                    &forwarded,
                     body.take().unwrap_or(RequestBody(None)),
                     self.timeouts.response,
                 )
@@ -668,7 +675,7 @@ impl Site {
                 Err((ExchangeError::Timeout(_), _)) => {
                     attempt.status = Some(504);
                     failure = StatusCode::GATEWAY_TIMEOUT;
-                    warn!(listener = %self.name, backend = %backend.addr, timeout = ?self.timeouts.response, "backend response timed out");
+                    warn!(listener = %self.name, backend = %backend.addr, timeout = ?self.timeouts.response, "backend stalled: took none of the request body, or sent no response head, in time");
                     StatusCode::GATEWAY_TIMEOUT
                 }
                 Err((_, true)) if !has_body && idempotent => {
@@ -792,7 +799,7 @@ fn request_host(req: &Request<Incoming>) -> String {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
         .unwrap_or_default()
 }
 
@@ -1049,6 +1056,9 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// How long an idle connection asked to close may take to do so (HTTP/2's GOAWAY and the
 /// PING that confirms it) before it is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// How often each worker closes the idle backend connections the backends closed.
+const SWEEP_IDLE_EVERY: Duration = Duration::from_secs(1);
 
 /// A listening socket with SO_REUSEPORT, so a reloaded proxy listens next to the one it
 /// replaces until that one stops accepting: no connection is refused in between.

@@ -204,15 +204,29 @@ impl Backend {
         let (slot, here) = thread_slot();
         if let Ok(mut idle) = self.idle[slot].0.lock() {
             if idle.len() >= MAX_IDLE_PER_BACKEND {
-                // Connections of workers that are gone (a reload replaced them) close.
-                let now = coarse_ms();
-                idle.retain(|(c, since, _)| still_fresh(*since, now) && c.is_reusable());
+                prune(&mut idle);
             }
             if idle.len() < MAX_IDLE_PER_BACKEND {
                 idle.push((c, coarse_ms(), here));
             }
         }
     }
+
+    /// Closes the calling worker's idle connections that the backend closed (or sent
+    /// anything on) or that were idle past the idle timeout, as nginx closes an idle upstream
+    /// connection when the backend does: none lingers in CLOSE_WAIT until the next request.
+    pub fn sweep_idle(&self) {
+        if let Ok(mut idle) = self.idle[thread_slot().0].0.lock() {
+            prune(&mut idle);
+        }
+    }
+}
+
+/// Drops the connections of a shard that cannot take a request (those of workers that are
+/// gone, after a reload, among them: their runtime's registration fails).
+fn prune(idle: &mut Vec<(h1::Conn, u64, ThreadId)>) {
+    let now = coarse_ms();
+    idle.retain(|(c, since, _)| still_fresh(*since, now) && c.is_reusable());
 }
 
 /// A request in flight at a backend (for wlc), until dropped; the response body holds it, and
@@ -258,6 +272,11 @@ impl Pool {
             wrr: Mutex::new(vec![0; pool.backends.len()]),
             learned: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// [`Backend::sweep_idle`] for each backend.
+    pub fn sweep_idle(&self) {
+        self.backends.iter().for_each(|b| b.sweep_idle());
     }
 
     /// The next backend for a new request, skipping unavailable ones and those in `tried`;

@@ -10,7 +10,7 @@
 use std::{
     fmt,
     future::Future,
-    io,
+    io::{self, Write as _},
     pin::Pin,
     task::{ready, Context, Poll, Waker},
     time::Duration,
@@ -56,7 +56,7 @@ pub enum ExchangeError {
     #[error("the client's request body: {0}")]
     Body(#[source] BodyError),
     #[error("backend I/O: {0}")]
-    Io(#[source] io::Error),
+    Io(#[from] io::Error),
     #[error("backend closed the connection before a complete response head")]
     Closed,
     #[error("invalid response head: {0}")]
@@ -135,10 +135,7 @@ impl Conn {
         self.received = false;
         self.send(method, target, headers, forwarded, body, timeout)
             .await?;
-        match tokio::time::timeout(timeout, self.read_head()).await {
-            Ok(r) => r,
-            Err(_) => Err(ExchangeError::Timeout(timeout)),
-        }
+        within(timeout, self.read_head()).await
     }
 
     async fn send(
@@ -150,7 +147,8 @@ impl Conn {
         mut body: RequestBody,
         timeout: Duration,
     ) -> Result<(), ExchangeError> {
-        let chunked = !body.is_end_stream() && !headers.contains_key(header::CONTENT_LENGTH);
+        let has_length = headers.contains_key(header::CONTENT_LENGTH);
+        let chunked = !body.is_end_stream() && !has_length;
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(method.as_str().as_bytes());
         head.push(b' ');
@@ -160,7 +158,7 @@ impl Conn {
         if chunked {
             head.extend_from_slice(b"transfer-encoding: chunked\r\n");
         } else if body.is_end_stream()
-            && !headers.contains_key(header::CONTENT_LENGTH)
+            && !has_length
             && matches!(*method, Method::POST | Method::PUT | Method::PATCH)
         {
             // A body-carrying method says it has none (RFC 9110 §8.6).
@@ -169,10 +167,10 @@ impl Conn {
         head.extend_from_slice(b"\r\n");
         // The head goes out without a timer: it is at most the header limit (64 KiB), which
         // the connection's buffers take whether or not the backend reads.
-        self.io.write_all(&head).await.map_err(ExchangeError::Io)?;
+        self.io.write_all(&head).await?;
         if body.is_end_stream() {
             // TLS buffers what it encrypts until flushed.
-            return self.io.flush().await.map_err(ExchangeError::Io);
+            return Ok(self.io.flush().await?);
         }
         // A body can be more than the buffers take: a backend that stops reading it fails
         // the exchange after `timeout` without progress (nginx's proxy_send_timeout).
@@ -187,7 +185,7 @@ impl Conn {
             }
             if chunked {
                 head.clear();
-                head.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                let _ = write!(head, "{:x}\r\n", data.len());
                 head.extend_from_slice(&data);
                 head.extend_from_slice(b"\r\n");
                 within(timeout, self.io.write_all(&head)).await?;
@@ -210,11 +208,7 @@ impl Conn {
             if self.buf.len() >= MAX_HEAD_BYTES {
                 return Err(ExchangeError::Invalid("head too large"));
             }
-            if std::future::poll_fn(|cx| self.poll_fill(cx))
-                .await
-                .map_err(ExchangeError::Io)?
-                == 0
-            {
+            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
                 return Err(ExchangeError::Closed);
             }
         }
@@ -288,13 +282,14 @@ impl Conn {
     }
 }
 
-/// `write`, failing with [`ExchangeError::Timeout`] when it takes longer than `timeout`.
-async fn within(
+/// `step` (a write or the response head), failing with [`ExchangeError::Timeout`] when it
+/// takes longer than `timeout`.
+async fn within<T, E: Into<ExchangeError>>(
     timeout: Duration,
-    write: impl Future<Output = io::Result<()>>,
-) -> Result<(), ExchangeError> {
-    match tokio::time::timeout(timeout, write).await {
-        Ok(r) => r.map_err(ExchangeError::Io),
+    step: impl Future<Output = Result<T, E>>,
+) -> Result<T, ExchangeError> {
+    match tokio::time::timeout(timeout, step).await {
+        Ok(r) => r.map_err(Into::into),
         Err(_) => Err(ExchangeError::Timeout(timeout)),
     }
 }
@@ -614,6 +609,14 @@ mod tests {
         (res, seen)
     }
 
+    /// `exchange_with` for a plain GET.
+    async fn get_answer(
+        answer: &'static [u8],
+        close: bool,
+    ) -> (Result<Response<Incoming>, ExchangeError>, String) {
+        exchange_with(Method::GET, HeaderMap::new(), answer, close).await
+    }
+
     async fn body_of(res: &mut Response<Incoming>) -> Result<Vec<u8>, io::Error> {
         let mut out = Vec::new();
         while let Some(f) = res.body_mut().frame().await {
@@ -643,9 +646,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_content_length_body_is_read_to_its_length_and_the_connection_kept() {
-        let (res, _) = exchange_with(
-            Method::GET,
-            HeaderMap::new(),
+        let (res, _) = get_answer(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-B: v\r\n\r\nhello",
             false,
         )
@@ -661,9 +662,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunked_body_is_decoded_trailers_dropped_and_the_length_ignored() {
-        let (res, _) = exchange_with(
-            Method::GET,
-            HeaderMap::new(),
+        let (res, _) = get_answer(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n\
               5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-T: 1\r\n\r\n",
             false,
@@ -705,9 +704,7 @@ mod tests {
 
     #[tokio::test]
     async fn interim_answers_are_skipped_and_a_body_without_length_runs_to_the_close() {
-        let (res, _) = exchange_with(
-            Method::GET,
-            HeaderMap::new(),
+        let (res, _) = get_answer(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
               HTTP/1.0 200 OK\r\n\r\nuntil the end",
             true,
@@ -741,12 +738,10 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"[..],
             b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
         ] {
-            let (res, _) = exchange_with(Method::GET, HeaderMap::new(), answer, false).await;
+            let (res, _) = get_answer(answer, false).await;
             assert!(res.unwrap().body_mut().take_reusable().is_none());
         }
-        let (res, _) = exchange_with(
-            Method::GET,
-            HeaderMap::new(),
+        let (res, _) = get_answer(
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
             false,
         )
@@ -761,21 +756,21 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         ] {
-            let (res, _) = exchange_with(Method::GET, HeaderMap::new(), answer, true).await;
+            let (res, _) = get_answer(answer, true).await;
             assert!(
                 matches!(res, Err(ExchangeError::Invalid(_))),
                 "{}",
                 String::from_utf8_lossy(answer)
             );
         }
-        let (res, _) = exchange_with(Method::GET, HeaderMap::new(), b"HTTP/1.1 200", true).await;
+        let (res, _) = get_answer(b"HTTP/1.1 200", true).await;
         assert!(matches!(res, Err(ExchangeError::Closed)));
         for answer in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"[..],
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY",
         ] {
-            let (res, _) = exchange_with(Method::GET, HeaderMap::new(), answer, true).await;
+            let (res, _) = get_answer(answer, true).await;
             let mut res = res.unwrap();
             assert!(body_of(&mut res).await.is_err());
             assert!(res.body_mut().take_reusable().is_none());
@@ -784,13 +779,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_the_backend_closed_is_not_reused() {
-        let (res, _) = exchange_with(
-            Method::GET,
-            HeaderMap::new(),
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-            true,
-        )
-        .await;
+        let (res, _) = get_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true).await;
         let mut res = res.unwrap();
         body_of(&mut res).await.unwrap();
         let conn = res.body_mut().take_reusable().unwrap();

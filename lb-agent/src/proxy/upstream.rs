@@ -46,9 +46,10 @@ fn coarse_ms() -> u64 {
     })
 }
 
-/// Whether a connection idle since `since_ms` (`coarse_ms`) is still worth reusing at `now_ms`.
-fn still_fresh(since_ms: u64, now_ms: u64) -> bool {
-    now_ms.saturating_sub(since_ms) < IDLE_TIMEOUT.as_millis() as u64
+/// Whether connection `c`, idle since `since_ms` (`coarse_ms`), can take a request at
+/// `now_ms`: not idle past the idle timeout, and nothing (the backend's close among it) came.
+fn reusable(c: &h1::Conn, since_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(since_ms) < IDLE_TIMEOUT.as_millis() as u64 && c.is_reusable()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +194,7 @@ impl Backend {
         loop {
             let i = idle.iter().rposition(|(_, _, t)| *t == here)?;
             let (c, since, _) = idle.swap_remove(i);
-            if still_fresh(since, coarse_ms()) && c.is_reusable() {
+            if reusable(&c, since, coarse_ms()) {
                 return Some(c);
             }
         }
@@ -226,7 +227,7 @@ impl Backend {
 /// gone, after a reload, among them: their runtime's registration fails).
 fn prune(idle: &mut Vec<(h1::Conn, u64, ThreadId)>) {
     let now = coarse_ms();
-    idle.retain(|(c, since, _)| still_fresh(*since, now) && c.is_reusable());
+    idle.retain(|(c, since, _)| reusable(c, *since, now));
 }
 
 /// A request in flight at a backend (for wlc), until dropped; the response body holds it, and

@@ -97,6 +97,23 @@ impl Site {
     }
 }
 
+/// The CPUs (`Cpus_allowed_list`) of each of the agent's `l7-worker-*` threads.
+fn worker_cpus(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+            comm.starts_with("l7-worker-").then_some(())?;
+            let status = std::fs::read_to_string(t.join("status")).ok()?;
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some(cpus.trim().to_string())
+        })
+        .collect()
+}
+
 fn rss_mib(pid: u32) -> f64 {
     rss_kib(pid).expect("agent running") as f64 / 1024.0
 }
@@ -254,6 +271,16 @@ fn the_proxy_refuses_abuse_with_the_right_codes_keeps_serving_and_stays_bounded(
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the descriptor limit");
     let site = Site::start();
     let pid = site.agent.pid();
+    // One L7 worker per CPU, each pinned to its own (agent.l7_cpu_affinity, on by default).
+    let mut pinned = worker_cpus(pid);
+    pinned.sort();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(pinned.len(), cores, "{pinned:?}");
+    pinned.dedup();
+    assert!(
+        pinned.len() == cores && pinned.iter().all(|c| c.parse::<usize>().is_ok()),
+        "each worker on one CPU of its own: {pinned:?}"
+    );
     let base = rss_mib(pid);
     println!("agent RSS at start: {base:.1} MiB");
     let real = RealClient::start(&site.ns);

@@ -74,6 +74,14 @@ pub struct AgentConfig {
     /// loopback, wildcard or local address and a port. Default 127.0.0.1:9100.
     #[serde(default = "default_admin", deserialize_with = "admin_addr")]
     pub admin: SocketAddr,
+    /// Pin each L7 worker thread to a CPU of its own when there is one worker per CPU the
+    /// agent may use (nginx's `worker_cpu_affinity auto`).
+    #[serde(default = "yes")]
+    pub l7_cpu_affinity: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_state_dir() -> PathBuf {

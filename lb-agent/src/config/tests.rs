@@ -68,6 +68,17 @@ fn defaults_apply_when_fields_are_left_out() {
     assert_eq!(c.agent.xdp_mode, XdpMode::Auto);
     assert_eq!(c.snat.unwrap().ports, PortRange::default());
     assert!(c.pools[0].backends.iter().all(|b| b.weight == 1));
+    assert!(
+        c.agent.l7_cpu_affinity,
+        "L7 workers are pinned unless told not to"
+    );
+    let text = EXAMPLE.replace("  xdp_mode", "  l7_cpu_affinity: false\n  xdp_mode");
+    assert!(
+        !parse("lb.yaml", &text, &host())
+            .unwrap()
+            .agent
+            .l7_cpu_affinity
+    );
 }
 
 #[test]

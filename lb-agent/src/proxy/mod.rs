@@ -4,6 +4,7 @@
 //! Clients speak HTTP/1.1 or HTTP/2 (ALPN on https, the preface on http); backends get
 //! HTTP/1.1. Defaults are the vendors' (Alibaba SLB / Huawei ELB, nginx/Tengine based).
 
+mod affinity;
 mod client_tcp;
 pub mod errors;
 mod h1;
@@ -1093,6 +1094,11 @@ pub async fn start(
     // One worker thread per core, each with a runtime of its own and every listener on a socket
     // of its own, as nginx's workers: a connection lives on one thread, no task migrates.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = cfg
+        .agent
+        .l7_cpu_affinity
+        .then(|| affinity::worker_cpus(workers))
+        .flatten();
     let mut sets: Vec<Vec<Twin>> = Vec::new();
     for _ in 1..workers {
         sets.push(
@@ -1113,9 +1119,15 @@ pub async fn start(
     let mut threads = Vec::new();
     for (i, set) in sets.into_iter().enumerate() {
         let shutdown = shutdown.clone();
+        let cpu = cpus.as_ref().map(|c| c[i]);
         let thread = std::thread::Builder::new()
             .name(format!("l7-worker-{i}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = affinity::pin(cpu) {
+                        warn!(worker = i, cpu, error = %e, "L7 worker left unpinned");
+                    }
+                }
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

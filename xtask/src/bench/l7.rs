@@ -1,7 +1,7 @@
 //! `cargo xtask bench l7`: wrk against the agent's L7 proxy and against nginx configured the
-//! same way (same backends, two workers, keep-alive both sides, the same access-log fields as
-//! JSON lines, forwarded headers), in the same run, in a private network namespace (loopback
-//! only): HTTP and HTTPS, keep-alive and a new connection per request.
+//! same way (same backends, two workers pinned one per core, keep-alive both sides, the same
+//! access-log fields as JSON lines, forwarded headers), in the same run, in a private network
+//! namespace (loopback only): HTTP and HTTPS, keep-alive and a new connection per request.
 
 use std::path::Path;
 
@@ -50,7 +50,7 @@ pub fn run(dir: &Path) -> Result<Vec<Row>> {
     std::fs::write(
         dir.join("l7-proxy.conf"),
         format!(
-            "daemon off; worker_processes 2; pid {d}/l7-proxy.pid; error_log {d}/l7-proxy.err;
+            "daemon off; worker_processes 2; worker_cpu_affinity auto; pid {d}/l7-proxy.pid; error_log {d}/l7-proxy.err;
 events {{ worker_connections 4096; }}
 http {{
   # The agent's access-log line, field for field (see lb-agent's proxy::log::FIELDS):

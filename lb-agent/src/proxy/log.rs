@@ -165,6 +165,15 @@ fn write_lines(shared: &Arc<Shared>, mut out: Box<dyn Write + Send>) {
     }
 }
 
+/// Where a listener's finished requests go: its access log and its request counters. One
+/// reference per request instead of one per part.
+#[derive(Debug)]
+pub struct Sink {
+    pub log: AccessLog,
+    pub requests: Arc<RequestStats>,
+    pub listener: Arc<str>,
+}
+
 /// One try at a backend.
 #[derive(Debug, Default)]
 pub struct Attempt {
@@ -180,9 +189,7 @@ pub struct Attempt {
 /// still unset — when the client left first (499).
 #[derive(Debug)]
 pub struct Record {
-    log: AccessLog,
-    requests: Arc<RequestStats>,
-    pub listener: Arc<str>,
+    sink: Arc<Sink>,
     pub client: SocketAddr,
     pub host: String,
     pub method: hyper::Method,
@@ -199,16 +206,11 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn new(
-        log: &AccessLog,
-        requests: &Arc<RequestStats>,
-        listener: Arc<str>,
-        client: SocketAddr,
-    ) -> Self {
-        Self {
-            log: log.clone(),
-            requests: requests.clone(),
-            listener,
+    /// Boxed: the record travels with the response through hyper, which moves it several
+    /// times per request.
+    pub fn new(sink: &Arc<Sink>, client: SocketAddr) -> Box<Self> {
+        Box::new(Self {
+            sink: sink.clone(),
             client,
             host: String::new(),
             method: hyper::Method::default(),
@@ -220,7 +222,7 @@ impl Record {
             attempts: Vec::new(),
             start: Instant::now(),
             end: None,
-        }
+        })
     }
 
     /// The response is complete at `now` (the caller's clock read, saving the drop one).
@@ -267,7 +269,7 @@ impl Record {
         out.extend_from_slice(b"{\"time\":\"");
         now_rfc3339_millis(out);
         out.push(b'"');
-        text(out, b",\"listener\":", &self.listener);
+        text(out, b",\"listener\":", &self.sink.listener);
         out.extend_from_slice(b",\"client\":\"");
         addr(out, self.client);
         out.push(b'"');
@@ -370,8 +372,8 @@ fn now_rfc3339_millis(out: &mut Vec<u8>) {
 impl Drop for Record {
     fn drop(&mut self) {
         let took = self.end.unwrap_or_else(Instant::now) - self.start;
-        self.requests.record(self.final_status(), took);
-        self.log.write(self, took);
+        self.sink.requests.record(self.final_status(), took);
+        self.sink.log.write(self, took);
     }
 }
 

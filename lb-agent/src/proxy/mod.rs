@@ -52,7 +52,7 @@ use tracing::{debug, info, warn};
 use self::{
     client_tcp::ClientTcp,
     h1::ExchangeError,
-    log::{AccessLog, Attempt, Record},
+    log::{AccessLog, Attempt, Record, Sink},
     metrics::RequestStats,
     upstream::{ActiveGuard, ConnectError, Pool},
 };
@@ -179,7 +179,7 @@ impl Server {
 
     /// The listener's request counters.
     pub fn requests(&self) -> Arc<RequestStats> {
-        self.site.requests.clone()
+        self.site.sink.requests.clone()
     }
 
     /// What a worker thread needs to serve this listener too: the same site on a socket of its
@@ -209,14 +209,14 @@ impl Server {
         // Each connection holds a receiver: true asks it to finish, and the sender's
         // `closed()` is all of them gone.
         let (drain, draining) = watch::channel(false);
-        info!(listener = %self.site.name, addr = ?self.tcp.local_addr().ok(), "proxy listening");
+        info!(listener = %self.site.sink.listener, addr = ?self.tcp.local_addr().ok(), "proxy listening");
         let mut sweep = tokio::time::interval(SWEEP_IDLE_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 accepted = self.tcp.accept() => match accepted {
                     Ok((stream, peer)) if !self.site.acl.admits(peer.ip()) => {
-                        debug!(listener = %self.site.name, client = %peer, "refused by the ACL");
+                        debug!(listener = %self.site.sink.listener, client = %peer, "refused by the ACL");
                         // A reset, not a close: the client learns at once, nothing is sent
                         // (a zero linger does not block).
                         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -232,7 +232,7 @@ impl Server {
                     }
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
-                        warn!(listener = %self.site.name, error = %e, "accept failed");
+                        warn!(listener = %self.site.sink.listener, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -241,11 +241,11 @@ impl Server {
             }
         }
         drop(self.tcp);
-        info!(listener = %self.site.name, "proxy stopped accepting; draining");
+        info!(listener = %self.site.sink.listener, "proxy stopped accepting; draining");
         drop(draining);
         let _ = drain.send(true);
         if tokio::time::timeout(grace, drain.closed()).await.is_err() {
-            warn!(listener = %self.site.name, grace = ?grace, "connections still open at the shutdown deadline");
+            warn!(listener = %self.site.sink.listener, grace = ?grace, "connections still open at the shutdown deadline");
         }
     }
 }
@@ -387,7 +387,6 @@ impl HostMatch {
 
 /// A listener's settings (defaults applied) and state.
 struct Site {
-    name: Arc<str>,
     /// The listener's configured port, for X-Forwarded-Port.
     port: u16,
     rules: Vec<Rule>,
@@ -402,10 +401,9 @@ struct Site {
     max_uri_bytes: usize,
     max_requests: u32,
     backend_tls: Option<tokio_rustls::TlsConnector>,
-    log: AccessLog,
     /// Which clients may connect (checked at accept, as the datapath does for tcp/udp).
     acl: crate::config::Acl,
-    requests: Arc<RequestStats>,
+    sink: Arc<Sink>,
 }
 
 impl Site {
@@ -460,7 +458,6 @@ impl Site {
                 source,
             })?;
         Ok(Self {
-            name: l.name.as_str().into(),
             port: l.port.0,
             rules,
             default,
@@ -475,9 +472,12 @@ impl Site {
                 .unwrap_or(DEFAULT_MAX_REQUESTS_PER_CONNECTION),
             backend_tls: (l.backend_protocol.unwrap_or_default() == BackendProtocol::Https)
                 .then(|| tokio_rustls::TlsConnector::from(tls::backend_client_config())),
-            log,
             acl: l.acl.clone(),
-            requests: Arc::new(RequestStats::new(&l.name)),
+            sink: Arc::new(Sink {
+                log,
+                requests: Arc::new(RequestStats::new(&l.name)),
+                listener: l.name.as_str().into(),
+            }),
         })
     }
 
@@ -500,7 +500,7 @@ impl Site {
         client: Client,
         nth: u32,
     ) -> Result<Response<ResponseBody>, Infallible> {
-        let mut record = Record::new(&self.log, &self.requests, self.name.clone(), client.addr);
+        let mut record = Record::new(&self.sink, client.addr);
         record.host = request_host(&req);
         record.method = req.method().clone();
         record.path = req
@@ -537,7 +537,7 @@ impl Site {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        mut record: Record,
+        mut record: Box<Record>,
         client: Client,
     ) -> Response<ResponseBody> {
         let peer = client.addr;
@@ -545,7 +545,7 @@ impl Site {
             return local_error(StatusCode::URI_TOO_LONG, record);
         }
         if let Some(coding) = headers::unsupported_transfer_encoding(req.headers()) {
-            debug!(listener = %self.name, coding, "unsupported transfer-encoding");
+            debug!(listener = %self.sink.listener, coding, "unsupported transfer-encoding");
             return local_error(StatusCode::NOT_IMPLEMENTED, record);
         }
         let declared = req
@@ -618,7 +618,7 @@ impl Site {
             {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(listener = %self.name, pool = %pool.name, error = %e, "backend connect failed; trying the next");
+                    warn!(listener = %self.sink.listener, pool = %pool.name, error = %e, "backend connect failed; trying the next");
                     failure = match e {
                         ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                         _ => failure,
@@ -676,7 +676,7 @@ impl Site {
                 Err((ExchangeError::Timeout(_), _)) => {
                     attempt.status = Some(504);
                     failure = StatusCode::GATEWAY_TIMEOUT;
-                    warn!(listener = %self.name, backend = %backend.addr, timeout = ?self.timeouts.response, "backend stalled: took none of the request body, or sent no response head, in time");
+                    warn!(listener = %self.sink.listener, backend = %backend.addr, timeout = ?self.timeouts.response, "backend stalled: took none of the request body, or sent no response head, in time");
                     StatusCode::GATEWAY_TIMEOUT
                 }
                 Err((_, true)) if !has_body && idempotent => {
@@ -684,13 +684,13 @@ impl Site {
                     // nothing came back and nothing is lost, so the request goes again.
                     tried.pop();
                     record.attempts.push(attempt);
-                    debug!(listener = %self.name, backend = %backend.addr, "stale backend connection; retrying");
+                    debug!(listener = %self.sink.listener, backend = %backend.addr, "stale backend connection; retrying");
                     continue;
                 }
                 Err((e, _)) => {
                     attempt.status = Some(502);
                     failure = StatusCode::BAD_GATEWAY;
-                    warn!(listener = %self.name, backend = %backend.addr, error = %e, "backend failed");
+                    warn!(listener = %self.sink.listener, backend = %backend.addr, error = %e, "backend failed");
                     StatusCode::BAD_GATEWAY
                 }
             };
@@ -736,7 +736,7 @@ impl Site {
     fn respond(
         &self,
         mut res: Response<h1::Incoming>,
-        mut record: Record,
+        mut record: Box<Record>,
         up: Upstream<'_>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<ResponseBody> {
@@ -839,7 +839,7 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: h1::Conn, idle: Dura
     let _ = bw.shutdown().await;
 }
 
-fn local(res: Response<Bytes>, mut record: Record) -> Response<ResponseBody> {
+fn local(res: Response<Bytes>, mut record: Box<Record>) -> Response<ResponseBody> {
     record.status = Some(res.status().as_u16());
     let (parts, body) = res.into_parts();
     Response::from_parts(
@@ -855,7 +855,7 @@ fn local(res: Response<Bytes>, mut record: Record) -> Response<ResponseBody> {
     )
 }
 
-fn local_error(status: StatusCode, record: Record) -> Response<ResponseBody> {
+fn local_error(status: StatusCode, record: Box<Record>) -> Response<ResponseBody> {
     local(errors::page(status), record)
 }
 
@@ -964,7 +964,7 @@ enum Inner {
 /// reuse once the backend's body is complete, and writes the access log line when dropped.
 pub struct ResponseBody {
     inner: Inner,
-    record: Option<Record>,
+    record: Option<Box<Record>>,
     upstream_sent: Option<Instant>,
     /// The backend answering, counted busy until the body is dropped; its connection goes
     /// back to it once the body is complete (not after a 101: the tunnel has it).

@@ -1,12 +1,12 @@
 use super::*;
 
-fn record(log: &AccessLog) -> Record {
-    Record::new(
-        log,
-        &Arc::new(RequestStats::new("site")),
-        "site".into(),
-        "192.0.2.7:40000".parse().unwrap(),
-    )
+fn record(log: &AccessLog) -> Box<Record> {
+    let sink = Arc::new(Sink {
+        log: log.clone(),
+        requests: Arc::new(RequestStats::new("site")),
+        listener: "site".into(),
+    });
+    Record::new(&sink, "192.0.2.7:40000".parse().unwrap())
 }
 
 /// The line as JSON, after checking it is one line with the documented fields in order.

@@ -775,6 +775,22 @@ async fn upload(addr: SocketAddr, path: &str, len: usize) -> String {
     answer
 }
 
+/// A 256 MiB upload through a site whose one backend is `backend`, with `timeouts.response`
+/// `response`: the site, the answer's head and how long it took.
+async fn upload_through(backend: SocketAddr, response: &str) -> (Lb, String, Duration) {
+    let lb = lb(
+        &format!(
+            "  - {{ name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {{log}},
+      max_body_bytes: 1000000000, timeouts: {{ response: {response} }} }}\n"
+        ),
+        &pool("web", &[backend]),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let answer = upload(lb.addr("site"), "/up", 256 << 20).await;
+    (lb, answer, started.elapsed())
+}
+
 #[tokio::test]
 async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_response_timeout() {
     let stuck = raw_backend(|mut s| async move {
@@ -784,23 +800,56 @@ async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_response_timeo
         tokio::time::sleep(LIMIT).await;
     })
     .await;
-    let lb = lb(
-        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log},
-      max_body_bytes: 1000000000, timeouts: { response: 1s } }\n",
-        &pool("web", &[stuck]),
-    )
-    .await;
-    let started = std::time::Instant::now();
-    let answer = upload(lb.addr("site"), "/up", 256 << 20).await;
+    let (lb, answer, took) = upload_through(stuck, "1s").await;
     assert_eq!(
         status_line(&answer),
         "HTTP/1.1 504 Gateway Timeout",
         "{answer}"
     );
-    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(took >= Duration::from_secs(1));
     let line = &lb.log_lines(1).await[0];
     assert_eq!(line["status"], 504);
     assert_eq!(line["upstream_status"], "504");
+}
+
+#[tokio::test]
+async fn a_backend_that_answers_an_upload_early_is_relayed_whether_it_stops_reading_or_closes() {
+    // Each reads the head (and what fits in the buffers), answers 413 at once, then either
+    // reads nothing more with the connection open, or closes it (a reset: the body is unread).
+    for closes in [false, true] {
+        let early = raw_backend(move |mut s| async move {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+                .await;
+            if !closes {
+                tokio::time::sleep(LIMIT).await;
+            }
+        })
+        .await;
+        let (lb, answer, took) = upload_through(early, "5s").await;
+        assert_eq!(
+            status_line(&answer),
+            "HTTP/1.1 413 Payload Too Large",
+            "closes: {closes}: {answer}"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "closes: {closes}: answered after {took:?}"
+        );
+        let line = &lb.log_lines(1).await[0];
+        assert_eq!(line["status"], 413, "closes: {closes}");
+        assert_eq!(line["upstream_status"], "413", "closes: {closes}");
+        // The connection whose upload was cut short is not reused: the backend still sleeps
+        // on it, and a request sent there would get no answer (504).
+        let started = std::time::Instant::now();
+        assert_eq!(send(lb.addr("site"), get("x", "/")).await.status, 413);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "closes: {closes}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -23,7 +23,10 @@ use hyper::{
     header::{self, HeaderMap, HeaderName, HeaderValue},
     Method, Response, StatusCode, Version,
 };
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
 use tokio_util::either::Either;
 
 use super::{
@@ -73,6 +76,9 @@ pub struct Conn {
     /// Response bytes read during the current exchange (to tell a connection the backend had
     /// already closed from one that failed mid-answer).
     received: bool,
+    /// The backend answered before the request body was sent whole, so the rest was not
+    /// sent: the connection cannot take another request.
+    body_cut: bool,
 }
 
 impl fmt::Debug for Conn {
@@ -89,6 +95,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             received: false,
+            body_cut: false,
         }
     }
 
@@ -133,8 +140,23 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Response<()>, ExchangeError> {
         self.received = false;
-        self.send(method, target, headers, forwarded, body, timeout)
-            .await?;
+        let early = match self
+            .send(method, target, headers, forwarded, body, timeout)
+            .await
+        {
+            Ok(early) => early,
+            // A backend that answered and closed (a reset, as the body was left unread)
+            // fails the write before the runtime reports its answer readable: read it.
+            Err(ExchangeError::Io(e)) => match within(timeout, self.read_head()).await {
+                Ok(res) => Some(res),
+                Err(_) => return Err(ExchangeError::Io(e)),
+            },
+            Err(e) => return Err(e),
+        };
+        if let Some(early) = early {
+            self.body_cut = true;
+            return Ok(early);
+        }
         within(timeout, self.read_head()).await
     }
 
@@ -146,7 +168,7 @@ impl Conn {
         forwarded: &Forwarded<'_>,
         mut body: RequestBody,
         timeout: Duration,
-    ) -> Result<(), ExchangeError> {
+    ) -> Result<Option<Response<()>>, ExchangeError> {
         let has_length = headers.contains_key(header::CONTENT_LENGTH);
         let chunked = !body.is_end_stream() && !has_length;
         let mut head = Vec::with_capacity(512);
@@ -170,10 +192,12 @@ impl Conn {
         self.io.write_all(&head).await?;
         if body.is_end_stream() {
             // TLS buffers what it encrypts until flushed.
-            return Ok(self.io.flush().await?);
+            self.io.flush().await?;
+            return Ok(None);
         }
         // A body can be more than the buffers take: a backend that stops reading it fails
-        // the exchange after `timeout` without progress (nginx's proxy_send_timeout).
+        // the exchange after `timeout` without progress (nginx's proxy_send_timeout), unless
+        // it answered meanwhile.
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(ExchangeError::Body)?;
             let Ok(data) = frame.into_data() else {
@@ -183,20 +207,64 @@ impl Conn {
             if data.is_empty() {
                 continue;
             }
-            if chunked {
+            let early = if chunked {
                 head.clear();
                 let _ = write!(head, "{:x}\r\n", data.len());
                 head.extend_from_slice(&data);
                 head.extend_from_slice(b"\r\n");
-                within(timeout, self.io.write_all(&head)).await?;
+                self.write_body(&head, timeout).await?
             } else {
-                within(timeout, self.io.write_all(&data)).await?;
+                self.write_body(&data, timeout).await?
+            };
+            if early.is_some() {
+                return Ok(early);
             }
         }
         if chunked {
-            within(timeout, self.io.write_all(b"0\r\n\r\n")).await?;
+            if let Some(early) = self.write_body(b"0\r\n\r\n", timeout).await? {
+                return Ok(Some(early));
+            }
         }
-        within(timeout, self.io.flush()).await
+        within(timeout, self.io.flush()).await?;
+        Ok(None)
+    }
+
+    /// Writes body bytes, watching the connection for the backend's answer meanwhile (RFC
+    /// 9112 §9.5): a final head that comes first (a 413 or 401 to an upload, say) is returned
+    /// and the rest is not written. Fails after `timeout` without the bytes written.
+    async fn write_body(
+        &mut self,
+        mut bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<Option<Response<()>>, ExchangeError> {
+        // The backend's end of stream: nothing more to watch for (the writes will fail).
+        let mut eof = false;
+        let watch = std::future::poll_fn(|cx| loop {
+            if !eof {
+                match self.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) => eof = true,
+                    Poll::Ready(Ok(_)) => match self.parse_head() {
+                        Ok(Some(res)) => return Poll::Ready(Ok(Some(res))),
+                        Ok(None) if self.buf.len() >= MAX_HEAD_BYTES => {
+                            return Poll::Ready(Err(ExchangeError::Invalid("head too large")))
+                        }
+                        Ok(None) => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    },
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => {}
+                }
+            }
+            if bytes.is_empty() {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(Pin::new(&mut self.io).poll_write(cx, bytes)) {
+                Ok(0) => return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        });
+        within(timeout, watch).await
     }
 
     /// Reads the final response head (1xx interim answers other than 101 are skipped).
@@ -334,7 +402,8 @@ impl Incoming {
     pub fn new(conn: Conn, method: &Method, res: &mut Response<()>) -> Result<Self, ExchangeError> {
         let status = res.status();
         // HTTP/1.0 keeps a connection only when it says so.
-        let keep_alive = !connection_has(res.headers(), "close")
+        let keep_alive = !conn.body_cut
+            && !connection_has(res.headers(), "close")
             && (res.version() == Version::HTTP_11 || connection_has(res.headers(), "keep-alive"));
         let headers = res.headers_mut();
         let state = if status == StatusCode::SWITCHING_PROTOCOLS {

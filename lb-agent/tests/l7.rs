@@ -853,6 +853,56 @@ async fn a_backend_that_answers_an_upload_early_is_relayed_whether_it_stops_read
 }
 
 #[tokio::test]
+async fn a_backend_that_answers_200_before_the_body_still_gets_all_of_it() {
+    // A streaming backend: answers at once, then reads the whole body and reports its length
+    // as the answer's body (10 digits).
+    let streaming = raw_backend(|mut s| async move {
+        let mut got = Vec::new();
+        let mut b = vec![0u8; 64 << 10];
+        let head_end = loop {
+            let Ok(n @ 1..) = s.read(&mut b).await else {
+                return;
+            };
+            got.extend_from_slice(&b[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            .await;
+        let mut body = got.len() - head_end;
+        while body < len {
+            let Ok(n @ 1..) = s.read(&mut b).await else {
+                break;
+            };
+            body += n;
+        }
+        let _ = s.write_all(format!("{body:010}").as_bytes()).await;
+    })
+    .await;
+    let lb = site(&pool("web", &[streaming])).await;
+    let size = 8 << 20;
+    let req = Request::post("/stream")
+        .header("host", "x")
+        .body(Full::new(Bytes::from(vec![b'u'; size])))
+        .unwrap();
+    let answer = send(lb.addr("site"), req).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.body,
+        format!("{size:010}"),
+        "the backend got the whole body"
+    );
+}
+
+#[tokio::test]
 async fn an_idle_backend_connection_the_backend_closes_is_closed_too() {
     // Answers one request on a kept-alive connection, closes its side a moment later, and
     // reports how long the proxy then took to close its own.

@@ -79,6 +79,8 @@ pub struct Conn {
     /// The backend answered before the request body was sent whole, so the rest was not
     /// sent: the connection cannot take another request.
     body_cut: bool,
+    /// A final answer that came while the request body was going out.
+    answer: Option<Response<()>>,
 }
 
 impl fmt::Debug for Conn {
@@ -96,6 +98,7 @@ impl Conn {
             buf: BytesMut::new(),
             received: false,
             body_cut: false,
+            answer: None,
         }
     }
 
@@ -140,24 +143,32 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Response<()>, ExchangeError> {
         self.received = false;
-        let early = match self
+        self.answer = None;
+        let has_body = !body.is_end_stream();
+        match self
             .send(method, target, headers, forwarded, body, timeout)
             .await
         {
-            Ok(early) => early,
-            // A backend that answered and closed (a reset, as the body was left unread)
-            // fails the write before the runtime reports its answer readable: read it.
-            Err(ExchangeError::Io(e)) => match within(timeout, self.read_head()).await {
-                Ok(res) => Some(res),
-                Err(_) => return Err(ExchangeError::Io(e)),
-            },
+            Ok(cut) => self.body_cut = cut,
+            // A backend that refused the body and closed (a reset, as the body was left
+            // unread) fails the write before the runtime reports its answer readable.
+            // Bodiless requests are left alone: what a kept-alive connection holds then
+            // is no answer to them, and they may go again on another connection.
+            Err(ExchangeError::Io(e)) if has_body && self.answer.is_none() => {
+                match within(timeout, self.read_head()).await {
+                    Ok(res) if refuses_body(&res) => {
+                        self.body_cut = true;
+                        return Ok(res);
+                    }
+                    _ => return Err(ExchangeError::Io(e)),
+                }
+            }
             Err(e) => return Err(e),
-        };
-        if let Some(early) = early {
-            self.body_cut = true;
-            return Ok(early);
         }
-        within(timeout, self.read_head()).await
+        match self.answer.take() {
+            Some(res) => Ok(res),
+            None => within(timeout, self.read_head()).await,
+        }
     }
 
     async fn send(
@@ -168,7 +179,7 @@ impl Conn {
         forwarded: &Forwarded<'_>,
         mut body: RequestBody,
         timeout: Duration,
-    ) -> Result<Option<Response<()>>, ExchangeError> {
+    ) -> Result<bool, ExchangeError> {
         let has_length = headers.contains_key(header::CONTENT_LENGTH);
         let chunked = !body.is_end_stream() && !has_length;
         let mut head = Vec::with_capacity(512);
@@ -193,7 +204,7 @@ impl Conn {
         if body.is_end_stream() {
             // TLS buffers what it encrypts until flushed.
             self.io.flush().await?;
-            return Ok(None);
+            return Ok(false);
         }
         // A body can be more than the buffers take: a backend that stops reading it fails
         // the exchange after `timeout` without progress (nginx's proxy_send_timeout), unless
@@ -207,7 +218,7 @@ impl Conn {
             if data.is_empty() {
                 continue;
             }
-            let early = if chunked {
+            let cut = if chunked {
                 head.clear();
                 let _ = write!(head, "{:x}\r\n", data.len());
                 head.extend_from_slice(&data);
@@ -216,35 +227,40 @@ impl Conn {
             } else {
                 self.write_body(&data, timeout).await?
             };
-            if early.is_some() {
-                return Ok(early);
+            if cut {
+                return Ok(true);
             }
         }
-        if chunked {
-            if let Some(early) = self.write_body(b"0\r\n\r\n", timeout).await? {
-                return Ok(Some(early));
-            }
+        if chunked && self.write_body(b"0\r\n\r\n", timeout).await? {
+            return Ok(true);
         }
         within(timeout, self.io.flush()).await?;
-        Ok(None)
+        Ok(false)
     }
 
-    /// Writes body bytes, watching the connection for the backend's answer meanwhile (RFC
-    /// 9112 §9.5): a final head that comes first (a 413 or 401 to an upload, say) is returned
-    /// and the rest is not written. Fails after `timeout` without the bytes written.
+    /// Writes body bytes, watching the connection for the backend's final answer meanwhile,
+    /// until it came (`self.answer`). An answer refusing the body (a 413 or 401 to an upload, say)
+    /// ends the body: the rest is not written (true). Others (a streaming backend's 200)
+    /// wait for the whole body. Fails after `timeout` without the bytes written.
     async fn write_body(
         &mut self,
         mut bytes: &[u8],
         timeout: Duration,
-    ) -> Result<Option<Response<()>>, ExchangeError> {
+    ) -> Result<bool, ExchangeError> {
         // The backend's end of stream: nothing more to watch for (the writes will fail).
         let mut eof = false;
         let watch = std::future::poll_fn(|cx| loop {
-            if !eof {
+            if self.answer.is_none() && !eof {
                 match self.poll_fill(cx) {
                     Poll::Ready(Ok(0)) => eof = true,
                     Poll::Ready(Ok(_)) => match self.parse_head() {
-                        Ok(Some(res)) => return Poll::Ready(Ok(Some(res))),
+                        Ok(Some(res)) => {
+                            let refused = refuses_body(&res);
+                            self.answer = Some(res);
+                            if refused {
+                                return Poll::Ready(Ok(true));
+                            }
+                        }
                         Ok(None) if self.buf.len() >= MAX_HEAD_BYTES => {
                             return Poll::Ready(Err(ExchangeError::Invalid("head too large")))
                         }
@@ -256,7 +272,7 @@ impl Conn {
                 }
             }
             if bytes.is_empty() {
-                return Poll::Ready(Ok(None));
+                return Poll::Ready(Ok(false));
             }
             match ready!(Pin::new(&mut self.io).poll_write(cx, bytes)) {
                 Ok(0) => return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
@@ -348,6 +364,12 @@ impl Conn {
     pub fn into_parts(self) -> (Io, Bytes) {
         (self.io, self.buf.freeze())
     }
+}
+
+/// Whether a final answer that came while the request body was going out tells the client to
+/// stop sending it: an error (RFC 9112 §9.5).
+fn refuses_body(res: &Response<()>) -> bool {
+    res.status().is_client_error() || res.status().is_server_error()
 }
 
 /// `step` (a write or the response head), failing with [`ExchangeError::Timeout`] when it

@@ -251,23 +251,16 @@ impl Conn {
         let mut eof = false;
         let watch = std::future::poll_fn(|cx| loop {
             if self.answer.is_none() && !eof {
-                match self.poll_fill(cx) {
-                    Poll::Ready(Ok(0)) => eof = true,
-                    Poll::Ready(Ok(_)) => match self.parse_head() {
-                        Ok(Some(res)) => {
-                            let refused = refuses_body(&res);
-                            self.answer = Some(res);
-                            if refused {
-                                return Poll::Ready(Ok(true));
-                            }
+                match self.poll_head(cx) {
+                    Poll::Ready(Ok(Some(res))) => {
+                        let refused = refuses_body(&res);
+                        self.answer = Some(res);
+                        if refused {
+                            return Poll::Ready(Ok(true));
                         }
-                        Ok(None) if self.buf.len() >= MAX_HEAD_BYTES => {
-                            return Poll::Ready(Err(ExchangeError::Invalid("head too large")))
-                        }
-                        Ok(None) => continue,
-                        Err(e) => return Poll::Ready(Err(e)),
-                    },
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    }
+                    Poll::Ready(Ok(None)) => eof = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {}
                 }
             }
@@ -285,15 +278,26 @@ impl Conn {
 
     /// Reads the final response head (1xx interim answers other than 101 are skipped).
     async fn read_head(&mut self) -> Result<Response<()>, ExchangeError> {
+        std::future::poll_fn(|cx| self.poll_head(cx))
+            .await?
+            .ok_or(ExchangeError::Closed)
+    }
+
+    /// Reads until a final response head is complete; `None`: the backend's end of stream
+    /// came first.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Response<()>>, ExchangeError>> {
         loop {
             if let Some(res) = self.parse_head()? {
-                return Ok(res);
+                return Poll::Ready(Ok(Some(res)));
             }
             if self.buf.len() >= MAX_HEAD_BYTES {
-                return Err(ExchangeError::Invalid("head too large"));
+                return Poll::Ready(Err(ExchangeError::Invalid("head too large")));
             }
-            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
-                return Err(ExchangeError::Closed);
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Ok(None));
             }
         }
     }

@@ -165,13 +165,18 @@ fn write_lines(shared: &Arc<Shared>, mut out: Box<dyn Write + Send>) {
     }
 }
 
-/// Where a listener's finished requests go: its access log and its request counters. One
-/// reference per request instead of one per part.
+/// Where a listener's finished requests go: its access log and its request counters (which
+/// carry the listener's name). One reference per request instead of one per part.
 #[derive(Debug)]
 pub struct Sink {
     pub log: AccessLog,
     pub requests: Arc<RequestStats>,
-    pub listener: Arc<str>,
+}
+
+impl Sink {
+    pub fn listener(&self) -> &str {
+        &self.requests.listener
+    }
 }
 
 /// One try at a backend.
@@ -269,7 +274,7 @@ impl Record {
         out.extend_from_slice(b"{\"time\":\"");
         now_rfc3339_millis(out);
         out.push(b'"');
-        text(out, b",\"listener\":", &self.sink.listener);
+        text(out, b",\"listener\":", self.sink.listener());
         out.extend_from_slice(b",\"client\":\"");
         addr(out, self.client);
         out.push(b'"');

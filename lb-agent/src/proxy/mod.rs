@@ -209,14 +209,14 @@ impl Server {
         // Each connection holds a receiver: true asks it to finish, and the sender's
         // `closed()` is all of them gone.
         let (drain, draining) = watch::channel(false);
-        info!(listener = %self.site.sink.listener, addr = ?self.tcp.local_addr().ok(), "proxy listening");
+        info!(listener = %self.site.sink.listener(), addr = ?self.tcp.local_addr().ok(), "proxy listening");
         let mut sweep = tokio::time::interval(SWEEP_IDLE_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 accepted = self.tcp.accept() => match accepted {
                     Ok((stream, peer)) if !self.site.acl.admits(peer.ip()) => {
-                        debug!(listener = %self.site.sink.listener, client = %peer, "refused by the ACL");
+                        debug!(listener = %self.site.sink.listener(), client = %peer, "refused by the ACL");
                         // A reset, not a close: the client learns at once, nothing is sent
                         // (a zero linger does not block).
                         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -232,7 +232,7 @@ impl Server {
                     }
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
-                        warn!(listener = %self.site.sink.listener, error = %e, "accept failed");
+                        warn!(listener = %self.site.sink.listener(), error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -241,11 +241,11 @@ impl Server {
             }
         }
         drop(self.tcp);
-        info!(listener = %self.site.sink.listener, "proxy stopped accepting; draining");
+        info!(listener = %self.site.sink.listener(), "proxy stopped accepting; draining");
         drop(draining);
         let _ = drain.send(true);
         if tokio::time::timeout(grace, drain.closed()).await.is_err() {
-            warn!(listener = %self.site.sink.listener, grace = ?grace, "connections still open at the shutdown deadline");
+            warn!(listener = %self.site.sink.listener(), grace = ?grace, "connections still open at the shutdown deadline");
         }
     }
 }
@@ -476,7 +476,6 @@ impl Site {
             sink: Arc::new(Sink {
                 log,
                 requests: Arc::new(RequestStats::new(&l.name)),
-                listener: l.name.as_str().into(),
             }),
         })
     }
@@ -545,7 +544,7 @@ impl Site {
             return local_error(StatusCode::URI_TOO_LONG, record);
         }
         if let Some(coding) = headers::unsupported_transfer_encoding(req.headers()) {
-            debug!(listener = %self.sink.listener, coding, "unsupported transfer-encoding");
+            debug!(listener = %self.sink.listener(), coding, "unsupported transfer-encoding");
             return local_error(StatusCode::NOT_IMPLEMENTED, record);
         }
         let declared = req
@@ -618,7 +617,7 @@ impl Site {
             {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(listener = %self.sink.listener, pool = %pool.name, error = %e, "backend connect failed; trying the next");
+                    warn!(listener = %self.sink.listener(), pool = %pool.name, error = %e, "backend connect failed; trying the next");
                     failure = match e {
                         ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                         _ => failure,
@@ -676,7 +675,7 @@ impl Site {
                 Err((ExchangeError::Timeout(_), _)) => {
                     attempt.status = Some(504);
                     failure = StatusCode::GATEWAY_TIMEOUT;
-                    warn!(listener = %self.sink.listener, backend = %backend.addr, timeout = ?self.timeouts.response, "backend stalled: took none of the request body, or sent no response head, in time");
+                    warn!(listener = %self.sink.listener(), backend = %backend.addr, timeout = ?self.timeouts.response, "backend stalled: took none of the request body, or sent no response head, in time");
                     StatusCode::GATEWAY_TIMEOUT
                 }
                 Err((_, true)) if !has_body && idempotent => {
@@ -684,13 +683,13 @@ impl Site {
                     // nothing came back and nothing is lost, so the request goes again.
                     tried.pop();
                     record.attempts.push(attempt);
-                    debug!(listener = %self.sink.listener, backend = %backend.addr, "stale backend connection; retrying");
+                    debug!(listener = %self.sink.listener(), backend = %backend.addr, "stale backend connection; retrying");
                     continue;
                 }
                 Err((e, _)) => {
                     attempt.status = Some(502);
                     failure = StatusCode::BAD_GATEWAY;
-                    warn!(listener = %self.sink.listener, backend = %backend.addr, error = %e, "backend failed");
+                    warn!(listener = %self.sink.listener(), backend = %backend.addr, error = %e, "backend failed");
                     StatusCode::BAD_GATEWAY
                 }
             };

@@ -4,7 +4,6 @@ fn record(log: &AccessLog) -> Box<Record> {
     let sink = Arc::new(Sink {
         log: log.clone(),
         requests: Arc::new(RequestStats::new("site")),
-        listener: "site".into(),
     });
     Record::new(&sink, "192.0.2.7:40000".parse().unwrap())
 }

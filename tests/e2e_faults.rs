@@ -17,6 +17,7 @@ use std::{
 
 use lb_common::maps::{CONNTRACK_ENTRIES, CONNTRACK_SYN_ENTRIES};
 use lb_tests::{
+    flood::SynFlood,
     maps,
     netns::Children,
     topology::{backend_addr, NameServer, SNAT, VIP},
@@ -26,6 +27,11 @@ use lb_tests::{
 /// Names answered on 8080 (new connections), echo on 9000 (established flows).
 const NAME_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
+/// The SYN flood's rate, at most: its sender also runs each SYN's way through the LB and the
+/// backend's SYN-ACK back (in its send call), and reaches 19-21k/s on the 2-core test machine
+/// beside the clients, backends and LB, all of which the LB takes. Each SYN takes 2
+/// handshake-table entries, so the table turns over every 1-2 s.
+const FLOOD_PER_SEC: u32 = 40_000;
 
 /// These tests load the machine (a flood, a million map entries); on 2 cores they would skew
 /// each other, so they take turns. (Poisoning is ignored: a failed test must not fail the others.)
@@ -251,8 +257,8 @@ fn column(stats: &str, listener: &str, name: &str) -> u64 {
 
 /// One short connection to the echo listener: connect, say hello, read the answer. The
 /// timeouts leave room for the retransmissions any client makes (SYN after 1, 3 and 7 s; data
-/// after 0.2 s, doubling): a flood overflowing the veth queue in front of the LB drops real
-/// packets too, and on 2 cores its softirq load can cost a data packet two tries.
+/// after 0.2 s, doubling): with a flood on the same 2 cores, a veth queue in front of the LB
+/// that overflows for a moment drops real packets too.
 fn exchange(addr: SocketAddr) -> Result<String, String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(|e| e.to_string())?;
@@ -284,35 +290,18 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
 
     let flows = Flows::start(&topo.client, echo(), 20, Duration::from_millis(100));
     let before = flows.exchanged();
-    // hping3's rate depends on the CPU it gets beside the clients and backends (from under
-    // 10k to over 100k SYNs/s on these 2 cores), so the flood runs for at least 4 s and until
-    // it has filled the handshake table 3 times over; `timeout` bounds it even if this test
-    // dies. SIGINT makes hping3 print what it sent.
+    // Paced (see `lb_tests::flood`) at a rate this machine's LB forwards beside everything
+    // else, for at least 4 s and until the flood has filled the handshake table 3 times over.
     let (least, most, turnover) = (
         Duration::from_secs(4),
         Duration::from_secs(20),
         3 * u64::from(CONNTRACK_SYN_ENTRIES) / 2,
     );
-    let flood = topo
-        .client
-        .command("timeout")
-        .args(["-s", "INT", &most.as_secs().to_string()])
-        .args([
-            "hping3",
-            "--flood",
-            "--syn",
-            "--rand-source",
-            "-p",
-            &ECHO_PORT.to_string(),
-            VIP,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("hping3");
+    let vip: std::net::SocketAddrV4 = format!("{VIP}:{ECHO_PORT}").parse().unwrap();
+    let flood = SynFlood::start(&topo.client, vip, FLOOD_PER_SEC);
     let started = Instant::now();
     let flooding = AtomicBool::new(true);
-    let (answers, peak, took) = std::thread::scope(|s| {
+    let (answers, peak, took, sent) = std::thread::scope(|s| {
         // Clients connecting one after another, each on its own: one waiting out a
         // retransmission delays only itself, so every run gets hundreds of connections.
         let clients: Vec<_> = (0..3)
@@ -341,25 +330,15 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
             std::thread::sleep(Duration::from_millis(200));
         }
         let took = started.elapsed();
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(flood.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
+        let sent = flood.stop();
         flooding.store(false, Ordering::Relaxed);
         let answers: Vec<_> = clients
             .into_iter()
             .flat_map(|c| c.join().expect("client"))
             .collect();
-        (answers, peak, took)
+        (answers, peak, took, sent)
     });
     let secs = took.as_secs_f64();
-    let out = flood.wait_with_output().expect("hping3");
-    // The statistics go to stderr.
-    let text = String::from_utf8_lossy(&out.stderr);
-    let sent: u64 = text
-        .lines()
-        .find_map(|l| l.split_once(" packets transmitted")?.0.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no hping3 statistics:\n{text}"));
     // The established flows keep going after the flood too.
     std::thread::sleep(Duration::from_millis(500));
     let during = flows.exchanged() - before;
@@ -391,10 +370,10 @@ fn a_spoofed_syn_flood_leaves_real_clients_and_established_flows_served() {
         column(&stats, "echo", "new_flows") >= turnover,
         "the flood never filled the handshake table 3 times over: {sent} SYNs in {secs:.1} s"
     );
-    // At most 1% lost, rounded up: at the flood's rate a handshake entry lives a fraction of a
-    // second in the LRU, so a real client whose ACK the overflowing veth queue drops can lose
-    // both entries before its retransmission, and a busy machine makes only about a hundred
-    // connections (one lost of 99 failed the rounded-down rule once).
+    // At most 1% lost (the rule), rounded up: a handshake entry lives about a second in
+    // the LRU, so a real client whose ACK a momentarily full veth queue drops can lose both
+    // entries before its retransmission, and a busy machine may make only about a hundred
+    // connections (one lost of 99 failed the rounded-down rule once, under an unpaced flood).
     assert!(
         answers.len() - ok <= answers.len().div_ceil(100),
         "only {ok} of {} real connections succeeded: {:?}",

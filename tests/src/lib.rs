@@ -5,6 +5,7 @@
 //! Needs root (network namespaces, XDP). Used by the end-to-end tests, the packet fixtures and
 //! `cargo xtask demo`.
 
+pub mod flood;
 pub mod maps;
 pub mod netns;
 pub mod nginx;

@@ -2,7 +2,7 @@
 //! - the nightly toolchain's `rust-src` (the XDP program is built with `-Z build-std=core`);
 //! - Debian's LLVM 22 (bpf-linker links against it; nightly's LLVM is 22 too);
 //! - `bpf-linker` 0.13.0 built against LLVM 22;
-//! - the tools the tests drive (iproute2, ethtool; nginx, socat, hping3 and curl for the fault
+//! - the tools the tests drive (iproute2, ethtool; nginx, socat and curl for the fault
 //!   and abuse suite) and the benchmarks' peers and load generators (wrk, iperf3, haproxy,
 //!   nftables; openssl makes the L7 bench's certificate).
 
@@ -18,7 +18,6 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("nginx", "/usr/sbin/nginx"),
     ("socat", "/usr/bin/socat"),
-    ("hping3", "/usr/sbin/hping3"),
     ("curl", "/usr/bin/curl"),
     ("wrk", "/usr/bin/wrk"),
     ("iperf3", "/usr/bin/iperf3"),

@@ -775,6 +775,21 @@ async fn upload(addr: SocketAddr, path: &str, len: usize) -> String {
     answer
 }
 
+/// A backend that takes a request's head (and what of the body fits in the buffers), writes
+/// `answer` (may be empty), and then reads nothing more: with the connection open for
+/// `LIMIT` if it `stalls`, else closing it.
+async fn head_taker(answer: &'static [u8], stalls: bool) -> SocketAddr {
+    raw_backend(move |mut s| async move {
+        let mut b = [0u8; 4096];
+        let _ = s.read(&mut b).await;
+        let _ = s.write_all(answer).await;
+        if stalls {
+            tokio::time::sleep(LIMIT).await;
+        }
+    })
+    .await
+}
+
 /// A 256 MiB upload through a site whose one backend is `backend`, with `timeouts.response`
 /// `response`: the site, the answer's head and how long it took.
 async fn upload_through(backend: SocketAddr, response: &str) -> (Lb, String, Duration) {
@@ -793,14 +808,7 @@ async fn upload_through(backend: SocketAddr, response: &str) -> (Lb, String, Dur
 
 #[tokio::test]
 async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_response_timeout() {
-    let stuck = raw_backend(|mut s| async move {
-        // Takes the head (and what fits in the buffers), then reads nothing more.
-        let mut b = [0u8; 4096];
-        let _ = s.read(&mut b).await;
-        tokio::time::sleep(LIMIT).await;
-    })
-    .await;
-    let (lb, answer, took) = upload_through(stuck, "1s").await;
+    let (lb, answer, took) = upload_through(head_taker(b"", true).await, "1s").await;
     assert_eq!(
         status_line(&answer),
         "HTTP/1.1 504 Gateway Timeout",
@@ -814,19 +822,13 @@ async fn a_backend_that_stops_taking_an_upload_gets_504_after_the_response_timeo
 
 #[tokio::test]
 async fn a_backend_that_answers_an_upload_early_is_relayed_whether_it_stops_reading_or_closes() {
-    // Each reads the head (and what fits in the buffers), answers 413 at once, then either
-    // reads nothing more with the connection open, or closes it (a reset: the body is unread).
+    // Each answers 413 at once, then either reads nothing more with the connection open, or
+    // closes it (a reset: the body is unread).
     for closes in [false, true] {
-        let early = raw_backend(move |mut s| async move {
-            let mut b = [0u8; 4096];
-            let _ = s.read(&mut b).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
-                .await;
-            if !closes {
-                tokio::time::sleep(LIMIT).await;
-            }
-        })
+        let early = head_taker(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!",
+            !closes,
+        )
         .await;
         let (lb, answer, took) = upload_through(early, "5s").await;
         assert_eq!(

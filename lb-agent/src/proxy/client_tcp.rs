@@ -1,30 +1,32 @@
 //! A client's TCP connection as the proxy serves it, without two system calls per connection
 //! that nginx does not make either:
-//! - hyper-util tells HTTP/1 from HTTP/2 by reading the first 24 bytes on their own, then
-//!   reads the rest of the request: two reads where one does. A read that small is served
-//!   from a read-ahead of [`READ_AHEAD`] bytes instead.
+//! - Telling HTTP/1 from HTTP/2 without TLS takes the client's first bytes; they are read
+//!   with room for a whole ordinary request head and kept for the HTTP/1 parser, so the
+//!   request costs one read.
 //! - hyper shuts the sending side down before it drops a connection it closes; the close
 //!   that follows sends the FIN just the same.
 
 use std::{
     io,
     pin::Pin,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
 };
 
 use bytes::{Buf, BytesMut};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 
-/// What a small read asks the socket for: a whole ordinary request head.
+/// What the first read asks the socket for: a whole ordinary request head.
 const READ_AHEAD: usize = 4 << 10;
-/// Reads asking for less than this go through the read-ahead.
-const SMALL_READ: usize = 1 << 10;
+
+/// What an HTTP/2 client without TLS ("prior knowledge") sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 pub struct ClientTcp {
     tcp: TcpStream,
+    /// Read, not yet handed on.
     ahead: BytesMut,
 }
 
@@ -33,6 +35,25 @@ impl ClientTcp {
         Self {
             tcp,
             ahead: BytesMut::new(),
+        }
+    }
+
+    /// Whether the client opens with HTTP/2's preface: reads (as a rule once) until its first
+    /// bytes tell. What was read is read again by the reads that follow. A client that closes
+    /// first counts as HTTP/1, whose parser sees the end.
+    pub async fn starts_with_h2_preface(&mut self) -> io::Result<bool> {
+        loop {
+            let n = self.ahead.len().min(H2_PREFACE.len());
+            if self.ahead[..n] != H2_PREFACE[..n] {
+                return Ok(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Ok(true);
+            }
+            self.ahead.reserve(READ_AHEAD);
+            if self.tcp.read_buf(&mut self.ahead).await? == 0 {
+                return Ok(false);
+            }
         }
     }
 }
@@ -45,18 +66,7 @@ impl AsyncRead for ClientTcp {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.ahead.is_empty() {
-            if buf.remaining() >= SMALL_READ {
-                return Pin::new(&mut this.tcp).poll_read(cx, buf);
-            }
-            this.ahead.reserve(READ_AHEAD);
-            if ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.tcp),
-                cx,
-                &mut this.ahead
-            ))? == 0
-            {
-                return Poll::Ready(Ok(()));
-            }
+            return Pin::new(&mut this.tcp).poll_read(cx, buf);
         }
         let n = this.ahead.len().min(buf.remaining());
         buf.put_slice(&this.ahead[..n]);
@@ -104,20 +114,20 @@ mod tests {
         net::TcpListener,
     };
 
-    #[tokio::test]
-    async fn small_reads_come_from_one_read_ahead_and_large_ones_go_straight_through() {
+    async fn pair() -> (TcpStream, ClientTcp) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let mut served = ClientTcp::new(l.accept().await.unwrap().0);
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (client, ClientTcp::new(l.accept().await.unwrap().0))
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_is_told_by_its_first_read_and_read_again_whole() {
+        let (mut client, mut served) = pair().await;
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(!served.starts_with_h2_preface().await.unwrap());
         let mut first = [0u8; 4];
         served.read_exact(&mut first).await.unwrap();
         assert_eq!(&first, b"GET ");
-        assert_eq!(
-            served.ahead.as_ref(),
-            b"/ HTTP/1.1\r\n\r\n",
-            "the rest came along"
-        );
         let mut rest = vec![0u8; 8192];
         let n = served.read(&mut rest).await.unwrap();
         assert_eq!(&rest[..n], b"/ HTTP/1.1\r\n\r\n");
@@ -127,5 +137,34 @@ mod tests {
         assert!(served.ahead.is_empty());
         drop(client);
         assert_eq!(served.read(&mut first).await.unwrap(), 0, "end of stream");
+    }
+
+    #[tokio::test]
+    async fn the_h2_preface_is_recognised_even_when_it_comes_in_pieces() {
+        let (mut client, mut served) = pair().await;
+        let sniff = tokio::spawn(async move {
+            let h2 = served.starts_with_h2_preface().await.unwrap();
+            (h2, served)
+        });
+        client.write_all(&H2_PREFACE[..5]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        client.write_all(&H2_PREFACE[5..]).await.unwrap();
+        client.write_all(b"frames").await.unwrap();
+        let (h2, mut served) = sniff.await.unwrap();
+        assert!(h2);
+        let mut all = vec![0u8; H2_PREFACE.len() + 6];
+        served.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all[..H2_PREFACE.len()], H2_PREFACE);
+        assert_eq!(&all[H2_PREFACE.len()..], b"frames");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_at_once_or_starts_like_the_preface_is_http1() {
+        let (client, mut served) = pair().await;
+        drop(client);
+        assert!(!served.starts_with_h2_preface().await.unwrap());
+        let (mut client, mut served) = pair().await;
+        client.write_all(b"PRI * HTTP/1.1\r\n").await.unwrap();
+        assert!(!served.starts_with_h2_preface().await.unwrap());
     }
 }

@@ -31,16 +31,14 @@ use std::{
 };
 
 use bytes::Bytes;
+use hyper::server::conn::{http1, http2};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     header::{self, HeaderValue},
     service::service_fn,
     Method, Request, Response, StatusCode, Version,
 };
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -128,9 +126,7 @@ pub async fn servers(
             addr,
             source,
         };
-        let std = bind(l).map_err(bind_err)?;
-        std.set_nonblocking(true).map_err(bind_err)?;
-        let tcp = TcpListener::from_std(std).map_err(bind_err)?;
+        let tcp = listening(bind(l).map_err(bind_err)?).map_err(bind_err)?;
         let site = Site::new(cfg, health, l).await?;
         let tls = match &l.tls {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(
@@ -141,9 +137,8 @@ pub async fn servers(
             )),
             None => None,
         };
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
             // The connection's idle timer (`idle::Activity`) closes a connection whose next
             // request head has not come in within the idle timeout, slow heads included;
             // hyper's own header timer would arm and cancel a second timer per request.
@@ -151,14 +146,14 @@ pub async fn servers(
             // Heads beyond the buffer are refused with 431 by hyper itself.
             .max_buf_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES))
             .keep_alive(true);
-        http.http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES) as u32);
         out.push(Server {
             tcp,
             site: Arc::new(site),
             tls,
-            http: Arc::new(http),
+            http: Arc::new(Http { h1, h2 }),
         });
     }
     Ok(out)
@@ -169,7 +164,7 @@ pub struct Server {
     tcp: TcpListener,
     site: Arc<Site>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
 }
 
 impl Server {
@@ -253,13 +248,12 @@ impl Server {
 struct Conn {
     site: Arc<Site>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
     peer: SocketAddr,
 }
 
 impl Conn {
     async fn serve(self, stream: tokio::net::TcpStream, mut draining: watch::Receiver<bool>) {
-        let _ = stream.set_nodelay(true);
         let stream = ClientTcp::new(stream);
         let activity = idle::Activity::new();
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
@@ -287,55 +281,123 @@ impl Conn {
             })
         };
         let idle = site.timeouts.idle;
-        let io: Box<dyn ClientIo> = match self.tls {
-            Some(acceptor) => {
-                // The handshake is part of receiving the request.
-                let handshake =
-                    tokio::time::timeout(site.timeouts.request, acceptor.accept(stream));
-                tokio::select! {
-                    r = handshake => match r {
-                        Ok(Ok(s)) => Box::new(s),
-                        Ok(Err(e)) => {
-                            debug!(client = %peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(client = %peer, "TLS handshake timed out");
-                            return;
-                        }
-                    },
-                    () = activity.idle_for(idle) => {
-                        debug!(client = %peer, "no request within the idle timeout; closing");
-                        return;
-                    }
-                    () = drained(&mut draining) => return,
-                }
-            }
-            None => Box::new(stream),
-        };
-        let conn = self
-            .http
-            .serve_connection_with_upgrades(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        // Idle or draining, the connection is asked to finish gracefully: HTTP/2 sends GOAWAY
-        // and ends once its streams are done, HTTP/1 closes after the response in progress.
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
+        let (io, h2) = tokio::select! {
+            opened = open(stream, self.tls, site.timeouts.request, peer) => match opened {
+                Some(opened) => opened,
+                None => return,
+            },
             () = activity.idle_for(idle) => {
                 debug!(client = %peer, "no request within the idle timeout; closing");
-                // Nothing is in flight, so nothing is cut short: HTTP/1 between requests closes
-                // at once, HTTP/2 gets its GOAWAY out. A head still arriving (slowloris) is not
-                // waited for.
-                conn.as_mut().graceful_shutdown();
-                tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+                return;
             }
-            () = drained(&mut draining) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
+            () = drained(&mut draining) => return,
+        };
+        let io = TokioIo::new(io);
+        // The connections are boxed: inline they would be most of this task, which the runtime
+        // copies whole when it is spawned and again when it ends.
+        let result = if h2 {
+            let conn = self.http.h2.serve_connection(io, svc);
+            drive(Box::pin(conn), peer, &activity, idle, &mut draining).await
+        } else {
+            let conn = self.http.h1.serve_connection(io, svc).with_upgrades();
+            drive(Box::pin(conn), peer, &activity, idle, &mut draining).await
         };
         if let Err(e) = result {
             debug!(client = %peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// A client connection ready for HTTP: TLS's handshake done (within `handshake_timeout`, as
+/// part of receiving the request), and whether it speaks HTTP/2, as TLS's ALPN agreed or
+/// (without TLS) as the client's first bytes say. `None`: the client is gone.
+async fn open(
+    mut stream: ClientTcp,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
+    peer: SocketAddr,
+) -> Option<(Box<dyn ClientIo>, bool)> {
+    let Some(acceptor) = tls else {
+        return match stream.starts_with_h2_preface().await {
+            Ok(h2) => Some((Box::new(stream), h2)),
+            Err(e) => {
+                debug!(client = %peer, error = %e, "reading the first request failed");
+                None
+            }
+        };
+    };
+    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => {
+            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+            Some((Box::new(s), h2))
+        }
+        Ok(Err(e)) => {
+            debug!(client = %peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!(client = %peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The HTTP/1 and HTTP/2 settings of a listener's client connections.
+struct Http {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+/// A client connection as hyper serves it, over HTTP/1 or HTTP/2.
+trait Served: Future<Output = Result<(), hyper::Error>> {
+    /// Finish what is in flight, then end (HTTP/2: GOAWAY first).
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<S> Served for http1::UpgradeableConnection<TokioIo<Box<dyn ClientIo>>, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ResponseBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<S> Served for http2::Connection<TokioIo<Box<dyn ClientIo>>, S, TokioExecutor>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ResponseBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Serves a client connection until it ends. Idle or draining, it is asked to finish
+/// gracefully: HTTP/2 sends GOAWAY and ends once its streams are done, HTTP/1 closes after
+/// the response in progress.
+async fn drive(
+    mut conn: Pin<Box<impl Served>>,
+    peer: SocketAddr,
+    activity: &idle::Activity,
+    idle: Duration,
+    draining: &mut watch::Receiver<bool>,
+) -> Result<(), hyper::Error> {
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = activity.idle_for(idle) => {
+            debug!(client = %peer, "no request within the idle timeout; closing");
+            // Nothing is in flight, so nothing is cut short: HTTP/1 between requests closes
+            // at once, HTTP/2 gets its GOAWAY out. A head still arriving (slowloris) is not
+            // waited for.
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+        }
+        () = drained(draining) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     }
 }
@@ -1075,6 +1137,14 @@ fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// A bound listening socket as a worker's runtime serves it. TCP_NODELAY is set here once:
+/// Linux gives it to every accepted connection, which saves a system call per connection.
+fn listening(std: std::net::TcpListener) -> io::Result<TcpListener> {
+    std.set_nonblocking(true)?;
+    socket2::SockRef::from(&std).set_tcp_nodelay(true)?;
+    TcpListener::from_std(std)
+}
+
 /// Starts a server for every http/https listener on its VIP and port; they stop when
 /// `shutdown` changes. Returns their request counters (in config order) and a future that
 /// resolves once all have drained.
@@ -1162,18 +1232,32 @@ struct Twin {
     tcp: std::net::TcpListener,
     site: Arc<Site>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
 }
 
 impl Twin {
     /// Registers the socket with the calling thread's runtime.
     fn into_server(self) -> io::Result<Server> {
-        self.tcp.set_nonblocking(true)?;
         Ok(Server {
-            tcp: TcpListener::from_std(self.tcp)?,
+            tcp: listening(self.tcp)?,
             site: self.site,
             tls: self.tls,
             http: self.http,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_get_nodelay_from_the_listener() {
+        let l = listening(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+        let _client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (served, _) = l.accept().await.unwrap();
+        assert!(served.nodelay().unwrap());
     }
 }

@@ -15,7 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{netns::Children, nginx::ok_server, procfs::rss_kib, Agent, Netns};
+use lb_tests::{
+    netns::Children,
+    nginx::ok_server,
+    procfs::{rss_kib, thread_cpus},
+    Agent, Netns,
+};
 
 const HTTP: u16 = 8080;
 const HTTPS: u16 = 8443;
@@ -95,23 +100,6 @@ impl Site {
         }
         site
     }
-}
-
-/// The CPUs (`Cpus_allowed_list`) of each of the agent's `l7-worker-*` threads.
-fn worker_cpus(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| {
-            let t = t.ok()?.path();
-            let comm = std::fs::read_to_string(t.join("comm")).ok()?;
-            comm.starts_with("l7-worker-").then_some(())?;
-            let status = std::fs::read_to_string(t.join("status")).ok()?;
-            let cpus = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-            Some(cpus.trim().to_string())
-        })
-        .collect()
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -272,7 +260,7 @@ fn the_proxy_refuses_abuse_with_the_right_codes_keeps_serving_and_stays_bounded(
     let site = Site::start();
     let pid = site.agent.pid();
     // One L7 worker per CPU, each pinned to its own (agent.l7_cpu_affinity, on by default).
-    let mut pinned = worker_cpus(pid);
+    let mut pinned = thread_cpus(pid, "l7-worker-");
     pinned.sort();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(pinned.len(), cores, "{pinned:?}");

@@ -8,23 +8,10 @@
 mod fixture;
 
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use fastrand::Rng;
 use fixture::*;
 
 const FRAMES: u64 = 1_000_000;
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Whether a frame's IPv4 header and L4 checksums verify (false when it does not parse).
 fn checksums_ok(frame: &[u8]) -> bool {
@@ -59,21 +46,21 @@ fn checksums_ok(frame: &[u8]) -> bool {
 /// other addresses, replies from backends, ICMP errors quoting them.
 fn seed(rng: &mut Rng) -> (Vec<u8>, u32) {
     let client = (
-        [10, 91, (rng.below(4)) as u8, rng.below(250) as u8 + 1],
-        1024 + rng.below(60000) as u16,
+        [10, 91, (rng.u64(..4)) as u8, rng.u64(..250) as u8 + 1],
+        1024 + rng.u64(..60000) as u16,
     );
     let mut v = Vec::new();
-    let payload: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
-    let ingress = match rng.below(5) {
+    let payload: Vec<u8> = (0..rng.u64(..64)).map(|_| rng.u64(..) as u8).collect();
+    let ingress = match rng.u64(..5) {
         0 | 1 => {
             let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_EXT_MAC).ipv4(client.0, VIP.0, 64);
-            let mut t = b.tcp(client.1, VIP.1, rng.next() as u32, 64240);
-            let flags = rng.next();
-            if flags & 1 != 0 || rng.below(2) == 0 {
+            let mut t = b.tcp(client.1, VIP.1, rng.u64(..) as u32, 64240);
+            let flags = rng.u64(..);
+            if flags & 1 != 0 || rng.u64(..2) == 0 {
                 t = t.syn();
             }
             if flags & 2 != 0 {
-                t = t.ack(rng.next() as u32);
+                t = t.ack(rng.u64(..) as u32);
             }
             if flags & 4 != 0 {
                 t = t.fin();
@@ -88,7 +75,7 @@ fn seed(rng: &mut Rng) -> (Vec<u8>, u32) {
             0
         }
         2 => {
-            let port = if rng.below(2) == 0 { 53 } else { VIP.1 };
+            let port = if rng.u64(..2) == 0 { 53 } else { VIP.1 };
             PacketBuilder::ethernet2(CLIENT_MAC, LB_EXT_MAC)
                 .ipv4(client.0, VIP.0, 64)
                 .udp(client.1, port)
@@ -97,16 +84,16 @@ fn seed(rng: &mut Rng) -> (Vec<u8>, u32) {
             0
         }
         3 => {
-            let backend = ([10, 91, 2, 11 + rng.below(3) as u8], 8080);
+            let backend = ([10, 91, 2, 11 + rng.u64(..3) as u8], 8080);
             let t = PacketBuilder::ethernet2(BACKEND_MACS[0], LB_INT_MAC)
                 .ipv4(backend.0, SNAT, 64)
                 .tcp(
                     backend.1,
-                    20000 + rng.below(40000) as u16,
-                    rng.next() as u32,
+                    20000 + rng.u64(..40000) as u16,
+                    rng.u64(..) as u32,
                     64240,
                 )
-                .ack(rng.next() as u32);
+                .ack(rng.u64(..) as u32);
             t.write(&mut v, &payload).unwrap();
             1
         }
@@ -114,7 +101,7 @@ fn seed(rng: &mut Rng) -> (Vec<u8>, u32) {
             let quoted = tcp_frame(
                 LB_INT_MAC,
                 BACKEND_MACS[0],
-                (SNAT, 20000 + rng.below(40000) as u16),
+                (SNAT, 20000 + rng.u64(..40000) as u16),
                 ([10, 91, 2, 11], 8080),
                 "S",
             );
@@ -125,7 +112,7 @@ fn seed(rng: &mut Rng) -> (Vec<u8>, u32) {
                         next_hop_mtu: 1400,
                     },
                 ))
-                .write(&mut v, &quoted[14..14 + 20 + rng.below(21) as usize])
+                .write(&mut v, &quoted[14..14 + 20 + rng.u64(..21) as usize])
                 .unwrap();
             1
         }
@@ -135,26 +122,26 @@ fn seed(rng: &mut Rng) -> (Vec<u8>, u32) {
 
 /// One random damage: truncation, byte flips, IHL/options, total length, fragment bits, flags.
 fn mutate(rng: &mut Rng, v: &mut Vec<u8>) {
-    match rng.below(8) {
+    match rng.u64(..8) {
         // BPF_PROG_TEST_RUN itself refuses frames shorter than an Ethernet header.
-        0 => v.truncate(14 + rng.below(v.len() as u64 - 13) as usize),
+        0 => v.truncate(14 + rng.u64(..v.len() as u64 - 13) as usize),
         1 => {
-            for _ in 0..=rng.below(4) {
-                let i = rng.below(v.len() as u64) as usize;
-                v[i] = rng.next() as u8;
+            for _ in 0..=rng.u64(..4) {
+                let i = rng.u64(..v.len() as u64) as usize;
+                v[i] = rng.u64(..) as u8;
             }
         }
-        2 if v.len() > 14 => v[14] = 0x40 | (rng.below(16) as u8), // IHL 0..15
+        2 if v.len() > 14 => v[14] = 0x40 | (rng.u64(..16) as u8), // IHL 0..15
         3 if v.len() > 17 => {
-            let len = rng.next() as u16;
+            let len = rng.u64(..) as u16;
             v[16..18].copy_from_slice(&len.to_be_bytes());
         }
-        4 if v.len() > 21 => v[20] |= if rng.below(2) == 0 { 0x20 } else { 0x1f }, // MF / offset
-        5 if v.len() > 47 => v[47] = rng.next() as u8,                             // TCP flags
+        4 if v.len() > 21 => v[20] |= if rng.u64(..2) == 0 { 0x20 } else { 0x1f }, // MF / offset
+        5 if v.len() > 47 => v[47] = rng.u64(..) as u8,                            // TCP flags
         6 if v.len() > 34 => {
             // Insert IPv4 options, fixing IHL and total length (checksum left stale).
-            let n = 4 * (1 + rng.below(10) as usize);
-            let opts: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+            let n = 4 * (1 + rng.u64(..10) as usize);
+            let opts: Vec<u8> = (0..n).map(|_| rng.u64(..) as u8).collect();
             v.splice(34..34, opts);
             v[14] = 0x45 + (n / 4) as u8;
             let total = (v.len() - 14) as u16;
@@ -173,12 +160,13 @@ fn a_million_fuzzed_frames_never_abort_never_corrupt_and_are_all_counted() {
             "  - { name: dns, protocol: udp, vip: 10.91.0.100, port: 53, pool: web }\npools:",
         );
         let mut f = Fixture::new(&config);
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        // Seeded: every run fuzzes the same frames.
+        let mut rng = Rng::with_seed(0x9e37_79b9_7f4a_7c15);
         let (mut sent_out, mut verified, mut mutated) = (0u64, 0u64, 0u64);
         let mut actions = [0u64; 5];
         for _ in 0..FRAMES {
             let (mut frame, ingress) = seed(&mut rng);
-            if rng.below(2) == 0 {
+            if rng.u64(..2) == 0 {
                 mutate(&mut rng, &mut frame);
                 mutated += 1;
             }

@@ -157,6 +157,23 @@ where
     addr
 }
 
+/// Reads from a raw backend's connection until a request head is complete: what was read
+/// (the head and any body bytes after it) and where the head ends. `None`: the connection
+/// ended first.
+async fn read_request_head(s: &mut TcpStream) -> Option<(Vec<u8>, usize)> {
+    let mut got = Vec::new();
+    let mut b = vec![0u8; 64 << 10];
+    loop {
+        let Ok(n @ 1..) = s.read(&mut b).await else {
+            return None;
+        };
+        got.extend_from_slice(&b[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some((got, i + 4));
+        }
+    }
+}
+
 /// An address nothing listens on (connects are refused).
 fn dead_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -544,14 +561,9 @@ async fn a_large_response_streams_through_whole_with_and_without_a_length() {
     let web = raw_backend(move |mut s| {
         let body = b2.clone();
         async move {
-            let mut head = Vec::new();
-            let mut b = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut b).await {
-                    Ok(n) if n > 0 => head.extend_from_slice(&b[..n]),
-                    _ => return,
-                }
-            }
+            let Some((head, _)) = read_request_head(&mut s).await else {
+                return;
+            };
             let with_length = head.starts_with(b"GET /length ");
             let answer = if with_length {
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n")
@@ -859,16 +871,8 @@ async fn a_backend_that_answers_200_before_the_body_still_gets_all_of_it() {
     // A streaming backend: answers at once, then reads the whole body and reports its length
     // as the answer's body (10 digits).
     let streaming = raw_backend(|mut s| async move {
-        let mut got = Vec::new();
-        let mut b = vec![0u8; 64 << 10];
-        let head_end = loop {
-            let Ok(n @ 1..) = s.read(&mut b).await else {
-                return;
-            };
-            got.extend_from_slice(&b[..n]);
-            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
+        let Some((got, head_end)) = read_request_head(&mut s).await else {
+            return;
         };
         let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
         let len: usize = head
@@ -880,6 +884,7 @@ async fn a_backend_that_answers_200_before_the_body_still_gets_all_of_it() {
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
             .await;
         let mut body = got.len() - head_end;
+        let mut b = vec![0u8; 64 << 10];
         while body < len {
             let Ok(n @ 1..) = s.read(&mut b).await else {
                 break;

@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fastrand::Rng;
 use lb_common::csum::{checksum_be, sum_be};
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
 
@@ -50,7 +51,7 @@ impl SynFlood {
             drop(entered);
             let to = socket::SockaddrIn::from(dst);
             let per_tick = (u64::from(per_sec) * TICK.as_nanos() as u64 / 1_000_000_000).max(1);
-            let mut rng = Rng::seeded();
+            let mut rng = Rng::new();
             let (mut sent, mut next) = (0, Instant::now());
             while !flag.load(Ordering::Relaxed) {
                 for _ in 0..per_tick {
@@ -96,13 +97,12 @@ impl Drop for SynFlood {
 /// unicast source outside 10/8 (the test topologies' addresses) and 127/8.
 fn syn(rng: &mut Rng, dst: SocketAddrV4) -> [u8; 40] {
     let src = loop {
-        let a = rng.next() as u32;
+        let a = rng.u32(..);
         if !matches!(a >> 24, 0 | 10 | 127 | 224..) {
             break a.to_be_bytes();
         }
     };
-    let r = rng.next();
-    let (sport, seq) = (1024 + (r as u16) % 64512, (r >> 32) as u32);
+    let (sport, seq) = (rng.u16(1024..), rng.u32(..));
     let mut p = [0u8; 40];
     p[0] = 0x45;
     p[8] = 64; // TTL
@@ -123,25 +123,6 @@ fn syn(rng: &mut Rng, dst: SocketAddrV4) -> [u8; 40] {
     p
 }
 
-/// xorshift64*: enough randomness for spoofed tuples, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded() -> Self {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Rng(t.as_nanos() as u64 | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice};
@@ -150,7 +131,7 @@ mod tests {
 
     #[test]
     fn syns_carry_a_valid_tcp_checksum_and_a_spoofable_source() {
-        let mut rng = Rng::seeded();
+        let mut rng = Rng::new();
         let dst = SocketAddrV4::new([192, 0, 2, 7].into(), 9000);
         for _ in 0..1000 {
             let p = syn(&mut rng, dst);

@@ -10,11 +10,36 @@ const USER_HZ: f64 = 100.0;
 
 /// Resident memory of a process in KiB (`VmRSS`), if it still runs.
 pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status_field(&format!("/proc/{pid}/status"), "VmRSS:")?
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The CPUs each thread of a process whose name starts with `name` may run on
+/// (`Cpus_allowed_list`, as `0` or `0-1`).
+pub fn thread_cpus(pid: u32, name: &str) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            std::fs::read_to_string(t.join("comm"))
+                .ok()?
+                .starts_with(name)
+                .then_some(())?;
+            status_field(t.join("status").to_str()?, "Cpus_allowed_list:")
+        })
+        .collect()
+}
+
+/// The value after `key` in a `status` file, trimmed.
+fn status_field(path: &str, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(path).ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix(key))?;
+    Some(value.trim().to_string())
 }
 
 /// User plus system CPU seconds a process (all its threads) has used.

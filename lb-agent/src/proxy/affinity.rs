@@ -12,11 +12,15 @@ use nix::{
 /// more (a CPU quota made the workers fewer: the quota, not a CPU, is what they share) or
 /// fewer.
 pub fn worker_cpus(workers: usize) -> Option<Vec<usize>> {
-    let allowed = sched_getaffinity(Pid::from_raw(0)).ok()?;
-    let cpus: Vec<usize> = (0..CpuSet::count())
-        .filter(|&c| allowed.is_set(c).unwrap_or(false))
-        .collect();
+    let cpus = members(&sched_getaffinity(Pid::from_raw(0)).ok()?);
     (cpus.len() == workers).then_some(cpus)
+}
+
+/// The CPUs in `set`, ascending.
+fn members(set: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
 }
 
 /// Pins the calling thread to `cpu`.
@@ -48,10 +52,7 @@ mod tests {
         // In a thread of its own: the test harness's threads keep their affinity.
         let on = std::thread::spawn(move || {
             pin(cpu).unwrap();
-            let set = sched_getaffinity(Pid::from_raw(0)).unwrap();
-            (0..CpuSet::count())
-                .filter(|&c| set.is_set(c).unwrap())
-                .collect::<Vec<_>>()
+            members(&sched_getaffinity(Pid::from_raw(0)).unwrap())
         })
         .join()
         .unwrap();

@@ -31,10 +31,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use hyper::server::conn::{http1, http2};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     header::{self, HeaderValue},
+    server::conn::{http1, http2},
     service::service_fn,
     Method, Request, Response, StatusCode, Version,
 };

@@ -144,33 +144,24 @@ pools:\n  - name: web\n    backends:\n{pool}"
         // minutes at a time, then lowers neither side's figure alone.
         wrk(&ns, &url(ours), 2, close)?;
         wrk(&ns, &url(nginx), 2, close)?;
-        let better = |best: Option<Wrk>, run: Wrk| match best {
-            Some(b) if b.rps >= run.rps => Some(b),
-            _ => Some(run),
-        };
-        let (mut n, mut a) = (None, None);
+        // Each side's best run so far: [nginx, lb-agent].
+        let mut best: [Option<Wrk>; 2] = [None, None];
         for round in 0..ROUNDS {
-            for agent_turn in [round % 2 == 1, round % 2 == 0] {
-                let (port, side) = if agent_turn {
-                    (ours, "lb-agent")
-                } else {
-                    (nginx, "nginx")
-                };
+            for side in [round % 2, 1 - round % 2] {
+                let (port, name) = [(nginx, "nginx"), (ours, "lb-agent")][side];
                 let run = wrk(&ns, &url(port), SECS, close)?;
                 println!(
-                    "  {what}, run {}: {side:<8} {:>9.0} req/s p99 {:>6.2} ms",
+                    "  {what}, run {}: {name:<8} {:>9.0} req/s p99 {:>6.2} ms",
                     round + 1,
                     run.rps,
                     run.p99_ms
                 );
-                if agent_turn {
-                    a = better(a, run);
-                } else {
-                    n = better(n, run);
+                if best[side].as_ref().is_none_or(|b| run.rps > b.rps) {
+                    best[side] = Some(run);
                 }
             }
         }
-        let (Some(n), Some(a)) = (n, a) else {
+        let [Some(n), Some(a)] = best else {
             bail!("no l7 runs");
         };
         println!(

@@ -71,6 +71,10 @@ impl AsyncRead for ClientTcp {
         let n = this.ahead.len().min(buf.remaining());
         buf.put_slice(&this.ahead[..n]);
         this.ahead.advance(n);
+        if this.ahead.is_empty() {
+            // Handed on whole: the buffer is not needed for the rest of the connection.
+            this.ahead = BytesMut::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -134,7 +138,11 @@ mod tests {
         client.write_all(b"more").await.unwrap();
         let n = served.read(&mut rest).await.unwrap();
         assert_eq!(&rest[..n], b"more");
-        assert!(served.ahead.is_empty());
+        assert_eq!(
+            served.ahead.capacity(),
+            0,
+            "the buffer is released once read"
+        );
         drop(client);
         assert_eq!(served.read(&mut first).await.unwrap(), 0, "end of stream");
     }

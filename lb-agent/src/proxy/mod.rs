@@ -259,8 +259,11 @@ impl Conn {
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
         // For X-Forwarded-For and X-Real-IP: formatted once per connection, shared by its
         // requests.
-        let client_ip = HeaderValue::from_str(&peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("-"));
+        let client_ip = {
+            let mut text = Vec::with_capacity(39);
+            log::ip(&mut text, peer.ip());
+            HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        };
         let svc = {
             let (site, activity) = (site.clone(), activity.clone());
             service_fn(move |req| {
@@ -281,6 +284,10 @@ impl Conn {
             })
         };
         let idle = site.timeouts.idle;
+        // One wait for the drain over the connection's life: each registers with the
+        // listener's channel.
+        let drained = drained(&mut draining);
+        tokio::pin!(drained);
         let (io, h2) = tokio::select! {
             opened = open(stream, self.tls, site.timeouts.request, peer) => match opened {
                 Some(opened) => opened,
@@ -290,17 +297,17 @@ impl Conn {
                 debug!(client = %peer, "no request within the idle timeout; closing");
                 return;
             }
-            () = drained(&mut draining) => return,
+            () = &mut drained => return,
         };
         let io = TokioIo::new(io);
         // The connections are boxed: inline they would be most of this task, which the runtime
         // copies whole when it is spawned and again when it ends.
         let result = if h2 {
             let conn = self.http.h2.serve_connection(io, svc);
-            drive(Box::pin(conn), peer, &activity, idle, &mut draining).await
+            drive(Box::pin(conn), peer, &activity, idle, drained).await
         } else {
             let conn = self.http.h1.serve_connection(io, svc).with_upgrades();
-            drive(Box::pin(conn), peer, &activity, idle, &mut draining).await
+            drive(Box::pin(conn), peer, &activity, idle, drained).await
         };
         if let Err(e) = result {
             debug!(client = %peer, error = %e, "client connection ended with an error");
@@ -326,7 +333,9 @@ async fn open(
             }
         };
     };
-    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+    // Boxed: the handshake's state is most of this future, which plain HTTP would otherwise
+    // carry (and the runtime copy) for nothing.
+    match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream))).await {
         Ok(Ok(s)) => {
             let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
             Some((Box::new(s), h2))
@@ -383,7 +392,7 @@ async fn drive(
     peer: SocketAddr,
     activity: &idle::Activity,
     idle: Duration,
-    draining: &mut watch::Receiver<bool>,
+    drained: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), hyper::Error> {
     tokio::select! {
         r = conn.as_mut() => r,
@@ -395,7 +404,7 @@ async fn drive(
             conn.as_mut().graceful_shutdown();
             tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
         }
-        () = drained(draining) => {
+        () = drained => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -141,5 +141,8 @@ fn addresses_are_written_as_display_writes_them() {
         let mut out = Vec::new();
         addr(&mut out, a);
         assert_eq!(String::from_utf8(out).unwrap(), a.to_string());
+        let mut out = Vec::new();
+        ip(&mut out, a.ip());
+        assert_eq!(String::from_utf8(out).unwrap(), a.ip().to_string());
     }
 }

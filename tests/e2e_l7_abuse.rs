@@ -19,6 +19,7 @@ use lb_tests::{
     netns::Children,
     nginx::ok_server,
     procfs::{rss_kib, thread_cpus},
+    tls::self_signed,
     Agent, Netns,
 };
 
@@ -45,28 +46,18 @@ struct Site {
     agent: Agent,
     _backend: Children,
     ns: Netns,
-    _dir: Dir,
-}
-
-/// The backend's and the certificate's files, removed on drop.
-struct Dir(std::path::PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    /// The backend's and the certificate's files.
+    _dir: tempfile::TempDir,
 }
 
 impl Site {
     fn start() -> Self {
         let ns = Netns::new("l7");
-        let dir = std::env::temp_dir().join(&ns.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let nginx = ok_server(&ns, &dir, "backend", &format!("127.0.0.1:{BACKEND}"), 1);
+        let tmp = tempfile::Builder::new().prefix(&ns.name).tempdir().unwrap();
+        let dir = tmp.path();
+        let nginx = ok_server(&ns, dir, "backend", &format!("127.0.0.1:{BACKEND}"), 1);
         let d = dir.display();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.join("site.pem"), cert.cert.pem()).unwrap();
-        std::fs::write(dir.join("site.key"), cert.key_pair.serialize_pem()).unwrap();
+        let (cert, key) = self_signed(dir, "site");
         let listener = |name: &str, protocol: &str, port: u16, tls: &str| {
             format!(
                 "  - {{ name: {name}, protocol: {protocol}, vip: 127.0.0.1, port: {port}, pool: web, access_log: {d}/{name}.log,
@@ -82,7 +73,11 @@ impl Site {
                 "secure",
                 "https",
                 HTTPS,
-                &format!(", tls: {{ certificates: [{{ cert: {d}/site.pem, key: {d}/site.key }}] }}")
+                &format!(
+                    ", tls: {{ certificates: [{{ cert: {}, key: {} }}] }}",
+                    cert.display(),
+                    key.display()
+                )
             ),
         );
         let agent = Agent::start(&ns, &config);
@@ -90,7 +85,7 @@ impl Site {
             agent,
             _backend: Children(vec![nginx]),
             ns,
-            _dir: Dir(dir),
+            _dir: tmp,
         };
         // nginx may still be starting.
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -12,6 +12,7 @@ pub mod csum;
 pub mod flow;
 pub mod hash;
 pub mod maps;
+pub mod reuseport;
 
 pub use conn::ConnEntry;
 pub use flow::{AclKey, Backend, FlowKey, FlowKey4, GlobalConfig, VipKey, VipMeta};

@@ -10,6 +10,7 @@ pub mod maps;
 pub mod netns;
 pub mod nginx;
 pub mod procfs;
+pub mod tls;
 pub mod topology;
 
 pub use netns::Netns;

@@ -9,7 +9,7 @@ mod scale;
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
@@ -58,9 +58,8 @@ pub struct Row {
 pub fn run(which: Option<Part>, agent: &Path) -> Result<()> {
     // The namespace harness starts this binary.
     std::env::set_var("LB_AGENT_BIN", agent);
-    let dir = std::env::temp_dir().join(format!("lb-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let _dir = RemoveOnDrop(dir.clone());
+    let tmp = tempfile::Builder::new().prefix("lb-bench-").tempdir()?;
+    let dir = tmp.path();
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut conditions = Vec::new();
@@ -73,9 +72,9 @@ pub fn run(which: Option<Part>, agent: &Path) -> Result<()> {
         let part_started = Instant::now();
         rows.extend(match part {
             Part::Xdp => xdp()?,
-            Part::L4 => l4::run(&dir)?,
-            Part::L7 => l7::run(&dir)?,
-            Part::Scale => scale::run(&dir)?,
+            Part::L4 => l4::run(dir)?,
+            Part::L7 => l7::run(dir)?,
+            Part::Scale => scale::run(dir)?,
         });
         conditions.push(format!(
             "- `{}`: {:.0} s; CPU {background:.0}% busy with other work just before",
@@ -294,14 +293,6 @@ Tools: {wrk}; {iperf3}; {haproxy}; {nginx}; {nft}.
         nft = version(&["nft", "--version"]),
         conditions = conditions.join("\n"),
     )
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Waits until something listens on TCP `port` in `ns`.

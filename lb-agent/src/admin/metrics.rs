@@ -173,6 +173,21 @@ pub fn render(view: &View) -> String {
             w.sample("lb_http_requests_total", &labels, n);
         }
     }
+    w.family(
+        "lb_http_connections",
+        "gauge",
+        "Client connections open on each L7 worker of an http/https listener (new ones go to \
+         the worker with fewer).",
+    );
+    for r in &view.requests {
+        for (worker, n) in r.connections().into_iter().enumerate() {
+            let labels = vec![
+                ("listener", r.listener.clone()),
+                ("worker", worker.to_string()),
+            ];
+            w.sample("lb_http_connections", &labels, n);
+        }
+    }
     let name = "lb_http_request_duration_seconds";
     w.family(
         name,

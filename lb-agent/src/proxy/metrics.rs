@@ -1,14 +1,18 @@
-//! Request counters of one http/https listener, for the admin API's `/metrics`: requests by
-//! status code and a latency histogram. Recorded when a request's access log record is
-//! written; a few relaxed atomic adds, no lock, in counters of the worker thread's own
-//! (`super::thread_slot`): workers never write to the same cache line. Reads add them up.
+//! Counters of one http/https listener, for the admin API's `/metrics`: requests by status
+//! code and a latency histogram, and its workers' open connections (`super::balance`).
+//! Requests are recorded when their access log record is written; a few relaxed atomic adds,
+//! no lock, in counters of the worker thread's own (`super::thread_slot`): workers never write
+//! to the same cache line. Reads add them up.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
     time::Duration,
 };
 
-use super::{thread_slot, SLOTS};
+use super::{balance::Loads, thread_slot, SLOTS};
 
 /// Upper bounds of the latency buckets, in seconds (Prometheus' default buckets).
 pub const LATENCY_BUCKETS: [f64; 11] = [
@@ -22,6 +26,8 @@ const LAST_CODE: u16 = 599;
 pub struct RequestStats {
     pub listener: String,
     shards: Box<[Shard; SLOTS]>,
+    /// The workers serving the listener (none when it is served without them, in tests).
+    workers: OnceLock<Arc<Loads>>,
 }
 
 #[derive(Debug)]
@@ -52,7 +58,19 @@ impl RequestStats {
                 buckets: std::array::from_fn(|_| AtomicU64::new(0)),
                 sum_ns: AtomicU64::new(0),
             })),
+            workers: OnceLock::new(),
         }
+    }
+
+    pub(super) fn set_workers(&self, loads: Arc<Loads>) {
+        let _ = self.workers.set(loads);
+    }
+
+    /// Open client connections of each worker, in worker order.
+    pub fn connections(&self) -> Vec<u64> {
+        self.workers
+            .get()
+            .map_or_else(Vec::new, |l| l.connections())
     }
 
     /// A counter summed over the shards.

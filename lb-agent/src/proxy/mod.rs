@@ -5,6 +5,7 @@
 //! HTTP/1.1. Defaults are the vendors' (Alibaba SLB / Huawei ELB, nginx/Tengine based).
 
 mod affinity;
+pub mod balance;
 mod client_tcp;
 pub mod errors;
 mod h1;
@@ -154,6 +155,7 @@ pub async fn servers(
             site: Arc::new(site),
             tls,
             http: Arc::new(Http { h1, h2 }),
+            worker: None,
         });
     }
     Ok(out)
@@ -165,6 +167,8 @@ pub struct Server {
     site: Arc<Site>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: Arc<Http>,
+    /// This worker's connection count, when a selector balances the listener's workers.
+    worker: Option<Arc<balance::Worker>>,
 }
 
 impl Server {
@@ -185,6 +189,7 @@ impl Server {
             site: self.site.clone(),
             tls: self.tls.clone(),
             http: self.http.clone(),
+            worker: None,
         })
     }
 
@@ -195,6 +200,7 @@ impl Server {
             site: self.site,
             tls: self.tls,
             http: self.http,
+            worker: self.worker,
         })
     }
 
@@ -222,6 +228,7 @@ impl Server {
                             tls: self.tls.clone(),
                             http: self.http.clone(),
                             peer,
+                            _open: self.worker.as_ref().map(balance::Worker::open),
                         };
                         tokio::spawn(conn.serve(stream, draining.clone()));
                     }
@@ -250,6 +257,8 @@ struct Conn {
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: Arc<Http>,
     peer: SocketAddr,
+    /// Counted on its worker until the connection ends.
+    _open: Option<balance::Open>,
 }
 
 impl Conn {
@@ -1167,7 +1176,7 @@ pub async fn start(
         bind_shared(SocketAddr::new(l.vip, l.port.0))
     })
     .await?;
-    let requests = servers.iter().map(Server::requests).collect();
+    let requests: Vec<Arc<RequestStats>> = servers.iter().map(Server::requests).collect();
     let worker_err = |source| ProxyError::Worker { source };
     // One worker thread per core, each with a runtime of its own and every listener on a socket
     // of its own, as nginx's workers: a connection lives on one thread, no task migrates.
@@ -1194,6 +1203,20 @@ pub async fn start(
             .collect::<io::Result<_>>()
             .map_err(worker_err)?,
     );
+    // Each listener's sockets (one per worker) get a selector that gives new connections to
+    // the worker with fewer (`balance`).
+    for (l, stats) in requests.iter().enumerate() {
+        let sockets: Vec<_> = sets.iter().map(|set| &set[l].tcp).collect();
+        let loads = balance::Loads::balanced(&sockets).unwrap_or_else(|e| {
+            warn!(listener = %stats.listener, error = %e, "new connections spread over the L7 workers by hash, not by load");
+            balance::detach(sockets[0]);
+            balance::Loads::unbalanced(sockets.len())
+        });
+        for (set, worker) in sets.iter_mut().zip(loads.workers()) {
+            set[l].worker = Some(worker);
+        }
+        stats.set_workers(loads);
+    }
     let mut threads = Vec::new();
     for (i, set) in sets.into_iter().enumerate() {
         let shutdown = shutdown.clone();
@@ -1242,6 +1265,7 @@ struct Twin {
     site: Arc<Site>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: Arc<Http>,
+    worker: Option<Arc<balance::Worker>>,
 }
 
 impl Twin {
@@ -1252,6 +1276,7 @@ impl Twin {
             site: self.site,
             tls: self.tls,
             http: self.http,
+            worker: self.worker,
         })
     }
 }

@@ -13,7 +13,7 @@ use std::{
     io::{self, Write as _},
     pin::Pin,
     task::{ready, Context, Poll, Waker},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -81,6 +81,21 @@ pub struct Conn {
     body_cut: bool,
     /// A final answer that came while the request body was going out.
     answer: Option<Response<()>>,
+    /// The timer of every exchange's timed steps, kept: moving an armed timer's deadline later
+    /// is a store, where a new one per step is a timer-wheel insert and removal (and a clock
+    /// read) per request.
+    timer: Timer,
+}
+
+type Timer = Option<Pin<Box<tokio::time::Sleep>>>;
+
+/// How long a backend may take, counted from when: the response head is due `timeout` after
+/// the request went out (`sent`, read by the caller, who times the exchange too); each body
+/// write `timeout` after it began.
+#[derive(Clone, Copy, Debug)]
+pub struct Wait {
+    pub sent: Instant,
+    pub timeout: Duration,
 }
 
 impl fmt::Debug for Conn {
@@ -99,6 +114,7 @@ impl Conn {
             received: false,
             body_cut: false,
             answer: None,
+            timer: None,
         }
     }
 
@@ -130,7 +146,7 @@ impl Conn {
     }
 
     /// Sends the request (head, then body) and reads the response head, waiting at most
-    /// `timeout` for it once the request is sent. The response's body reads from this
+    /// `wait.timeout` for it once the request is sent. The response's body reads from this
     /// connection, and hands it back for reuse once complete
     /// ([`Incoming::take_reusable`]).
     pub async fn exchange(
@@ -140,11 +156,12 @@ impl Conn {
         headers: &HeaderMap,
         forwarded: &Forwarded<'_>,
         body: RequestBody,
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<Response<()>, ExchangeError> {
         self.received = false;
         self.answer = None;
         let has_body = !body.is_end_stream();
+        let timeout = wait.timeout;
         match self
             .send(method, target, headers, forwarded, body, timeout)
             .await
@@ -155,7 +172,7 @@ impl Conn {
             // Bodiless requests are left alone: what a kept-alive connection holds then
             // is no answer to them, and they may go again on another connection.
             Err(ExchangeError::Io(e)) if has_body && self.answer.is_none() => {
-                match within(timeout, self.read_head()).await {
+                match self.head_within(Instant::now() + timeout, timeout).await {
                     Ok(res) if refuses_body(&res) => {
                         self.body_cut = true;
                         return Ok(res);
@@ -165,10 +182,51 @@ impl Conn {
             }
             Err(e) => return Err(e),
         }
+        // A bodiless request went out as `sent`; after a body, the wait starts now.
+        let due = if has_body { Instant::now() } else { wait.sent } + timeout;
         match self.answer.take() {
             Some(res) => Ok(res),
-            None => within(timeout, self.read_head()).await,
+            None => self.head_within(due, timeout).await,
         }
+    }
+
+    /// The final response head (1xx interim answers other than 101 are skipped), by
+    /// `deadline`.
+    async fn head_within(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Response<()>, ExchangeError> {
+        self.timed(deadline, timeout, |c, cx| {
+            c.poll_head(cx).map(|r| r?.ok_or(ExchangeError::Closed))
+        })
+        .await
+    }
+
+    /// Polls `step` until it is ready, failing with [`ExchangeError::Timeout`] (after
+    /// `timeout`) at `deadline`.
+    async fn timed<T>(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        mut step: impl FnMut(&mut Self, &mut Context<'_>) -> Poll<Result<T, ExchangeError>>,
+    ) -> Result<T, ExchangeError> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let mut timer = self
+            .timer
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().reset(deadline);
+        let done = std::future::poll_fn(|cx| match step(self, cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => timer
+                .as_mut()
+                .poll(cx)
+                .map(|()| Err(ExchangeError::Timeout(timeout))),
+        })
+        .await;
+        self.timer = Some(timer);
+        done
     }
 
     async fn send(
@@ -234,7 +292,10 @@ impl Conn {
         if chunked && self.write_body(b"0\r\n\r\n", timeout).await? {
             return Ok(true);
         }
-        within(timeout, self.io.flush()).await?;
+        self.timed(Instant::now() + timeout, timeout, |c, cx| {
+            Pin::new(&mut c.io).poll_flush(cx).map_err(Into::into)
+        })
+        .await?;
         Ok(false)
     }
 
@@ -249,12 +310,12 @@ impl Conn {
     ) -> Result<bool, ExchangeError> {
         // The backend's end of stream: nothing more to watch for (the writes will fail).
         let mut eof = false;
-        let watch = std::future::poll_fn(|cx| loop {
-            if self.answer.is_none() && !eof {
-                match self.poll_head(cx) {
+        self.timed(Instant::now() + timeout, timeout, |c, cx| loop {
+            if c.answer.is_none() && !eof {
+                match c.poll_head(cx) {
                     Poll::Ready(Ok(Some(res))) => {
                         let refused = refuses_body(&res);
-                        self.answer = Some(res);
+                        c.answer = Some(res);
                         if refused {
                             return Poll::Ready(Ok(true));
                         }
@@ -267,20 +328,13 @@ impl Conn {
             if bytes.is_empty() {
                 return Poll::Ready(Ok(false));
             }
-            match ready!(Pin::new(&mut self.io).poll_write(cx, bytes)) {
+            match ready!(Pin::new(&mut c.io).poll_write(cx, bytes)) {
                 Ok(0) => return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
                 Ok(n) => bytes = &bytes[n..],
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
-        });
-        within(timeout, watch).await
-    }
-
-    /// Reads the final response head (1xx interim answers other than 101 are skipped).
-    async fn read_head(&mut self) -> Result<Response<()>, ExchangeError> {
-        std::future::poll_fn(|cx| self.poll_head(cx))
-            .await?
-            .ok_or(ExchangeError::Closed)
+        })
+        .await
     }
 
     /// Reads until a final response head is complete; `None`: the backend's end of stream
@@ -374,18 +428,6 @@ impl Conn {
 /// stop sending it: an error (RFC 9112 §9.5).
 fn refuses_body(res: &Response<()>) -> bool {
     res.status().is_client_error() || res.status().is_server_error()
-}
-
-/// `step` (a write or the response head), failing with [`ExchangeError::Timeout`] when it
-/// takes longer than `timeout`.
-async fn within<T, E: Into<ExchangeError>>(
-    timeout: Duration,
-    step: impl Future<Output = Result<T, E>>,
-) -> Result<T, ExchangeError> {
-    match tokio::time::timeout(timeout, step).await {
-        Ok(r) => r.map_err(Into::into),
-        Err(_) => Err(ExchangeError::Timeout(timeout)),
-    }
 }
 
 fn parse_error(e: httparse::Error) -> &'static str {
@@ -687,7 +729,10 @@ mod tests {
                 &headers,
                 &forwarded,
                 RequestBody(None),
-                Duration::from_secs(5),
+                Wait {
+                    sent: Instant::now(),
+                    timeout: Duration::from_secs(5),
+                },
             )
             .await
             .and_then(|mut res| {

@@ -42,11 +42,12 @@ impl Activity {
     pub fn start(self: &Arc<Self>) -> (u32, InFlight) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let n = self.started.fetch_add(1, Ordering::Relaxed) + 1;
-        (n, InFlight(self.clone()))
+        (n, InFlight(Some(self.clone())))
     }
 
-    fn touch(&self) {
-        let ns = self.accepted.elapsed().as_nanos() as u64;
+    fn end(&self, at: Instant) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let ns = at.saturating_duration_since(self.accepted).as_nanos() as u64;
         self.last_ns.store(ns, Ordering::Relaxed);
     }
 
@@ -72,12 +73,22 @@ impl Activity {
     }
 }
 
-/// Keeps one request in flight until dropped.
-pub struct InFlight(Arc<Activity>);
+/// Keeps one request in flight until ended, or dropped.
+pub struct InFlight(Option<Arc<Activity>>);
+
+impl InFlight {
+    /// The request ended at `at` (a clock read the caller made anyway).
+    pub fn end_at(mut self, at: std::time::Instant) {
+        if let Some(a) = self.0.take() {
+            a.end(at.into());
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        if let Some(a) = self.0.take() {
+            a.end(Instant::now());
+        }
     }
 }

@@ -715,7 +715,10 @@ impl Site {
                     &parts.headers,
                     &forwarded,
                     body.take().unwrap_or(RequestBody(None)),
-                    self.timeouts.response,
+                    h1::Wait {
+                        sent,
+                        timeout: self.timeouts.response,
+                    },
                 )
                 .await;
             // With the error, whether the connection had been kept alive and nothing came back.
@@ -1060,12 +1063,17 @@ impl ResponseBody {
             return;
         }
         self.done = true;
-        if let (Some(rec), Some(sent)) = (self.record.as_mut(), self.upstream_sent) {
-            let now = Instant::now();
-            if let Some(a) = rec.attempts.last_mut() {
+        // One clock read for the record, the backend's response time and the connection's
+        // idle timer.
+        let now = Instant::now();
+        if let Some(rec) = self.record.as_mut() {
+            if let (Some(a), Some(sent)) = (rec.attempts.last_mut(), self.upstream_sent) {
                 a.response = Some(now - sent);
             }
             rec.ended(now);
+        }
+        if let Some(request) = self.request.take() {
+            request.end_at(now);
         }
         if let (Some(active), Inner::Upstream(body)) = (&self.active, &mut self.inner) {
             if let Some(conn) = body.take_reusable() {

@@ -118,13 +118,39 @@ fn times_have_three_decimals() {
         String::from_utf8(out).unwrap(),
         "0.000 0.007 0.999 1.000 61.250 2.000"
     );
-    let mut now = Vec::new();
-    now_rfc3339_millis(&mut now);
-    let now = String::from_utf8(now).unwrap();
-    assert_eq!(now.len(), "2026-11-22T02:21:07.123Z".len(), "{now}");
-    let parsed = humantime::parse_rfc3339(&now).unwrap();
-    let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
-    assert!(off < Duration::from_secs(2), "{now}");
+}
+
+#[test]
+fn instants_are_written_as_the_wall_clock_time_they_were() {
+    let wall = |at: Instant| {
+        let mut out = Vec::new();
+        rfc3339_millis(&mut out, at);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.len(), "2026-11-22T02:21:07.123Z".len(), "{text}");
+        humantime::parse_rfc3339(&text).unwrap()
+    };
+    let now = Instant::now();
+    let off = SystemTime::now()
+        .duration_since(wall(now))
+        .unwrap_or_default();
+    assert!(off < Duration::from_millis(10), "{off:?}");
+    // Placed from the same reading of the wall clock (within a second of it), either side,
+    // and from a new one (further away).
+    for ms in [250, 999] {
+        let later = wall(now + Duration::from_millis(ms));
+        let earlier = wall(now.checked_sub(Duration::from_millis(ms)).unwrap());
+        let spread = later.duration_since(earlier).unwrap();
+        assert!(
+            spread.abs_diff(Duration::from_millis(2 * ms)) <= Duration::from_millis(2),
+            "{spread:?}"
+        );
+    }
+    let away = wall(now + Duration::from_secs(30));
+    let ahead = away.duration_since(wall(now)).unwrap();
+    assert!(
+        ahead.abs_diff(Duration::from_secs(30)) <= Duration::from_millis(10),
+        "{ahead:?}"
+    );
 }
 
 #[test]

@@ -69,6 +69,46 @@ pub enum ExchangeError {
     Timeout(Duration),
 }
 
+/// A request's head as backends get it (forwarded headers added, hop-by-hop ones removed),
+/// serialized once: a retry on another backend sends the same bytes, and the client's request,
+/// whose header values share hyper's read buffer, can be dropped before any backend answers
+/// (hyper then reads the client's next request into that buffer instead of a new one).
+pub struct Head {
+    bytes: Vec<u8>,
+    /// The body goes chunked (it has one, of no declared length).
+    chunked: bool,
+}
+
+impl Head {
+    pub fn new(
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        forwarded: &Forwarded<'_>,
+        has_body: bool,
+    ) -> Self {
+        let has_length = headers.contains_key(header::CONTENT_LENGTH);
+        let chunked = has_body && !has_length;
+        let mut bytes = Vec::with_capacity(512);
+        bytes.extend_from_slice(method.as_str().as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(target.as_bytes());
+        bytes.extend_from_slice(b" HTTP/1.1\r\n");
+        forwarded.write_lines(headers, &mut bytes);
+        if chunked {
+            bytes.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        } else if !has_body
+            && !has_length
+            && matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+        {
+            // A body-carrying method says it has none (RFC 9110 §8.6).
+            bytes.extend_from_slice(b"content-length: 0\r\n");
+        }
+        bytes.extend_from_slice(b"\r\n");
+        Self { bytes, chunked }
+    }
+}
+
 /// One kept-alive HTTP/1.1 connection to a backend, with what was read past the last message.
 pub struct Conn {
     io: Io,
@@ -151,10 +191,7 @@ impl Conn {
     /// ([`Incoming::take_reusable`]).
     pub async fn exchange(
         &mut self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        forwarded: &Forwarded<'_>,
+        head: &Head,
         body: RequestBody,
         wait: Wait,
     ) -> Result<Response<()>, ExchangeError> {
@@ -162,10 +199,7 @@ impl Conn {
         self.answer = None;
         let has_body = !body.is_end_stream();
         let timeout = wait.timeout;
-        match self
-            .send(method, target, headers, forwarded, body, timeout)
-            .await
-        {
+        match self.send(head, body, timeout).await {
             Ok(cut) => self.body_cut = cut,
             // A backend that refused the body and closed (a reset, as the body was left
             // unread) fails the write before the runtime reports its answer readable.
@@ -231,34 +265,13 @@ impl Conn {
 
     async fn send(
         &mut self,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        forwarded: &Forwarded<'_>,
+        head: &Head,
         mut body: RequestBody,
         timeout: Duration,
     ) -> Result<bool, ExchangeError> {
-        let has_length = headers.contains_key(header::CONTENT_LENGTH);
-        let chunked = !body.is_end_stream() && !has_length;
-        let mut head = Vec::with_capacity(512);
-        head.extend_from_slice(method.as_str().as_bytes());
-        head.push(b' ');
-        head.extend_from_slice(target.as_bytes());
-        head.extend_from_slice(b" HTTP/1.1\r\n");
-        forwarded.write_lines(headers, &mut head);
-        if chunked {
-            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        } else if body.is_end_stream()
-            && !has_length
-            && matches!(*method, Method::POST | Method::PUT | Method::PATCH)
-        {
-            // A body-carrying method says it has none (RFC 9110 §8.6).
-            head.extend_from_slice(b"content-length: 0\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
         // The head goes out without a timer: it is at most the header limit (64 KiB), which
         // the connection's buffers take whether or not the backend reads.
-        self.io.write_all(&head).await?;
+        self.io.write_all(&head.bytes).await?;
         if body.is_end_stream() {
             // TLS buffers what it encrypts until flushed.
             self.io.flush().await?;
@@ -267,6 +280,7 @@ impl Conn {
         // A body can be more than the buffers take: a backend that stops reading it fails
         // the exchange after `timeout` without progress (nginx's proxy_send_timeout), unless
         // it answered meanwhile.
+        let mut chunk = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(ExchangeError::Body)?;
             let Ok(data) = frame.into_data() else {
@@ -276,12 +290,12 @@ impl Conn {
             if data.is_empty() {
                 continue;
             }
-            let cut = if chunked {
-                head.clear();
-                let _ = write!(head, "{:x}\r\n", data.len());
-                head.extend_from_slice(&data);
-                head.extend_from_slice(b"\r\n");
-                self.write_body(&head, timeout).await?
+            let cut = if head.chunked {
+                chunk.clear();
+                let _ = write!(chunk, "{:x}\r\n", data.len());
+                chunk.extend_from_slice(&data);
+                chunk.extend_from_slice(b"\r\n");
+                self.write_body(&chunk, timeout).await?
             } else {
                 self.write_body(&data, timeout).await?
             };
@@ -289,7 +303,7 @@ impl Conn {
                 return Ok(true);
             }
         }
-        if chunked && self.write_body(b"0\r\n\r\n", timeout).await? {
+        if head.chunked && self.write_body(b"0\r\n\r\n", timeout).await? {
             return Ok(true);
         }
         self.timed(Instant::now() + timeout, timeout, |c, cx| {
@@ -724,10 +738,7 @@ mod tests {
         };
         let res = conn
             .exchange(
-                &method,
-                "/p?q=1",
-                &headers,
-                &forwarded,
+                &Head::new(&method, "/p?q=1", &headers, &forwarded, false),
                 RequestBody(None),
                 Wait {
                     sent: Instant::now(),

@@ -204,7 +204,8 @@ pub struct Record {
     /// Request body bytes read so far; `None`: the request has no body.
     pub bytes_in: Option<Arc<AtomicU64>>,
     pub bytes_out: u64,
-    pub attempts: Vec<Attempt>,
+    /// Inline: almost every request tries one backend.
+    pub attempts: smallvec::SmallVec<[Attempt; 1]>,
     start: Instant,
     /// When the response's last byte came, if that was noted; else the drop's time is used.
     end: Option<Instant>,
@@ -224,7 +225,7 @@ impl Record {
             status: None,
             bytes_in: None,
             bytes_out: 0,
-            attempts: Vec::new(),
+            attempts: smallvec::SmallVec::new(),
             start: Instant::now(),
             end: None,
         })

@@ -275,18 +275,25 @@ impl Conn {
         };
         let svc = {
             let (site, activity) = (site.clone(), activity.clone());
-            service_fn(move |req| {
+            service_fn(move |req: Request<Incoming>| {
                 let (n, in_flight) = activity.start();
+                // The client is asked to close after the last request a connection may carry.
+                let last = req.version() != Version::HTTP_2 && n >= site.max_requests;
                 let client = Client {
                     addr: peer,
                     ip: client_ip.clone(),
                     tls,
                 };
-                // Boxed once here: the request's future is a few KiB, and hyper's dispatcher
-                // would otherwise copy it whole every time it moves.
-                let answer = Box::pin(site.clone().handle(req, client, n));
+                let answer = site.handle(req, client);
                 async move {
-                    let mut res = answer.await?;
+                    let mut res = match answer {
+                        Answer::Now(res) => res,
+                        Answer::Later(relay) => relay.await,
+                    };
+                    if last {
+                        res.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
                     res.body_mut().request = Some(in_flight);
                     Ok::<_, Infallible>(res)
                 }
@@ -426,6 +433,32 @@ async fn drained(draining: &mut watch::Receiver<bool>) {
     let _ = draining.wait_for(|d| *d).await;
 }
 
+/// A request's answer: at once (a local answer), or once a backend gave one. Boxed: relaying
+/// takes a few KiB of state, which hyper's dispatcher would otherwise copy whole whenever it
+/// moves the answer's future.
+enum Answer {
+    Now(Response<ResponseBody>),
+    Later(Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>),
+}
+
+/// A request ready for its backends (`Site::prepare`): nothing in it refers to the client's
+/// request any more.
+struct Forward {
+    record: Box<Record>,
+    method: Method,
+    peer: std::net::IpAddr,
+    /// Its pool, in `Site::pools`.
+    pool: usize,
+    head: h1::Head,
+    body: RequestBody,
+    has_body: bool,
+    /// May go again to another backend after one failed (with no body and no persistence).
+    idempotent: bool,
+    /// The backend persistence pins it to.
+    sticky: Option<usize>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
 /// Who sent a request.
 struct Client {
     addr: SocketAddr,
@@ -438,11 +471,11 @@ struct Client {
 trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
 
-/// A route with its pool.
+/// A route with its pool (an index in `Site::pools`).
 struct Rule {
     host: Option<HostMatch>,
     path_prefix: Option<String>,
-    pool: Arc<Pool>,
+    pool: usize,
 }
 
 /// A route's host, lower case; requests' hosts are compared ignoring ASCII case (DNS names
@@ -470,9 +503,10 @@ struct Site {
     /// The listener's configured port, for X-Forwarded-Port.
     port: u16,
     rules: Vec<Rule>,
-    default: Option<Arc<Pool>>,
+    /// The default pool, in `pools`.
+    default: Option<usize>,
     /// Every pool the rules and the default use, once.
-    pools: Vec<Arc<Pool>>,
+    pools: Vec<Pool>,
     /// The code and the https port to redirect every request to.
     redirect: Option<(StatusCode, u16)>,
     persistence: Option<Persistence>,
@@ -489,14 +523,14 @@ struct Site {
 impl Site {
     async fn new(cfg: &Config, health: &Health, l: &Listener) -> Result<Self, ProxyError> {
         let scheduler = l.scheduler();
-        let mut pools: Vec<Arc<Pool>> = Vec::new();
-        let mut pool = |name: &str| -> Arc<Pool> {
-            if let Some(p) = pools.iter().find(|p| p.name == name) {
-                return p.clone();
+        let mut pools: Vec<Pool> = Vec::new();
+        let mut pool = |name: &str| -> usize {
+            if let Some(i) = pools.iter().position(|p| p.name == name) {
+                return i;
             }
             // Validation guarantees the pool exists.
             let def = cfg.pools.iter().find(|p| p.name == name);
-            let p = Arc::new(Pool::new(
+            pools.push(Pool::new(
                 def.unwrap_or(&crate::config::Pool {
                     name: name.into(),
                     backends: Vec::new(),
@@ -505,8 +539,7 @@ impl Site {
                 scheduler,
                 health.pool(name),
             ));
-            pools.push(p.clone());
-            p
+            pools.len() - 1
         };
         let rules = l
             .routes
@@ -560,7 +593,9 @@ impl Site {
         })
     }
 
-    fn route(&self, host: &str, path: &str) -> Option<&Arc<Pool>> {
+    /// The pool (its index in `pools`) a request goes to: the first rule that matches, else
+    /// the default.
+    fn route(&self, host: &str, path: &str) -> Option<usize> {
         self.rules
             .iter()
             .find(|r| {
@@ -569,16 +604,16 @@ impl Site {
                         .as_ref()
                         .is_none_or(|p| path.starts_with(p.as_str()))
             })
-            .map(|r| &r.pool)
-            .or(self.default.as_ref())
+            .map(|r| r.pool)
+            .or(self.default)
     }
 
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        client: Client,
-        nth: u32,
-    ) -> Result<Response<ResponseBody>, Infallible> {
+    /// A request, as far as it goes without waiting: its access-log record, a local answer
+    /// (redirect, refusal), or all a backend needs, copied out of it. The request is gone
+    /// when this returns: its head shares hyper's read buffer, which hyper reads the
+    /// connection's next bytes into right after, and reuses only once nothing else holds it
+    /// (else it takes 8 KiB anew for every request).
+    fn handle(self: &Arc<Self>, req: Request<Incoming>, client: Client) -> Answer {
         let mut record = Record::new(&self.sink, client.addr);
         record.host = request_host(&req);
         record.method = req.method().clone();
@@ -592,8 +627,7 @@ impl Site {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
-        let h1 = req.version() != Version::HTTP_2;
-        let mut res = match self.redirect {
+        match self.redirect {
             Some((code, port)) => {
                 let port = if port == 443 {
                     String::new()
@@ -602,40 +636,38 @@ impl Site {
                 };
                 let host = headers::without_port(&record.host);
                 let location = format!("https://{host}{port}{}", record.path);
-                local(errors::redirect(code, &location), record)
+                Answer::Now(local(errors::redirect(code, &location), record))
             }
-            None => self.forward(req, record, client).await,
-        };
-        if h1 && nth >= self.max_requests {
-            res.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            None => match self.prepare(req, record, client) {
+                Ok(fwd) => Answer::Later(Box::pin(self.clone().relay(fwd))),
+                Err(res) => Answer::Now(res),
+            },
         }
-        Ok(res)
     }
 
-    async fn forward(
+    /// A request ready for its backends, or the local answer that refuses it.
+    fn prepare(
         &self,
         mut req: Request<Incoming>,
         mut record: Box<Record>,
         client: Client,
-    ) -> Response<ResponseBody> {
-        let peer = client.addr;
+    ) -> Result<Forward, Response<ResponseBody>> {
         if record.path.len() > self.max_uri_bytes {
-            return local_error(StatusCode::URI_TOO_LONG, record);
+            return Err(local_error(StatusCode::URI_TOO_LONG, record));
         }
         if let Some(coding) = headers::unsupported_transfer_encoding(req.headers()) {
             debug!(listener = %self.sink.listener(), coding, "unsupported transfer-encoding");
-            return local_error(StatusCode::NOT_IMPLEMENTED, record);
+            return Err(local_error(StatusCode::NOT_IMPLEMENTED, record));
         }
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes) {
-            return local_error(StatusCode::PAYLOAD_TOO_LARGE, record);
+            return Err(local_error(StatusCode::PAYLOAD_TOO_LARGE, record));
         }
         let Some(pool) = self.route(headers::without_port(&record.host), req.uri().path()) else {
-            return local_error(StatusCode::NOT_FOUND, record);
+            return Err(local_error(StatusCode::NOT_FOUND, record));
         };
 
         let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
@@ -653,27 +685,61 @@ impl Site {
                 HeaderValue::from_str(&record.host).ok()
             },
         };
-        // Origin form (what HTTP/1.1 backends expect).
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let has_body = !body.is_end_stream();
-        let mut body = Some(if has_body {
+        let head = h1::Head::new(
+            &parts.method,
+            // Origin form (what HTTP/1.1 backends expect).
+            parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            &parts.headers,
+            &forwarded,
+            has_body,
+        );
+        let body = if has_body {
             let bytes_in = Arc::new(AtomicU64::new(0));
             record.bytes_in = Some(bytes_in.clone());
             RequestBody::new(body, self.max_body_bytes, self.timeouts.request, bytes_in)
         } else {
             RequestBody(None)
-        });
+        };
+        Ok(Forward {
+            sticky: self.sticky_backend(&self.pools[pool], &parts.headers, client.addr),
+            idempotent: matches!(
+                parts.method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::OPTIONS
+                    | Method::TRACE
+            ),
+            method: parts.method,
+            record,
+            peer: client.addr.ip(),
+            pool,
+            head,
+            body,
+            has_body,
+            client_upgrade,
+        })
+    }
 
-        let sticky = self.sticky_backend(pool, &parts.headers, peer);
-        let idempotent = matches!(
-            parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::PUT
-                | Method::DELETE
-                | Method::OPTIONS
-                | Method::TRACE
-        );
+    /// Sends a prepared request to its pool's backends, the next one after a failure where
+    /// that is harmless, and answers with the first response.
+    async fn relay(self: Arc<Self>, fwd: Forward) -> Response<ResponseBody> {
+        let Forward {
+            mut record,
+            method,
+            peer,
+            pool,
+            head,
+            body,
+            has_body,
+            idempotent,
+            sticky,
+            client_upgrade,
+        } = fwd;
+        let pool = &self.pools[pool];
+        let mut body = Some(body);
         // Inline: almost every request tries one backend.
         let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
         // What to answer when no backend answers; 503 until one was reached.
@@ -681,7 +747,7 @@ impl Site {
         loop {
             let pick = match (tried.is_empty(), sticky) {
                 (true, Some(i)) => Some(i),
-                _ => pool.pick(peer.ip(), &tried),
+                _ => pool.pick(peer, &tried),
             };
             let Some(idx) = pick else { break };
             tried.push(idx);
@@ -710,10 +776,7 @@ impl Site {
             let sent = Instant::now();
             let exchange = conn
                 .exchange(
-                    &parts.method,
-                    target,
-                    &parts.headers,
-                    &forwarded,
+                    &head,
                     body.take().unwrap_or(RequestBody(None)),
                     h1::Wait {
                         sent,
@@ -723,7 +786,7 @@ impl Site {
                 .await;
             // With the error, whether the connection had been kept alive and nothing came back.
             let outcome = match exchange {
-                Ok(mut res) => h1::Incoming::new(conn, &parts.method, &mut res)
+                Ok(mut res) => h1::Incoming::new(conn, &method, &mut res)
                     .map(|body| res.map(|()| body))
                     .map_err(|e| (e, false)),
                 Err(e) => Err((e, connect_time.is_none() && conn.nothing_received())),

@@ -263,9 +263,9 @@ Tools: {wrk}; {iperf3}; {haproxy}; {nginx}; {nft}.
 - **l7**: `wrk -t2 -c64 -d6s` against the agent's proxy and against nginx configured alike (two
   workers, keep-alive to the same two nginx backends, an access log of the same 16 fields as
   JSON lines, forwarded headers), on loopback in one namespace; HTTP and HTTPS (TLS 1.3, ECDSA
-  P-256), keep-alive and a new connection per request. Each side is measured three times,
-  alternating which goes first (nginx, agent, agent, nginx, nginx, agent), and its best run
-  (with that run's p99) is kept; every run is printed. This VM goes through slower phases
+  P-256), keep-alive and a new connection per request. Each side is measured four times,
+  alternating which goes first (nginx, agent, agent, nginx, ...), both access logs emptied
+  after every run, and its best run (with that run's p99) is kept; every run is printed. This VM goes through slower phases
   lasting minutes in which every side loses 10-20%: single runs differ more than the sides.
 - **scale**: one backend namespace answering on 1000 addresses (nginx, two workers), the agent
   configured with 10, 100 and 1000 of them: new connections per second as in l4, the agent's

@@ -34,27 +34,36 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     connection_tokens(headers)
         .iter()
-        .any(|t| t.eq_ignore_ascii_case(token))
+        .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// The header names `Connection` lists: they concern this connection only.
-fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&str; 4]> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect()
+/// What `Connection` lists: options (`close`, `keep-alive`, `upgrade`) and the names of
+/// headers that concern this connection only. Split as bytes: this runs for every request
+/// and response, and `to_str` and `str::split`'s searcher cost more than finding the one
+/// short token there usually is (a token that is not ASCII matches no header name anyway).
+fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&[u8]; 4]> {
+    let mut tokens = SmallVec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        tokens.extend(
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| !t.is_empty()),
+        );
+    }
+    tokens
 }
 
 /// Whether header `name` stays on this hop: hop-by-hop by definition or `listed` by
 /// `Connection`; `Upgrade` goes along only with an upgrade.
-fn hop_only(name: &HeaderName, listed: &[&str], upgrade: bool) -> bool {
+fn hop_only(name: &HeaderName, listed: &[&[u8]], upgrade: bool) -> bool {
     if *name == header::UPGRADE {
         return !upgrade;
     }
-    is_hop_by_hop(name) || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
+    is_hop_by_hop(name)
+        || listed
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()))
 }
 
 /// Removes hop-by-hop headers, including those `Connection` names. With `upgrade`, the

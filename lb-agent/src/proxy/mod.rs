@@ -230,7 +230,10 @@ impl Server {
                             peer,
                             _open: self.worker.as_ref().map(balance::Worker::open),
                         };
-                        tokio::spawn(conn.serve(stream, draining.clone()));
+                        // Boxed: the runtime moves a task's future by value through the
+                        // spawn's layers and again when it ends (about 1 KiB, each a memcpy);
+                        // a box is one allocation instead.
+                        tokio::spawn(Box::pin(conn.serve(stream, draining.clone())));
                     }
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
@@ -287,7 +290,7 @@ impl Conn {
                 let answer = site.handle(req, client);
                 async move {
                     let mut res = match answer {
-                        Answer::Now(res) => res,
+                        Answer::Now(res) => *res,
                         Answer::Later(relay) => relay.await,
                     };
                     if last {
@@ -437,7 +440,8 @@ async fn drained(draining: &mut watch::Receiver<bool>) {
 /// takes a few KiB of state, which hyper's dispatcher would otherwise copy whole whenever it
 /// moves the answer's future.
 enum Answer {
-    Now(Response<ResponseBody>),
+    /// Boxed, as local answers are rare: inline, every `Later` would be as large.
+    Now(Box<Response<ResponseBody>>),
     Later(Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>),
 }
 
@@ -636,7 +640,7 @@ impl Site {
                 };
                 let host = headers::without_port(&record.host);
                 let location = format!("https://{host}{port}{}", record.path);
-                Answer::Now(local(errors::redirect(code, &location), record))
+                Answer::Now(Box::new(local(errors::redirect(code, &location), record)))
             }
             None => match self.prepare(req, record, client) {
                 Ok(fwd) => Answer::Later(Box::pin(self.clone().relay(fwd))),
@@ -651,23 +655,23 @@ impl Site {
         mut req: Request<Incoming>,
         mut record: Box<Record>,
         client: Client,
-    ) -> Result<Forward, Response<ResponseBody>> {
+    ) -> Result<Forward, Box<Response<ResponseBody>>> {
         if record.path.len() > self.max_uri_bytes {
-            return Err(local_error(StatusCode::URI_TOO_LONG, record));
+            return Err(Box::new(local_error(StatusCode::URI_TOO_LONG, record)));
         }
         if let Some(coding) = headers::unsupported_transfer_encoding(req.headers()) {
             debug!(listener = %self.sink.listener(), coding, "unsupported transfer-encoding");
-            return Err(local_error(StatusCode::NOT_IMPLEMENTED, record));
+            return Err(Box::new(local_error(StatusCode::NOT_IMPLEMENTED, record)));
         }
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes) {
-            return Err(local_error(StatusCode::PAYLOAD_TOO_LARGE, record));
+            return Err(Box::new(local_error(StatusCode::PAYLOAD_TOO_LARGE, record)));
         }
         let Some(pool) = self.route(headers::without_port(&record.host), req.uri().path()) else {
-            return Err(local_error(StatusCode::NOT_FOUND, record));
+            return Err(Box::new(local_error(StatusCode::NOT_FOUND, record)));
         };
 
         let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());

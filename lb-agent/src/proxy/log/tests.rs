@@ -113,10 +113,14 @@ fn times_have_three_decimals() {
         secs(&mut out, Duration::from_millis(ms));
         out.push(b' ');
     }
-    secs(&mut out, Duration::from_micros(1_999_500));
+    // Rounded to the nearest millisecond, carrying into the seconds.
+    for d in [499_999, 500_000, 1_999_500_000] {
+        secs(&mut out, Duration::from_nanos(d));
+        out.push(b' ');
+    }
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "0.000 0.007 0.999 1.000 61.250 2.000"
+        "0.000 0.007 0.999 1.000 61.250 0.000 0.001 2.000 "
     );
 }
 
@@ -170,5 +174,12 @@ fn addresses_are_written_as_display_writes_them() {
         let mut out = Vec::new();
         ip(&mut out, a.ip());
         assert_eq!(String::from_utf8(out).unwrap(), a.ip().to_string());
+    }
+    // Every octet value, in every position (1, 2 and 3 digits, zeros inside).
+    for o in 0..=255u8 {
+        let a = std::net::Ipv4Addr::new(o, o / 10, 255 - o, o % 100).into();
+        let mut out = Vec::new();
+        ip(&mut out, a);
+        assert_eq!(String::from_utf8(out).unwrap(), a.to_string());
     }
 }

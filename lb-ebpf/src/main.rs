@@ -25,6 +25,7 @@ mod maps;
 mod nat;
 mod parse;
 mod rst;
+mod runtime;
 mod sched;
 mod stats;
 mod toa;
@@ -146,14 +147,3 @@ fn new_flow(ctx: &XdpContext, pkt: &parse::Packet) -> Result<*mut lb_common::Con
     stats::new_flow(vip.listener_id, backend_id);
     Ok(entry.ptr)
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable in a verified program: nothing here can panic, and the verifier rejects loops.
-    loop {}
-}
-
-#[link_section = "license"]
-#[no_mangle]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -19,6 +19,8 @@ use aya_ebpf::{
 };
 use lb_common::reuseport::{WorkerLoad, MAX_WORKERS};
 
+mod runtime;
+
 /// aya-ebpf has no `REUSEPORT_SOCKARRAY` type; the map is only ever handed to the helper.
 #[repr(transparent)]
 struct SockArray(UnsafeCell<bpf_map_def>);
@@ -85,14 +87,3 @@ fn connections(worker: u32) -> u64 {
             core::ptr::read_volatile(&(*w).connections)
         })
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable in a verified program: nothing here can panic.
-    loop {}
-}
-
-#[link_section = "license"]
-#[no_mangle]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

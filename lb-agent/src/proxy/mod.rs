@@ -302,17 +302,18 @@ impl Conn {
                 }
             })
         };
-        let idle = site.timeouts.idle;
-        // One wait for the drain over the connection's life: each registers with the
-        // listener's channel.
+        // One wait for the drain and one idle timer over the connection's life, not one per
+        // phase: each registers with the listener's channel or the timer wheel.
         let drained = drained(&mut draining);
         tokio::pin!(drained);
+        let idle = activity.idle_for(site.timeouts.idle);
+        tokio::pin!(idle);
         let (io, h2) = tokio::select! {
             opened = open(stream, self.tls, site.timeouts.request, peer) => match opened {
                 Some(opened) => opened,
                 None => return,
             },
-            () = activity.idle_for(idle) => {
+            () = &mut idle => {
                 debug!(client = %peer, "no request within the idle timeout; closing");
                 return;
             }
@@ -323,10 +324,10 @@ impl Conn {
         // copies whole when it is spawned and again when it ends.
         let result = if h2 {
             let conn = self.http.h2.serve_connection(io, svc);
-            drive(Box::pin(conn), peer, &activity, idle, drained).await
+            drive(Box::pin(conn), peer, idle, drained).await
         } else {
             let conn = self.http.h1.serve_connection(io, svc).with_upgrades();
-            drive(Box::pin(conn), peer, &activity, idle, drained).await
+            drive(Box::pin(conn), peer, idle, drained).await
         };
         if let Err(e) = result {
             debug!(client = %peer, error = %e, "client connection ended with an error");
@@ -409,13 +410,12 @@ where
 async fn drive(
     mut conn: Pin<Box<impl Served>>,
     peer: SocketAddr,
-    activity: &idle::Activity,
-    idle: Duration,
+    idle: Pin<&mut impl Future<Output = ()>>,
     drained: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), hyper::Error> {
     tokio::select! {
         r = conn.as_mut() => r,
-        () = activity.idle_for(idle) => {
+        () = idle => {
             debug!(client = %peer, "no request within the idle timeout; closing");
             // Nothing is in flight, so nothing is cut short: HTTP/1 between requests closes
             // at once, HTTP/2 gets its GOAWAY out. A head still arriving (slowloris) is not

@@ -320,8 +320,9 @@ impl Conn {
             () = &mut drained => return,
         };
         let io = TokioIo::new(io);
-        // The connections are boxed: inline they would be most of this task, which the runtime
-        // copies whole when it is spawned and again when it ends.
+        // The connections are boxed: passed to `drive` inline, hyper's connection is copied
+        // into its future, which measured about 200 instructions more per connection than
+        // the allocation (callgrind).
         let result = if h2 {
             let conn = self.http.h2.serve_connection(io, svc);
             drive(Box::pin(conn), peer, idle, drained).await

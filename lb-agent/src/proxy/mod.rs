@@ -455,10 +455,8 @@ struct Forward {
     /// Its pool, in `Site::pools`.
     pool: usize,
     head: h1::Head,
+    /// `RequestBody(None)` when the request has none.
     body: RequestBody,
-    has_body: bool,
-    /// May go again to another backend after one failed (with no body and no persistence).
-    idempotent: bool,
     /// The backend persistence pins it to.
     sticky: Option<usize>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -708,22 +706,12 @@ impl Site {
         };
         Ok(Forward {
             sticky: self.sticky_backend(&self.pools[pool], &parts.headers, client.addr),
-            idempotent: matches!(
-                parts.method,
-                Method::GET
-                    | Method::HEAD
-                    | Method::PUT
-                    | Method::DELETE
-                    | Method::OPTIONS
-                    | Method::TRACE
-            ),
             method: parts.method,
             record,
             peer: client.addr.ip(),
             pool,
             head,
             body,
-            has_body,
             client_upgrade,
         })
     }
@@ -738,12 +726,21 @@ impl Site {
             pool,
             head,
             body,
-            has_body,
-            idempotent,
             sticky,
             client_upgrade,
         } = fwd;
         let pool = &self.pools[pool];
+        let has_body = body.0.is_some();
+        // May go again to another backend after one failed (with no body and no persistence).
+        let idempotent = matches!(
+            method,
+            Method::GET
+                | Method::HEAD
+                | Method::PUT
+                | Method::DELETE
+                | Method::OPTIONS
+                | Method::TRACE
+        );
         let mut body = Some(body);
         // Inline: almost every request tries one backend.
         let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();

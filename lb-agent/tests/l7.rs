@@ -1183,7 +1183,11 @@ impl Certs {
     }
 
     fn issue(&self, name: &str, dns: &[&str]) -> Vec<u8> {
-        let key = rcgen::KeyPair::generate().unwrap();
+        self.issue_with_key(name, dns, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// `issue` with the leaf's key given (`key` written as PKCS#8).
+    fn issue_with_key(&self, name: &str, dns: &[&str], key: rcgen::KeyPair) -> Vec<u8> {
         let params =
             rcgen::CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
                 .unwrap();
@@ -1206,21 +1210,25 @@ impl Certs {
     }
 
     fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let mut cfg = self.client_config().with_no_client_auth();
+        let mut cfg = self
+            .client_config(rustls::DEFAULT_VERSIONS)
+            .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         tokio_rustls::TlsConnector::from(Arc::new(cfg))
     }
 
-    /// A client trusting the test CA, before its choice of client certificate.
+    /// A client trusting the test CA and speaking `versions`, before its choice of client
+    /// certificate.
     fn client_config(
         &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
     }
@@ -1289,6 +1297,106 @@ async fn sni_picks_the_certificate_including_wildcards_and_h2_is_offered() {
     assert_eq!(r.seen("x-forwarded-port"), Some("8443"));
     let line = &lb.log_lines(1).await[0];
     assert_eq!(line["protocol"], "HTTP/2.0");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `openssl` with `args`, its standard output.
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    out.stdout
+}
+
+#[tokio::test]
+async fn rsa_ec_and_pkcs8_keys_serve_tls_1_2_and_1_3_and_sessions_resume() {
+    let web = backend("web").await;
+    let dir = TempDir::new();
+    let certs = Certs::new(&dir, &[]);
+    // rcgen signs with an RSA key but does not make one.
+    let rsa = openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+    ]);
+    let rsa = rcgen::KeyPair::from_pem(std::str::from_utf8(&rsa).unwrap()).unwrap();
+    let leaves = [
+        (
+            "rsa",
+            certs.issue_with_key("rsa", &["rsa.example.com"], rsa),
+            "-----BEGIN RSA PRIVATE KEY-----",
+        ),
+        (
+            "ec",
+            certs.issue("ec", &["ec.example.com"]),
+            "-----BEGIN EC PRIVATE KEY-----",
+        ),
+        (
+            "p8",
+            certs.issue("p8", &["p8.example.com"]),
+            "-----BEGIN PRIVATE KEY-----",
+        ),
+    ];
+    // The RSA and EC keys in their algorithms' own encodings (PKCS#1, SEC1).
+    for name in ["rsa", "ec"] {
+        let key = certs.dir.join(format!("{name}.key"));
+        let pem = openssl(&["pkey", "-in", key.to_str().unwrap(), "-traditional"]);
+        std::fs::write(&key, pem).unwrap();
+    }
+    for (name, _, header) in &leaves {
+        let pem = std::fs::read_to_string(certs.dir.join(format!("{name}.key"))).unwrap();
+        assert!(pem.starts_with(header), "{name}.key: {pem}");
+    }
+    let pairs: Vec<String> = leaves.iter().map(|(n, ..)| certs.pair(n)).collect();
+    let lb = lb_in(
+        dir,
+        &format!(
+            "  - {{ name: site, protocol: https, vip: 127.0.0.1, port: 8443, pool: web, access_log: '{{log}}', tls: {{ certificates: [{}] }} }}\n",
+            pairs.join(", ")
+        ),
+        &pool("web", &[web]),
+    )
+    .await;
+    let a = lb.addr("site");
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        for (name, leaf, _) in &leaves {
+            let host = format!("{name}.example.com");
+            // One client per key and version: its session store holds what the first
+            // connection was given, which the second offers.
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(
+                certs.client_config(&[version]).with_no_client_auth(),
+            ));
+            for kind in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+                let tcp = TcpStream::connect(a).await.unwrap();
+                let sni = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+                let s = tokio::time::timeout(LIMIT, connector.connect(sni, tcp))
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{name} over {:?}: {e}", version.version));
+                let c = s.get_ref().1;
+                assert_eq!(c.protocol_version(), Some(version.version));
+                assert_eq!(
+                    c.handshake_kind(),
+                    Some(kind),
+                    "{name} over {:?}",
+                    version.version
+                );
+                assert_eq!(c.peer_certificates().unwrap()[0].as_ref(), &leaf[..]);
+                // A request through it; reading the answer also takes in the tickets TLS 1.3
+                // sends after the handshake.
+                let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let r = read_answer(tx.send_request(get(&host, "/")).await.unwrap()).await;
+                assert_eq!(r.status, 200);
+            }
+        }
+    }
     lb.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -1594,7 +1702,7 @@ async fn client_certificates_are_required_from_the_ca_and_backends_can_be_reache
     let client_key =
         rustls::pki_types::PrivateKeyDer::from_pem_file(certs.dir.join("client.key")).unwrap();
     let cfg = certs
-        .client_config()
+        .client_config(rustls::DEFAULT_VERSIONS)
         .with_client_auth_cert(vec![client_der.into(), certs.ca.der().clone()], client_key)
         .unwrap();
     let tcp = TcpStream::connect(a).await.unwrap();

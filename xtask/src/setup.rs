@@ -4,7 +4,8 @@
 //! - `bpf-linker` 0.13.0 built against LLVM 22;
 //! - the tools the tests drive (iproute2, ethtool; nginx, socat and curl for the fault
 //!   and abuse suite) and the benchmarks' peers and load generators (wrk, iperf3, haproxy,
-//!   nftables; openssl makes the L7 bench's certificate).
+//!   nftables; openssl makes the L7 bench's certificate and the L7 tests' RSA and
+//!   traditionally encoded keys).
 
 use std::{path::Path, process::Command};
 

@@ -35,6 +35,14 @@ pools:
       - { address: 10.91.2.13, port: 8080 }
 ";
 
+/// `CONFIG` with a UDP listener as well (`dns`, the VIP's port 53, listener id 1).
+pub fn config_with_udp() -> String {
+    CONFIG.replace(
+        "pools:",
+        "  - { name: dns, protocol: udp, vip: 10.91.0.100, port: 53, pool: web }\npools:",
+    )
+}
+
 /// A namespace shaped like the LB's, with the program loaded and configured.
 pub struct Fixture {
     pub dp: Dataplane,

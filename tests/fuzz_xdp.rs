@@ -155,11 +155,7 @@ fn mutate(rng: &mut Rng, v: &mut Vec<u8>) {
 fn a_million_fuzzed_frames_never_abort_never_corrupt_and_are_all_counted() {
     let ns = lb_namespace();
     ns.scoped(|| {
-        let config = CONFIG.replace(
-            "pools:",
-            "  - { name: dns, protocol: udp, vip: 10.91.0.100, port: 53, pool: web }\npools:",
-        );
-        let mut f = Fixture::new(&config);
+        let mut f = Fixture::new(&config_with_udp());
         // Seeded: every run fuzzes the same frames.
         let mut rng = Rng::with_seed(0x9e37_79b9_7f4a_7c15);
         let (mut sent_out, mut verified, mut mutated) = (0u64, 0u64, 0u64);

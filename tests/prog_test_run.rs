@@ -11,7 +11,10 @@ mod fixture;
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use fixture::*;
 use lb_agent::gc;
-use lb_common::{counters::Counter, maps::CONNTRACK_SYN_ENTRIES};
+use lb_common::{
+    counters::{Counter, ListenerStats},
+    maps::CONNTRACK_SYN_ENTRIES,
+};
 
 #[test]
 fn syn_to_vip_is_fullnat_rewritten_and_the_syn_ack_comes_back_to_the_client() {
@@ -932,6 +935,32 @@ fn the_sweeps_batch_read_sees_every_entry_the_per_entry_walk_sees() {
     });
 }
 
+/// Three rounds of `frames` (each through its interface): the program's outputs, what listener
+/// `listener` counted meanwhile, and the flow-cache hits.
+fn three_rounds(
+    f: &mut Fixture,
+    frames: &[(Vec<u8>, u32)],
+    listener: usize,
+) -> (Vec<(u32, Vec<u8>)>, ListenerStats, u64) {
+    let before = f.dp.snapshot(listener + 1).unwrap().listeners[listener];
+    let hits = f.dp.flow_cache_hits().unwrap();
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        for (frame, i) in frames {
+            out.push(f.run(frame, *i));
+        }
+    }
+    let after = f.dp.snapshot(listener + 1).unwrap().listeners[listener];
+    let moved = ListenerStats {
+        packets_in: after.packets_in - before.packets_in,
+        bytes_in: after.bytes_in - before.bytes_in,
+        packets_out: after.packets_out - before.packets_out,
+        bytes_out: after.bytes_out - before.bytes_out,
+        ..Default::default()
+    };
+    (out, moved, f.dp.flow_cache_hits().unwrap() - hits)
+}
+
 #[test]
 fn plain_packets_of_an_established_flow_leave_the_flow_cache_as_the_conntrack_path_sends_them() {
     let ns = lb_namespace();
@@ -947,40 +976,109 @@ fn plain_packets_of_an_established_flow_leave_the_flow_cache_as_the_conntrack_pa
                 f.int,
             ),
         ];
-        // Three of each direction, with the per-listener counters they move.
-        let send = |f: &mut Fixture| {
-            let before = f.dp.snapshot(1).unwrap().listeners[0];
-            let hits = f.dp.flow_cache_hits().unwrap();
-            let out: Vec<(u32, Vec<u8>)> = (0..3)
-                .flat_map(|_| {
-                    frames
-                        .iter()
-                        .map(|(frame, i)| f.run(frame, *i))
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            let after = f.dp.snapshot(1).unwrap().listeners[0];
-            let moved = (
-                after.packets_in - before.packets_in,
-                after.packets_out - before.packets_out,
-                after.bytes_in - before.bytes_in,
-            );
-            (out, moved, f.dp.flow_cache_hits().unwrap() - hits)
-        };
-        let (cached, cached_counts, hits) = send(&mut f);
+        let (cached, cached_counts, hits) = three_rounds(&mut f, &frames, 0);
         // The handshake's last ACK left the client side's copy; the backend's first ACK
         // leaves the other.
         assert_eq!(hits, 5, "served from the flow cache");
         f.dp.set_flow_cache(None).unwrap();
-        let (looked_up, counts, none) = send(&mut f);
+        let (looked_up, counts, none) = three_rounds(&mut f, &frames, 0);
         assert_eq!(none, 0, "the cache is off");
         assert_eq!(cached, looked_up, "same frames either way");
         assert_eq!(cached_counts, counts, "counted alike");
-        assert_eq!(counts.0, 3);
-        assert_eq!(counts.1, 3);
+        assert_eq!(counts.packets_in, 3);
+        assert_eq!(counts.packets_out, 3);
         for (action, frame) in &cached {
             assert_eq!(*action, XDP_REDIRECT);
             parse_checked(frame);
+        }
+    });
+}
+
+/// A UDP/IPv4 frame with a 32-byte payload (long enough for the fast path's bounds check);
+/// `zero_checksum` sends it without a checksum (0, allowed over IPv4).
+fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    zero_checksum: bool,
+) -> Vec<u8> {
+    let u = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1);
+    let payload = [7u8; 32];
+    let mut v = Vec::with_capacity(u.size(payload.len()));
+    u.write(&mut v, &payload).unwrap();
+    if zero_checksum {
+        v[14 + 20 + 6..14 + 20 + 8].fill(0);
+    }
+    v
+}
+
+/// A forwarded UDP/IPv4 frame's (source, destination), its IP checksum verified and its UDP
+/// checksum too, or found still absent when `zero_checksum`.
+fn udp_checked(frame: &[u8], zero_checksum: bool) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let h = PacketHeaders::from_ethernet_slice(frame).expect("valid frame");
+    let Some(NetHeaders::Ipv4(ip, _)) = &h.net else {
+        panic!("not IPv4")
+    };
+    let Some(TransportHeader::Udp(udp)) = &h.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    let want = if zero_checksum {
+        0
+    } else {
+        udp.calc_checksum_ipv4(ip, h.payload.slice()).unwrap()
+    };
+    assert_eq!(udp.checksum, want, "UDP checksum");
+    (
+        (ip.source, udp.source_port),
+        (ip.destination, udp.destination_port),
+    )
+}
+
+#[test]
+fn udp_packets_leave_the_flow_cache_as_the_conntrack_path_sends_them() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(&config_with_udp());
+        f.cache_flows_on_one_cpu();
+        for (port, zero) in [(41000, false), (41001, true)] {
+            let client = (CLIENT.0, port);
+            let vip = (VIP.0, 53);
+            let first = udp_frame(CLIENT_MAC, LB_EXT_MAC, client, vip, zero);
+            let (action, out) = f.run(&first, f.ext);
+            assert_eq!(action, XDP_REDIRECT);
+            let (snat, backend) = udp_checked(&out, zero);
+            let backend_mac = BACKEND_MACS[(backend.0[3] - 11) as usize];
+            let frames = [
+                (
+                    udp_frame(backend_mac, LB_INT_MAC, backend, snat, zero),
+                    f.int,
+                ),
+                (first, f.ext),
+            ];
+            f.dp.set_flow_cache(Some(std::time::Duration::from_secs(600)))
+                .unwrap();
+            let (cached, cached_counts, hits) = three_rounds(&mut f, &frames, 1);
+            // The first packet of each direction leaves the copy the others use.
+            assert!(hits >= 4, "served from the flow cache: {hits} hits");
+            f.dp.set_flow_cache(None).unwrap();
+            let (looked_up, counts, none) = three_rounds(&mut f, &frames, 1);
+            assert_eq!(none, 0, "the cache is off");
+            assert_eq!(cached, looked_up, "same frames either way");
+            assert_eq!(cached_counts, counts, "counted alike");
+            assert_eq!((counts.packets_in, counts.packets_out), (3, 3));
+            for (i, (action, frame)) in cached.iter().enumerate() {
+                assert_eq!(*action, XDP_REDIRECT);
+                let (src, dst) = udp_checked(frame, zero);
+                if i % 2 == 0 {
+                    assert_eq!((src, dst), (vip, client), "a reply, to the client");
+                } else {
+                    assert_eq!((src, dst), (snat, backend), "to the backend");
+                }
+            }
         }
     });
 }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, ProgramArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -207,6 +207,21 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing(maps::PROG_LB))?
             .try_into()?;
         prog.load()?;
+        // The full pipeline, which the attached program's fast path hands the rest to. An
+        // adopted (pinned) array then serves a still-attached earlier program too: both on
+        // the same maps.
+        let full: &mut Xdp = ebpf
+            .program_mut(maps::PROG_FULL)
+            .ok_or(DataplaneError::Missing(maps::PROG_FULL))?
+            .try_into()?;
+        full.load()?;
+        let full = full.fd()?.try_clone().map_err(ProgramError::from)?;
+        ProgramArray::try_from(
+            ebpf.map_mut(maps::PIPELINE)
+                .ok_or(DataplaneError::Missing(maps::PIPELINE))?,
+        )
+        .and_then(|mut a| a.set(0, &full, 0))
+        .map_err(map_err(maps::PIPELINE))?;
         let mut take =
             |name: &'static str| ebpf.take_map(name).ok_or(DataplaneError::Missing(name));
         let vips = HashMap::try_from(take(maps::VIPS)?).map_err(map_err(maps::VIPS))?;

@@ -20,9 +20,12 @@ pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const FLOW_CACHE: &str = "FLOW_CACHE";
 pub const FLOW_GEN: &str = "FLOW_GEN";
+pub const PIPELINE: &str = "PIPELINE";
 
 /// The XDP program's name in the object.
 pub const PROG_LB: &str = "lb_xdp";
+/// The full pipeline `PROG_LB` tail-calls through `PIPELINE` for what its fast path leaves.
+pub const PROG_FULL: &str = "lb_xdp_full";
 /// A program that only returns XDP_TX: the benchmark's reference.
 pub const PROG_BASELINE: &str = "xdp_tx_baseline";
 /// Reads the datapath's clocks for the agent (see `lb-agent`'s `clock`); never attached.

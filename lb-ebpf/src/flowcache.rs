@@ -29,7 +29,6 @@ use lb_common::{
 use crate::{
     conntrack::Entry,
     maps::{FLOW_CACHE, FLOW_GEN, GLOBAL},
-    parse::Packet,
 };
 
 // The slot indices below are bits of one 32-bit hash.
@@ -73,19 +72,19 @@ fn same(a: &FlowKey, b: &FlowKey) -> bool {
         == 0
 }
 
-/// This CPU's trusted copy of the entry for `pkt` (its cached next hop valid for the
-/// packet's size), or where to keep one if the conntrack path finds an entry worth caching
+/// This CPU's trusted copy of the entry for a packet with tuple `key`, TCP flags `tcp_flags`
+/// and IP length `ip_len` (the copy's cached next hop valid for that size), or where to keep one if the conntrack path finds an entry worth caching
 /// (`None`: the packet is not plain, or the cache is off).
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Result<*mut ConnEntry, Option<Fill>> {
-    if pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+pub fn lookup(key: &FlowKey, tcp_flags: u8, ip_len: u16) -> Result<*mut ConnEntry, Option<Fill>> {
+    if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return Err(None);
     }
     let g = GLOBAL.get(0).ok_or(None)?;
     if g.flow_cache_jiffies == 0 {
         return Err(None);
     }
-    let (cache_slot, gen_slot) = slots(&pkt.flow);
+    let (cache_slot, gen_slot) = slots(key);
     let slot = FLOW_CACHE.get_ptr_mut(cache_slot).ok_or(None)?;
     // Read before the conntrack lookup a miss goes on to (loads are not reordered with
     // loads), so a copy is never newer than the generations it carries.
@@ -94,11 +93,11 @@ pub fn lookup(pkt: &Packet) -> Result<*mut ConnEntry, Option<Fill>> {
     let jiffies = unsafe { bpf_jiffies64() };
     // SAFETY: a per-CPU slot, only this CPU uses it while the program runs.
     let c = unsafe { &mut *slot };
-    if same(&c.key, &pkt.flow)
+    if same(&c.key, key)
         && jiffies.wrapping_sub(c.filled_jiffies) < g.flow_cache_jiffies as u64
         && c.flow_gen == g.flow_gen
         && c.slot_gen == slot_gen
-        && pkt.ip_len <= c.entry.fwd_len
+        && ip_len <= c.entry.fwd_len
     {
         c.hits += 1;
         return Ok(&mut c.entry);

@@ -73,7 +73,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, entry: *mut ConnEntry) -> Result<
 
 /// Sets the MACs and sends the frame out of `ifindex`.
 #[inline(always)]
-fn emit(
+pub fn emit(
     ctx: &XdpContext,
     ifindex: u32,
     smac: &[u8; 6],

@@ -1,5 +1,8 @@
 //! XDP L4 FullNAT fast path.
 //!
+//! `lb_xdp`, the attached program, forwards an established IPv4 flow's plain packets from this
+//! CPU's flow cache (`fastpath`) and tail-calls `lb_xdp_full` for everything else.
+//!
 //! Pipeline (each stage returns `Result<_, Verdict>`, `Err` being an early verdict):
 //! `parse` → `flowcache` (this CPU's copy of an established flow's entry, for its plain
 //! packets) or `conntrack` lookup (either direction) → on a miss, `sched` (VIP lookup, Maglev
@@ -19,6 +22,7 @@
 
 mod acl;
 mod conntrack;
+mod fastpath;
 mod flowcache;
 mod fwd;
 mod maps;
@@ -41,6 +45,20 @@ use verdict::Verdict;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    if let Some(action) = fastpath::v4_cached(&ctx) {
+        return action;
+    }
+    // SAFETY: a tail call into an XDP program of this object; it returns only on failure.
+    unsafe { maps::PIPELINE.tail_call(&ctx, 0) };
+    // No pipeline in the array (the agent sets it right after loading): the kernel decides.
+    stats::count(Counter::Pass);
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// Every packet the fast path did not take: reached by tail call from `lb_xdp`, with a stack
+/// of its own (the pipeline's 500 bytes and the fast path's do not fit in one).
+#[xdp]
+pub fn lb_xdp_full(ctx: XdpContext) -> u32 {
     let v = match pipeline(&ctx) {
         Ok(v) | Err(v) => v,
     };
@@ -88,7 +106,7 @@ fn pipeline(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // Entries are used in place (no copies on the 512-byte stack): the NAT tuple never changes
     // after creation; other CPUs only write state, timestamp and the cached next hop. A plain
     // packet of an established flow usually finds this CPU's copy (see `flowcache`).
-    let (entry, before, fill) = match flowcache::lookup(&pkt) {
+    let (entry, before, fill) = match flowcache::lookup(&pkt.flow, pkt.tcp_flags, pkt.ip_len) {
         Ok(copy) => (copy, STATE_ESTABLISHED, None),
         Err(fill) => {
             let hit =

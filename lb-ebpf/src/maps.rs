@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     conn::CachedFlow,
@@ -91,3 +91,8 @@ pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(F
 /// Generations of flow-cache tuples, bumped when a flow with such a tuple is created or retired.
 #[map]
 pub static FLOW_GEN: Array<u32> = Array::with_max_entries(FLOW_GEN_SLOTS, 0);
+
+/// Slot 0: `lb_xdp_full`, the pipeline `lb_xdp` tail-calls for packets its fast path does not
+/// take (set by the agent after loading).
+#[map]
+pub static PIPELINE: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -22,7 +22,7 @@ pub fn rewrite(
 ) -> Result<(), Verdict> {
     let bad = Verdict::drop(Counter::DropMalformed);
     let is_v4 = pkt.flow.family == FAMILY_V4;
-    let mut diff = if is_v4 {
+    let diff = if is_v4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3_off).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
         unsafe { (*ip).set_addrs(e.nat_src_be[0], e.nat_dst_be[0]) }
@@ -32,10 +32,25 @@ pub fn rewrite(
         unsafe { (*ip).set_addrs(&e.nat_src_be, &e.nat_dst_be) }
     };
 
-    let ports: *mut Ports = ptr_at(ctx, pkt.l4_off).ok_or(bad)?;
+    rewrite_l4(ctx, pkt.l4_off, pkt.flow.proto, is_v4, diff, e)
+}
+
+/// The L4 half of `rewrite`: the ports, and the checksum by `diff` (the addresses' change, for
+/// the pseudo-header) and the ports' change.
+#[inline(always)]
+pub fn rewrite_l4(
+    ctx: &aya_ebpf::programs::XdpContext,
+    l4_off: usize,
+    proto: u8,
+    is_v4: bool,
+    diff: u64,
+    e: &ConnEntry,
+) -> Result<(), Verdict> {
+    let bad = Verdict::drop(Counter::DropMalformed);
+    let ports: *mut Ports = ptr_at(ctx, l4_off).ok_or(bad)?;
     // SAFETY: bounds checked by ptr_at.
     let ports = unsafe { &mut *ports };
-    diff = diff16(
+    let diff = diff16(
         diff16(diff, ports.src_be, e.nat_sport_be),
         ports.dst_be,
         e.nat_dport_be,
@@ -43,12 +58,12 @@ pub fn rewrite(
     ports.src_be = e.nat_sport_be;
     ports.dst_be = e.nat_dport_be;
 
-    if pkt.flow.proto == PROTO_TCP {
-        let check: *mut u16 = ptr_at(ctx, pkt.l4_off + TCP_CSUM_OFF).ok_or(bad)?;
+    if proto == PROTO_TCP {
+        let check: *mut u16 = ptr_at(ctx, l4_off + TCP_CSUM_OFF).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
         unsafe { *check = apply(*check, diff) };
     } else {
-        let check: *mut u16 = ptr_at(ctx, pkt.l4_off + UDP_CSUM_OFF).ok_or(bad)?;
+        let check: *mut u16 = ptr_at(ctx, l4_off + UDP_CSUM_OFF).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             // IPv4 UDP checksum 0 means "none" and stays so; a computed 0 is sent as 0xffff
@@ -120,7 +135,7 @@ impl Ipv4Hdr {
     /// Rewrites both addresses, keeping the header checksum right. Returns the checksum
     /// difference of the change, for checksums over a pseudo-header (TCP, UDP).
     #[inline(always)]
-    fn set_addrs(&mut self, src_be: u32, dst_be: u32) -> u64 {
+    pub fn set_addrs(&mut self, src_be: u32, dst_be: u32) -> u64 {
         let d = diff32(diff32(0, self.saddr_be, src_be), self.daddr_be, dst_be);
         self.check = apply(self.check, d);
         self.saddr_be = src_be;

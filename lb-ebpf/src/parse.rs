@@ -20,7 +20,7 @@ use lb_common::{
 use crate::verdict::Verdict;
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 
 #[repr(C)]

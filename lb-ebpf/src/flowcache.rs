@@ -21,6 +21,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     conn::{CachedFlow, CONN_F_RESET_IDLE, STATE_ESTABLISHED, TCP_FIN, TCP_RST, TCP_SYN},
+    flow::FAMILY_V4,
     hash::fmix32,
     maps::{FLOW_CACHE_SLOTS, FLOW_GEN_SLOTS},
     ConnEntry, FlowKey,
@@ -54,27 +55,29 @@ fn slots(k: &FlowKey) -> (u32, u32) {
     (h & (FLOW_CACHE_SLOTS - 1), h >> 16)
 }
 
-/// Field by field: a derived `==` may become a call to `memcmp`, which BPF does not have.
+/// Field by field: a derived `==` may become a call to `memcmp`, which BPF does not have. An
+/// IPv4 key's other address words are zero (`parse`), so for IPv4 the first ones decide.
 #[inline(always)]
 fn same(a: &FlowKey, b: &FlowKey) -> bool {
-    (a.src_be[0] ^ b.src_be[0])
-        | (a.src_be[1] ^ b.src_be[1])
-        | (a.src_be[2] ^ b.src_be[2])
-        | (a.src_be[3] ^ b.src_be[3])
-        | (a.dst_be[0] ^ b.dst_be[0])
-        | (a.dst_be[1] ^ b.dst_be[1])
-        | (a.dst_be[2] ^ b.dst_be[2])
-        | (a.dst_be[3] ^ b.dst_be[3])
-        | ((a.sport_be ^ b.sport_be) as u32)
-        | ((a.dport_be ^ b.dport_be) as u32)
-        | ((a.proto ^ b.proto) as u32)
-        | ((a.family ^ b.family) as u32)
-        == 0
+    let rest = |k: &FlowKey| {
+        (k.sport_be as u64)
+            | (k.dport_be as u64) << 16
+            | (k.proto as u64) << 32
+            | (k.family as u64) << 40
+    };
+    let mut diff = (a.src_be[0] ^ b.src_be[0]) | (a.dst_be[0] ^ b.dst_be[0]);
+    if b.family != FAMILY_V4 {
+        for i in 1..4 {
+            diff |= (a.src_be[i] ^ b.src_be[i]) | (a.dst_be[i] ^ b.dst_be[i]);
+        }
+    }
+    (diff as u64 | (rest(a) ^ rest(b))) == 0
 }
 
 /// This CPU's trusted copy of the entry for a packet with tuple `key`, TCP flags `tcp_flags`
-/// and IP length `ip_len` (the copy's cached next hop valid for that size), or where to keep one if the conntrack path finds an entry worth caching
-/// (`None`: the packet is not plain, or the cache is off).
+/// and IP length `ip_len` (the copy's cached next hop valid for that size), or where to keep
+/// one if the conntrack path finds an entry worth caching (`None`: the packet is not plain, or
+/// the cache is off).
 #[inline(always)]
 pub fn lookup(key: &FlowKey, tcp_flags: u8, ip_len: u16) -> Result<*mut ConnEntry, Option<Fill>> {
     if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
@@ -86,18 +89,20 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8, ip_len: u16) -> Result<*mut ConnEntr
     }
     let (cache_slot, gen_slot) = slots(key);
     let slot = FLOW_CACHE.get_ptr_mut(cache_slot).ok_or(None)?;
+    // SAFETY: a per-CPU slot, only this CPU uses it while the program runs.
+    let c = unsafe { &mut *slot };
+    // Compared before the lookups below, which are calls to LLVM: the tuple need not be kept
+    // on the stack across them.
+    let fits = same(&c.key, key) && ip_len <= c.entry.fwd_len;
     // Read before the conntrack lookup a miss goes on to (loads are not reordered with
     // loads), so a copy is never newer than the generations it carries.
     let slot_gen = *FLOW_GEN.get(gen_slot).ok_or(None)?;
     // SAFETY: plain helper call (inlined by the verifier).
     let jiffies = unsafe { bpf_jiffies64() };
-    // SAFETY: a per-CPU slot, only this CPU uses it while the program runs.
-    let c = unsafe { &mut *slot };
-    if same(&c.key, key)
+    if fits
         && jiffies.wrapping_sub(c.filled_jiffies) < g.flow_cache_jiffies as u64
         && c.flow_gen == g.flow_gen
         && c.slot_gen == slot_gen
-        && ip_len <= c.entry.fwd_len
     {
         c.hits += 1;
         return Ok(&mut c.entry);

@@ -17,7 +17,9 @@ use lb_common::{
 
 use crate::{
     flowcache, fwd, nat,
-    parse::{ptr_at, EthHdr, Ipv4Hdr, ETH_HLEN, ETH_P_IP_BE, TCP_HLEN},
+    parse::{
+        ptr_at, EthHdr, Ipv4Hdr, Ports, ETH_HLEN, ETH_P_IP_BE, TCP_CSUM_OFF, TCP_HLEN, UDP_CSUM_OFF,
+    },
     stats,
 };
 
@@ -28,24 +30,23 @@ const L4_OFF: usize = ETH_HLEN + IP4_HLEN;
 /// The XDP action, if the packet was forwarded from this CPU's copy of its flow's entry.
 #[inline(always)]
 pub fn v4_cached(ctx: &XdpContext) -> Option<u32> {
-    // One bounds check for everything read below: Ethernet, IPv4 and a TCP header's length
-    // (a shorter UDP frame takes the pipeline).
-    let eth: *const EthHdr = ptr_at::<[u8; L4_OFF + TCP_HLEN]>(ctx, 0)?.cast();
+    // One bounds check for everything read or written below: Ethernet, IPv4 and a TCP
+    // header's length (a shorter UDP frame takes the pipeline).
+    let frame: *mut u8 = ptr_at::<[u8; L4_OFF + TCP_HLEN]>(ctx, 0)?.cast();
     let len = (ctx.data_end() - ctx.data()) as u64;
     // SAFETY: within the bounds checked above.
     let (eth, ip, l4) = unsafe {
         (
-            &*eth,
-            &mut *(ctx.data() as *mut u8).add(ETH_HLEN).cast::<Ipv4Hdr>(),
-            &*(ctx.data() as *const u8)
-                .add(L4_OFF)
-                .cast::<[u8; TCP_HLEN]>(),
+            frame.cast::<EthHdr>(),
+            &mut *frame.add(ETH_HLEN).cast::<Ipv4Hdr>(),
+            &mut *frame.add(L4_OFF).cast::<[u8; TCP_HLEN]>(),
         )
     };
     let tot_len = u16::from_be(ip.tot_len_be);
     // `parse::packet`'s rules, for the packets taken here: version 4 without options, not a
     // fragment, total length within the frame.
-    if eth.proto_be != ETH_P_IP_BE
+    // SAFETY: within the bounds checked above.
+    if unsafe { (*eth).proto_be } != ETH_P_IP_BE
         || ip.ver_ihl != 0x45
         || ip.frag_off_be & 0x3fffu16.to_be() != 0
         || (tot_len as usize) < IP4_HLEN
@@ -72,13 +73,20 @@ pub fn v4_cached(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: this CPU's cache slot, valid for the program run.
     let e = unsafe { &*entry };
     let diff = ip.set_addrs(e.nat_src_be[0], e.nat_dst_be[0]);
-    let v = nat::rewrite_l4(ctx, L4_OFF, key.proto, true, diff, e)
-        .and_then(|()| {
-            stats::traffic(e.listener_id, e.backend_id, e.dir == DIR_ORIGINAL, len);
-            // A copy's next hop is valid for this size (`flowcache::lookup`).
-            fwd::emit(ctx, e.fwd_ifindex, &e.fwd_smac, &e.fwd_dmac)
-        })
-        .unwrap_or_else(|v| v);
+    let udp = key.proto == PROTO_UDP;
+    let csum_off = if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+    // SAFETY: both within the TCP header's length checked above.
+    let (ports, check) = unsafe {
+        let l4 = l4.as_mut_ptr();
+        (
+            &mut *l4.cast::<Ports>(),
+            &mut *l4.add(csum_off).cast::<u16>(),
+        )
+    };
+    nat::rewrite_l4(ports, check, udp, true, diff, e);
+    stats::traffic(e.listener_id, e.backend_id, e.dir == DIR_ORIGINAL, len);
+    // A copy's next hop is valid for this size (`flowcache::lookup`).
+    let v = fwd::emit(ctx, eth, e.fwd_ifindex, &e.fwd_smac, &e.fwd_dmac);
     stats::count(v.reason);
     Some(v.action)
 }

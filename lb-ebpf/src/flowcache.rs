@@ -29,6 +29,7 @@ use lb_common::{
 
 use crate::{
     conntrack::Entry,
+    copy,
     maps::{FLOW_CACHE, FLOW_GEN, GLOBAL},
 };
 
@@ -132,7 +133,8 @@ pub fn fill(f: Fill, key: &FlowKey, entry: Entry) {
     // SAFETY: a per-CPU slot, only this CPU uses it while the program runs.
     let c = unsafe { &mut *f.slot };
     c.key = *key;
-    c.entry = *e;
+    // SAFETY: a field of this CPU's slot.
+    unsafe { copy::words::<_, 10>(&raw mut c.entry, e) };
     c.filled_jiffies = f.jiffies;
     c.flow_gen = f.flow_gen;
     c.slot_gen = f.slot_gen;

@@ -14,6 +14,7 @@ use aya_ebpf::{
 use lb_common::{counters::Counter, flow::FAMILY_V4, ConnEntry};
 
 use crate::{
+    copy,
     parse::{ptr_at, EthHdr, Packet},
     verdict::Verdict,
 };
@@ -29,8 +30,9 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, entry: *mut ConnEntry) -> Result<
     // SAFETY: a pointer from a successful map lookup stays valid for this program run; other
     // CPUs write the same cached answer, or clear it.
     let e = unsafe { &mut *entry };
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Counter::DropMalformed))?;
     if e.fwd_ifindex != 0 && pkt.ip_len <= e.fwd_len {
-        return emit(ctx, e.fwd_ifindex, &e.fwd_smac, &e.fwd_dmac);
+        return Ok(emit(ctx, eth, e.fwd_ifindex, &e.fwd_smac, &e.fwd_dmac));
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut p: FibParams = unsafe { zeroed() };
@@ -68,27 +70,28 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, entry: *mut ConnEntry) -> Result<
     e.fwd_smac = p.smac;
     e.fwd_dmac = p.dmac;
     e.fwd_ifindex = p.ifindex;
-    emit(ctx, p.ifindex, &p.smac, &p.dmac)
+    Ok(emit(ctx, eth, p.ifindex, &p.smac, &p.dmac))
 }
 
-/// Sets the MACs and sends the frame out of `ifindex`.
+/// Sets the MACs of the frame's Ethernet header `eth` (bounds checked by the caller) and sends
+/// the frame out of `ifindex`.
 #[inline(always)]
 pub fn emit(
     ctx: &XdpContext,
+    eth: *mut EthHdr,
     ifindex: u32,
     smac: &[u8; 6],
     dmac: &[u8; 6],
-) -> Result<Verdict, Verdict> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Counter::DropMalformed))?;
-    // SAFETY: bounds checked by ptr_at.
+) -> Verdict {
+    // SAFETY: the caller checked the header's bounds.
     unsafe {
-        (*eth).dst = *dmac;
-        (*eth).src = *smac;
+        copy::elements(&raw mut (*eth).dst, dmac);
+        copy::elements(&raw mut (*eth).src, smac);
     }
     if ifindex == ctx.ingress_ifindex() as u32 {
-        Ok(Verdict::tx())
+        Verdict::tx()
     } else {
         // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED.
-        Ok(Verdict::redirect(unsafe { bpf_redirect(ifindex, 0) } as u32))
+        Verdict::redirect(unsafe { bpf_redirect(ifindex, 0) } as u32)
     }
 }

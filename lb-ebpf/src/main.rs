@@ -22,6 +22,7 @@
 
 mod acl;
 mod conntrack;
+mod copy;
 mod fastpath;
 mod flowcache;
 mod fwd;

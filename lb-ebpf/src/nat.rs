@@ -10,6 +10,7 @@ use lb_common::{
 };
 
 use crate::{
+    copy,
     parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Packet, Ports, ICMP_CSUM_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
     verdict::Verdict,
 };
@@ -32,24 +33,26 @@ pub fn rewrite(
         unsafe { (*ip).set_addrs(&e.nat_src_be, &e.nat_dst_be) }
     };
 
-    rewrite_l4(ctx, pkt.l4_off, pkt.flow.proto, is_v4, diff, e)
+    let udp = pkt.flow.proto != PROTO_TCP;
+    let csum_off = if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
+    let ports: *mut Ports = ptr_at(ctx, pkt.l4_off).ok_or(bad)?;
+    let check: *mut u16 = ptr_at(ctx, pkt.l4_off + csum_off).ok_or(bad)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { rewrite_l4(&mut *ports, &mut *check, udp, is_v4, diff, e) };
+    Ok(())
 }
 
-/// The L4 half of `rewrite`: the ports, and the checksum by `diff` (the addresses' change, for
-/// the pseudo-header) and the ports' change.
+/// The L4 half of `rewrite`: the ports, and the TCP or UDP checksum `check` by `diff` (the
+/// addresses' change, for the pseudo-header) and the ports' change.
 #[inline(always)]
 pub fn rewrite_l4(
-    ctx: &aya_ebpf::programs::XdpContext,
-    l4_off: usize,
-    proto: u8,
+    ports: &mut Ports,
+    check: &mut u16,
+    udp: bool,
     is_v4: bool,
     diff: u64,
     e: &ConnEntry,
-) -> Result<(), Verdict> {
-    let bad = Verdict::drop(Counter::DropMalformed);
-    let ports: *mut Ports = ptr_at(ctx, l4_off).ok_or(bad)?;
-    // SAFETY: bounds checked by ptr_at.
-    let ports = unsafe { &mut *ports };
+) {
     let diff = diff16(
         diff16(diff, ports.src_be, e.nat_sport_be),
         ports.dst_be,
@@ -57,24 +60,14 @@ pub fn rewrite_l4(
     );
     ports.src_be = e.nat_sport_be;
     ports.dst_be = e.nat_dport_be;
-
-    if proto == PROTO_TCP {
-        let check: *mut u16 = ptr_at(ctx, l4_off + TCP_CSUM_OFF).ok_or(bad)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *check = apply(*check, diff) };
-    } else {
-        let check: *mut u16 = ptr_at(ctx, l4_off + UDP_CSUM_OFF).ok_or(bad)?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            // IPv4 UDP checksum 0 means "none" and stays so; a computed 0 is sent as 0xffff
-            // (RFC 768). IPv6 UDP always carries one (RFC 8200).
-            if *check != 0 || !is_v4 {
-                let c = apply(*check, diff);
-                *check = if c == 0 { 0xffff } else { c };
-            }
-        }
+    if !udp {
+        *check = apply(*check, diff);
+    } else if *check != 0 || !is_v4 {
+        // IPv4 UDP checksum 0 means "none" and stays so; a computed 0 is sent as 0xffff
+        // (RFC 768). IPv6 UDP always carries one (RFC 8200).
+        let c = apply(*check, diff);
+        *check = if c == 0 { 0xffff } else { c };
     }
-    Ok(())
 }
 
 /// Translates an ICMP error about a tracked flow (`pkt.is_icmp_error()`, and `pkt.flow`
@@ -150,8 +143,11 @@ impl Ipv6Hdr {
     #[inline(always)]
     fn set_addrs(&mut self, src_be: &AddrBe, dst_be: &AddrBe) -> u64 {
         let d = diff_addr(diff_addr(0, &self.saddr_be, src_be), &self.daddr_be, dst_be);
-        self.saddr_be = *src_be;
-        self.daddr_be = *dst_be;
+        // SAFETY: fields of this header.
+        unsafe {
+            copy::elements(&raw mut self.saddr_be, src_be);
+            copy::elements(&raw mut self.daddr_be, dst_be);
+        }
         d
     }
 }

@@ -696,12 +696,12 @@ async fn every_error_code_is_provoked_and_logged() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let lines = lb.log_lines(13).await;
+    let lines = lb.log_lines(15).await;
     let statuses: Vec<u64> = lines
         .iter()
         .map(|l| l["status"].as_u64().unwrap())
         .collect();
-    for code in [504, 502, 503, 413, 414, 501, 408, 499] {
+    for code in [504, 502, 503, 413, 414, 501, 408, 499, 400, 431] {
         assert!(statuses.contains(&code), "{code} not logged: {statuses:?}");
     }
     let dead_line = lines.iter().find(|l| l["status"] == 503).unwrap();
@@ -732,7 +732,7 @@ async fn every_error_code_is_provoked_and_logged() {
         s.value.clone()
     };
     use prometheus_parse::Value;
-    for code in [504, 502, 503, 413, 414, 501, 408, 499] {
+    for code in [504, 502, 503, 413, 414, 501, 408, 499, 400, 431] {
         let logged = statuses.iter().filter(|&&s| s == code).count() as f64;
         let counted = value("lb_http_requests_total", Some(code.to_string()));
         assert_eq!(counted, Value::Counter(logged), "{code}");

@@ -9,7 +9,8 @@
 //! `bytes_out` (numbers, body bytes), `request_time` (seconds, 3 decimals, until the last
 //! response byte), `upstream_addr`, `upstream_status`, `upstream_connect_time`,
 //! `upstream_header_time`, `upstream_response_time` (one comma-separated value per backend
-//! tried, `-` where there is none, as nginx writes them).
+//! tried, `-` where there is none, as nginx writes them). A request head that could not be
+//! parsed (answered 400 or 431 by hyper) has `-` for its method, host, path and protocol.
 
 use std::{
     cell::{Cell, RefCell},
@@ -197,7 +198,8 @@ pub struct Record {
     sink: Arc<Sink>,
     pub client: SocketAddr,
     pub host: String,
-    pub method: hyper::Method,
+    /// `None`: the request could not be parsed (logged as `-`).
+    pub method: Option<hyper::Method>,
     pub path: String,
     pub protocol: &'static str,
     pub status: Option<u16>,
@@ -219,7 +221,7 @@ impl Record {
             sink: sink.clone(),
             client,
             host: String::new(),
-            method: hyper::Method::default(),
+            method: None,
             path: String::new(),
             protocol: "",
             status: None,
@@ -229,6 +231,17 @@ impl Record {
             start: Instant::now(),
             end: None,
         })
+    }
+
+    /// A request hyper could not parse and answered with `status` itself, before any service
+    /// saw it: logged (when dropped) with `-` for what is unknown, as nginx logs its 400s.
+    pub fn unparsed(sink: &Arc<Sink>, client: SocketAddr, status: u16) -> Box<Self> {
+        let mut r = Self::new(sink, client);
+        r.host = "-".into();
+        r.path = "-".into();
+        r.protocol = "-";
+        r.status = Some(status);
+        r
     }
 
     /// The response is complete at `now` (the caller's clock read, saving the drop one).
@@ -280,7 +293,11 @@ impl Record {
         addr(out, self.client);
         out.push(b'"');
         text(out, b",\"host\":", &self.host);
-        text(out, b",\"method\":", self.method.as_str());
+        text(
+            out,
+            b",\"method\":",
+            self.method.as_ref().map_or("-", hyper::Method::as_str),
+        );
         text(out, b",\"path\":", &self.path);
         text(out, b",\"protocol\":", self.protocol);
         num(out, b",\"status\":", self.final_status().into());

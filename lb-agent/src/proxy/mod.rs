@@ -331,6 +331,13 @@ impl Conn {
             drive(Box::pin(conn), peer, idle, drained).await
         };
         if let Err(e) = result {
+            // A request head hyper could not parse: hyper has answered it (431 when it outgrew
+            // `max_header_bytes`, else 400) and closed; it is logged and counted like any
+            // other answer.
+            if e.is_parse() {
+                let status = if e.is_parse_too_large() { 431 } else { 400 };
+                drop(Record::unparsed(&site.sink, peer, status));
+            }
             debug!(client = %peer, error = %e, "client connection ended with an error");
         }
     }
@@ -619,7 +626,7 @@ impl Site {
     fn handle(self: &Arc<Self>, req: Request<Incoming>, client: Client) -> Answer {
         let mut record = Record::new(&self.sink, client.addr);
         record.host = request_host(&req);
-        record.method = req.method().clone();
+        record.method = Some(req.method().clone());
         record.path = req
             .uri()
             .path_and_query()

@@ -36,7 +36,7 @@ async fn a_line_is_json_with_every_field_escaped() {
         .unwrap();
     let mut r = record(&log);
     r.host = "a\"b\\c".into();
-    r.method = hyper::Method::GET;
+    r.method = Some(hyper::Method::GET);
     r.path = "/x?q=\u{1}\n".into();
     r.protocol = "HTTP/1.1";
     r.status = Some(200);

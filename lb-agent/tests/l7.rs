@@ -1297,6 +1297,11 @@ async fn sni_picks_the_certificate_including_wildcards_and_h2_is_offered() {
     assert_eq!(r.seen("x-forwarded-port"), Some("8443"));
     let line = &lb.log_lines(1).await[0];
     assert_eq!(line["protocol"], "HTTP/2.0");
+    // The client connection's RTT, read from the kernel (µs; loopback's is small, not 0).
+    assert!(
+        line["tcpinfo_rtt"].as_u64().is_some_and(|rtt| rtt > 0),
+        "{line}"
+    );
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -9,8 +9,10 @@
 //! `bytes_out` (numbers, body bytes), `request_time` (seconds, 3 decimals, until the last
 //! response byte), `upstream_addr`, `upstream_status`, `upstream_connect_time`,
 //! `upstream_header_time`, `upstream_response_time` (one comma-separated value per backend
-//! tried, `-` where there is none, as nginx writes them). A request head that could not be
-//! parsed (answered 400 or 431 by hyper) has `-` for its method, host, path and protocol.
+//! tried, `-` where there is none, as nginx writes them), `tcpinfo_rtt` (number: the
+//! kernel's smoothed round-trip time of the client connection in µs when the request came, as
+//! nginx's `$tcpinfo_rtt`; `null` when unknown). A request head that could not be parsed
+//! (answered 400 or 431 by hyper) has `-` for its method, host, path and protocol.
 
 use std::{
     cell::{Cell, RefCell},
@@ -29,7 +31,7 @@ use tracing::warn;
 use super::{metrics::RequestStats, thread_slot, SLOTS};
 
 /// A line's fields, in the order written (see the module's documentation).
-pub const FIELDS: [&str; 16] = [
+pub const FIELDS: [&str; 17] = [
     "time",
     "listener",
     "client",
@@ -46,6 +48,7 @@ pub const FIELDS: [&str; 16] = [
     "upstream_connect_time",
     "upstream_header_time",
     "upstream_response_time",
+    "tcpinfo_rtt",
 ];
 
 /// Bytes waiting for the writer; beyond this, lines are dropped (and counted) rather than
@@ -206,6 +209,8 @@ pub struct Record {
     /// Request body bytes read so far; `None`: the request has no body.
     pub bytes_in: Option<Arc<AtomicU64>>,
     pub bytes_out: u64,
+    /// The client connection's round-trip time (µs), read when the request came.
+    pub tcpinfo_rtt: Option<u32>,
     /// Inline: almost every request tries one backend.
     pub attempts: smallvec::SmallVec<[Attempt; 1]>,
     start: Instant,
@@ -227,6 +232,7 @@ impl Record {
             status: None,
             bytes_in: None,
             bytes_out: 0,
+            tcpinfo_rtt: None,
             attempts: smallvec::SmallVec::new(),
             start: Instant::now(),
             end: None,
@@ -331,6 +337,10 @@ impl Record {
         list(out, b",\"upstream_response_time\":\"", &|a, o| {
             a.response.inspect(|d| secs(o, *d));
         });
+        match self.tcpinfo_rtt {
+            Some(rtt) => num(out, b",\"tcpinfo_rtt\":", rtt.into()),
+            None => out.extend_from_slice(b",\"tcpinfo_rtt\":null"),
+        }
         out.extend_from_slice(b"}\n");
     }
 }

@@ -21,6 +21,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
+    os::fd::{AsRawFd, RawFd},
     path::PathBuf,
     pin::Pin,
     sync::{
@@ -266,6 +267,7 @@ struct Conn {
 
 impl Conn {
     async fn serve(self, stream: tokio::net::TcpStream, mut draining: watch::Receiver<bool>) {
+        let fd = stream.as_raw_fd();
         let stream = ClientTcp::new(stream);
         let activity = idle::Activity::new();
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
@@ -286,6 +288,7 @@ impl Conn {
                     addr: peer,
                     ip: client_ip.clone(),
                     tls,
+                    fd,
                 };
                 let answer = site.handle(req, client);
                 async move {
@@ -475,6 +478,28 @@ struct Client {
     /// The address as a header value.
     ip: HeaderValue,
     tls: bool,
+    /// The connection's socket, open while its requests are served.
+    fd: RawFd,
+}
+
+/// The kernel's smoothed round-trip time of TCP socket `fd`, in µs (`TCP_INFO`'s `tcpi_rtt`,
+/// nginx's `$tcpinfo_rtt`).
+fn tcp_rtt_us(fd: RawFd) -> Option<u32> {
+    // SAFETY: all-zero is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` describe a writable buffer of that size; a closed `fd` only
+    // makes the call fail.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info.tcpi_rtt)
 }
 
 /// A client connection's transport: TCP, or TLS over it.
@@ -625,6 +650,7 @@ impl Site {
     /// (else it takes 8 KiB anew for every request).
     fn handle(self: &Arc<Self>, req: Request<Incoming>, client: Client) -> Answer {
         let mut record = Record::new(&self.sink, client.addr);
+        record.tcpinfo_rtt = tcp_rtt_us(client.fd);
         record.host = request_host(&req);
         record.method = Some(req.method().clone());
         record.path = req

@@ -61,7 +61,7 @@ http {{
     '\"status\":$status,\"bytes_in\":$request_length,\"bytes_out\":$body_bytes_sent,\"request_time\":\"$request_time\",'
     '\"upstream_addr\":\"$upstream_addr\",\"upstream_status\":\"$upstream_status\",'
     '\"upstream_connect_time\":\"$upstream_connect_time\",\"upstream_header_time\":\"$upstream_header_time\",'
-    '\"upstream_response_time\":\"$upstream_response_time\"}}';
+    '\"upstream_response_time\":\"$upstream_response_time\",\"tcpinfo_rtt\":$tcpinfo_rtt}}';
   access_log {d}/nginx-access.log lb buffer=64k flush=1s;
   upstream web {{ {upstream} keepalive 256; }}
   server {{

@@ -41,6 +41,7 @@ async fn a_line_is_json_with_every_field_escaped() {
     r.protocol = "HTTP/1.1";
     r.status = Some(200);
     r.bytes_out = 12;
+    r.tcpinfo_rtt = Some(1234);
     r.attempts.push(Attempt {
         addr: Some("10.0.0.1:80".parse().unwrap()),
         status: Some(502),
@@ -66,6 +67,7 @@ async fn a_line_is_json_with_every_field_escaped() {
     assert_eq!(l["upstream_connect_time"], "0.002, -");
     assert_eq!(l["upstream_header_time"], "0.002, 61.000");
     assert_eq!(l["upstream_response_time"], "-, 61.250");
+    assert_eq!(l["tcpinfo_rtt"], 1234);
     let time = l["time"].as_str().unwrap();
     assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
 }
@@ -77,6 +79,7 @@ async fn a_client_gone_before_the_answer_is_499_with_no_upstream() {
         .unwrap();
     let l = parsed(&record(&log));
     assert_eq!(l["status"], 499);
+    assert!(l["tcpinfo_rtt"].is_null(), "not read: {l:?}");
     for k in [
         "upstream_addr",
         "upstream_status",

@@ -813,13 +813,18 @@ pub fn parse(file: &str, text: &str, host: &Host) -> Result<Config, ConfigError>
     .map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let at = match (path.as_str(), inner.location()) {
-            // Syntax errors and the like: serde_yaml knows best where it stopped.
-            (".", Some(l)) => Position {
-                line: l.line(),
-                column: l.column(),
-            },
-            _ => positions.of(&path),
+        let serde_at = inner.location().map(|l| Position {
+            line: l.line(),
+            column: l.column(),
+        });
+        // Syntax errors and the like: serde_yaml knows best where it stopped, and the index
+        // is empty for a document that does not parse, wherever the error is.
+        let at = match (path.as_str(), serde_at) {
+            (".", Some(at)) => at,
+            _ => positions
+                .find(&path)
+                .or(serde_at)
+                .unwrap_or(Position::START),
         };
         invalid(at, yaml_message(&path, &inner))
     })?;

@@ -15,6 +15,11 @@ pub struct Position {
     pub column: usize,
 }
 
+impl Position {
+    /// The document's start, when nothing better is known.
+    pub const START: Self = Self { line: 1, column: 1 };
+}
+
 #[derive(Debug, Default)]
 pub struct Positions(HashMap<String, Position>);
 
@@ -32,15 +37,18 @@ impl Positions {
 
     /// The position of `path`, or of its nearest indexed ancestor, or 1:1.
     pub fn of(&self, path: &str) -> Position {
+        self.find(path).unwrap_or(Position::START)
+    }
+
+    /// The position of `path` or of its nearest indexed ancestor; `None` when neither is
+    /// indexed (an empty index: the document did not parse).
+    pub fn find(&self, path: &str) -> Option<Position> {
         let mut p = path;
         loop {
             if let Some(pos) = self.0.get(p) {
-                return *pos;
+                return Some(*pos);
             }
-            match p.rfind(['.', '[']) {
-                Some(i) => p = &p[..i],
-                None => return Position { line: 1, column: 1 },
-            }
+            p = &p[..p.rfind(['.', '['])?];
         }
     }
 }

@@ -283,6 +283,31 @@ fn syntax_errors_and_empty_files_are_reported_with_a_position() {
     assert!(e.starts_with("lb.yaml:1:1: "), "{e}");
 }
 
+#[test]
+fn syntax_errors_inside_a_listener_point_where_the_parser_stopped() {
+    let listener = "agent:\n  interfaces: [lo]\nlisteners:\n  - name: h\n";
+    let cases = [
+        // An unclosed flow mapping: found where the next block starts.
+        (
+            "    routes:\n      - { host: a.example.com, pool: web\npools: []\n",
+            "lb.yaml:7:6: ",
+        ),
+        // A key indented one space too far is folded into the value before it.
+        (
+            "    protocol: http\n     vip: 127.0.0.1\n    port: 80\n",
+            "lb.yaml:5:15: ",
+        ),
+        // An unclosed quote.
+        ("    pool: \"web\n", "lb.yaml:6:1: "),
+    ];
+    for (rest, at) in cases {
+        let e = err(&format!("{listener}{rest}"));
+        assert!(e.starts_with(at), "{rest:?}: {e}");
+    }
+    let e = err("agent:\n  interfaces: [lo]\nlisteners:\n\t- name: h\n");
+    assert!(e.starts_with("lb.yaml:4:1: "), "{e}");
+}
+
 const L7: &str = "\
 agent:
   interfaces: [lb-ext]

@@ -419,11 +419,139 @@ async fn routes_by_host_and_path_first_match_wins_else_the_default_pool() {
         ("a.b.wild.example.com", "/", "wild"),
         ("wild.example.com", "/", "web"),
         ("www.example.com", "/v1", "web"),
+        // A fully qualified name, and paths as nginx normalizes them before matching.
+        ("api.example.com.", "/v1/users", "v1"),
+        ("api.example.com", "/./v1/users", "v1"),
+        ("api.example.com", "/x/../v1/users", "v1"),
+        ("api.example.com", "//v1//users", "v1"),
+        ("api.example.com", "/%76%31/users", "v1"),
+        ("api.example.com", "/%2Fv1/users", "api"),
     ] {
         let r = send(a, get(host, path)).await;
         assert_eq!(r.status, 200, "{host}{path}");
         assert_eq!(r.backend(), want, "{host}{path}");
     }
+    // The backend gets the path as the client sent it.
+    let r = send(a, get("api.example.com", "/%76%31/users")).await;
+    assert_eq!(r.seen("path"), Some("/%76%31/users"));
+    // An absolute-form target names the host, whatever the Host header says (RFC 9112
+    // §3.2.2); the backend is told that host.
+    let r = send(a, get("www.example.com", "http://api.example.com/v1/abs")).await;
+    assert_eq!(r.backend(), "v1");
+    assert_eq!(r.seen("host"), Some("api.example.com"));
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_host_get_400_but_http_1_0_needs_none() {
+    let web = backend("web").await;
+    let lb = site(&pool("web", &[web])).await;
+    let a = lb.addr("site");
+    for head in [
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a b/c@d\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: evil\"><x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a..example\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+    ] {
+        let answer = raw(a, head.as_bytes()).await;
+        assert!(status_line(&answer).contains(" 400 "), "{head:?}: {answer}");
+        assert!(
+            answer.contains("400 Bad Request"),
+            "the page says so: {answer}"
+        );
+    }
+    let answer = raw(a, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(status_line(&answer).contains(" 200 "), "{answer}");
+    assert!(answer.contains("path: /old"), "{answer}");
+    let lines = lb.log_lines(7).await;
+    assert_eq!(
+        lines.iter().filter(|l| l["status"] == 400).count(),
+        6,
+        "{lines:?}"
+    );
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_http_1_0_backend_is_answered_as_http_1_1_and_the_client_stays_connected() {
+    let old = raw_backend(|mut s| async move {
+        while read_request_head(&mut s).await.is_some() {
+            if s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nold")
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let lb = site(&pool("web", &[old])).await;
+    let s = TcpStream::connect(lb.addr("site")).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    for _ in 0..3 {
+        let res = tx.send_request(get("x", "/")).await.unwrap();
+        assert_eq!(res.version(), hyper::Version::HTTP_11);
+        assert_eq!(read_answer(res).await.body, "old");
+    }
+    assert!(!conn.is_finished(), "one client connection for all three");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn http2_cookies_reach_an_http_1_1_backend_as_one_header() {
+    let web = backend("web").await;
+    let lb = site(&pool("web", &[web])).await;
+    let s = TcpStream::connect(lb.addr("site")).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://h2.example/c")
+        .header("cookie", "a=1")
+        .header("cookie", "SERVERID=b2")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let r = read_answer(tx.send_request(req).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen("cookie"), Some("a=1; SERVERID=b2"));
+    assert_eq!(r.body.matches("cookie: ").count(), 1, "{}", r.body);
+    assert_eq!(r.seen("host"), Some("h2.example"));
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_mid_body_is_cut_off_after_the_response_timeout() {
+    let stalls = raw_backend(|mut s| async move {
+        if read_request_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+                .await;
+            tokio::time::sleep(LIMIT).await;
+        }
+    })
+    .await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log},
+      timeouts: { response: 1s } }
+",
+        &pool("web", &[stalls]),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let answer = raw(lb.addr("site"), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let took = started.elapsed();
+    assert!(status_line(&answer).contains(" 200 "), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nab"), "{answer:?}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
     lb.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -704,6 +832,16 @@ async fn every_error_code_is_provoked_and_logged() {
     for code in [504, 502, 503, 413, 414, 501, 408, 499, 400, 431] {
         assert!(statuses.contains(&code), "{code} not logged: {statuses:?}");
     }
+    // What reached a backend names it, however it ended; a timeout took its time.
+    let slow = slow.to_string();
+    for code in [504, 499] {
+        let line = lines.iter().find(|l| l["status"] == code).unwrap();
+        assert_eq!(line["upstream_addr"], slow.as_str(), "{line}");
+        assert_ne!(line["upstream_connect_time"], "-", "{line}");
+    }
+    let timed_out = lines.iter().find(|l| l["status"] == 504).unwrap();
+    assert_eq!(timed_out["upstream_status"], "504", "{timed_out}");
+    assert_ne!(timed_out["upstream_response_time"], "-", "{timed_out}");
     let dead_line = lines.iter().find(|l| l["status"] == 503).unwrap();
     assert_eq!(
         dead_line["upstream_addr"],
@@ -1150,6 +1288,12 @@ async fn http_redirects_to_the_https_listener() {
     // An IPv6 literal keeps its brackets; only the port is replaced.
     let r = send(lb.addr("plain"), get("[2001:db8::5]:8080", "/v6")).await;
     assert_eq!(r.headers["location"], "https://[2001:db8::5]:8443/v6");
+    // HTTP/1.0 without a Host: the listener's address stands in.
+    let answer = raw(lb.addr("plain"), b"GET /p HTTP/1.0\r\n\r\n").await;
+    assert!(
+        answer.contains("location: https://127.0.0.1:8443/p\r\n"),
+        "{answer}"
+    );
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

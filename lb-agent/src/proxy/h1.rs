@@ -477,12 +477,23 @@ pub struct Incoming {
     state: State,
     /// The connection may take another request once the body is complete.
     keep_alive: bool,
+    /// How long the backend may send nothing while the body is read (nginx's
+    /// `proxy_read_timeout`, between two reads).
+    timeout: Duration,
+    /// A read is waiting on the backend, timed from when it began.
+    waiting: bool,
 }
 
 impl Incoming {
     /// The body of `res` (a head `conn` just read, for a request with `method`), and the head
-    /// with Content-Length dropped where Transfer-Encoding overrides it.
-    pub fn new(conn: Conn, method: &Method, res: &mut Response<()>) -> Result<Self, ExchangeError> {
+    /// with Content-Length dropped where Transfer-Encoding overrides it. A read that waits
+    /// `timeout` for the backend fails the body.
+    pub fn new(
+        conn: Conn,
+        method: &Method,
+        res: &mut Response<()>,
+        timeout: Duration,
+    ) -> Result<Self, ExchangeError> {
         let status = res.status();
         // HTTP/1.0 keeps a connection only when it says so.
         let keep_alive = !conn.body_cut
@@ -524,6 +535,8 @@ impl Incoming {
             conn: Some(conn),
             keep_alive: keep_alive && state != State::UntilClose,
             state,
+            timeout,
+            waiting: false,
         })
     }
 
@@ -628,7 +641,28 @@ impl Body for Incoming {
                 State::UntilClose => true,
             };
             if need_more {
-                match ready!(conn.poll_fill(cx)) {
+                let filled = conn.poll_fill(cx);
+                if filled.is_pending() {
+                    // The connection's timer, armed when the wait begins (a body that is
+                    // already in, as most small ones are, never reads the clock).
+                    if !this.waiting {
+                        let deadline = tokio::time::Instant::now() + this.timeout;
+                        conn.timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+                            .as_mut()
+                            .reset(deadline);
+                        this.waiting = true;
+                    }
+                    if let Some(timer) = conn.timer.as_mut() {
+                        ready!(timer.as_mut().poll(cx));
+                    }
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "backend sent nothing of the body within the response timeout",
+                    ));
+                }
+                this.waiting = false;
+                match ready!(filled) {
                     Ok(0) if this.state == State::UntilClose => {
                         this.state = State::Done;
                         return Poll::Ready(None);
@@ -736,6 +770,7 @@ mod tests {
             port: 80,
             upgrade: false,
             host: None,
+            join_cookies: false,
         };
         let res = conn
             .exchange(
@@ -748,7 +783,7 @@ mod tests {
             )
             .await
             .and_then(|mut res| {
-                let body = Incoming::new(conn, &method, &mut res)?;
+                let body = Incoming::new(conn, &method, &mut res, BODY_TIMEOUT)?;
                 Ok(res.map(|()| body))
             });
         let seen = if close || res.is_err() {
@@ -767,6 +802,22 @@ mod tests {
         close: bool,
     ) -> (Result<Response<Incoming>, ExchangeError>, String) {
         exchange_with(Method::GET, HeaderMap::new(), answer, close).await
+    }
+
+    /// The response timeout the test exchanges give their bodies.
+    const BODY_TIMEOUT: Duration = Duration::from_millis(400);
+
+    #[tokio::test]
+    async fn a_body_the_backend_stops_sending_fails_after_the_response_timeout() {
+        let (res, _) = get_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab", false).await;
+        let mut res = res.unwrap();
+        let first = res.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "ab");
+        let waited = Instant::now();
+        let e = res.body_mut().frame().await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(waited.elapsed() >= BODY_TIMEOUT, "{:?}", waited.elapsed());
+        assert!(res.body_mut().take_reusable().is_none());
     }
 
     async fn body_of(res: &mut Response<Incoming>) -> Result<Vec<u8>, io::Error> {

@@ -98,8 +98,10 @@ pub struct Forwarded<'a> {
     pub port: u16,
     /// The request upgrades (WebSocket): `Upgrade` and `Connection: upgrade` go along.
     pub upgrade: bool,
-    /// The Host to send when the request has none (HTTP/2 carries it in `:authority`).
+    /// The Host to send instead of the request's (the target's authority).
     pub host: Option<HeaderValue>,
+    /// Send the Cookie headers as one, `; `-separated (HTTP/2 splits them; RFC 9113 §8.2.3).
+    pub join_cookies: bool,
 }
 
 impl Forwarded<'_> {
@@ -121,7 +123,9 @@ impl Forwarded<'_> {
             let replaced = *name == X_FORWARDED_FOR
                 || *name == X_FORWARDED_PROTO
                 || *name == X_FORWARDED_PORT
-                || *name == X_REAL_IP;
+                || *name == X_REAL_IP
+                || (self.host.is_some() && name == header::HOST)
+                || (self.join_cookies && name == header::COOKIE);
             if !replaced && !hop_only(name, &listed, self.upgrade) {
                 line(out, name.as_str().as_bytes(), value.as_bytes());
             }
@@ -131,6 +135,16 @@ impl Forwarded<'_> {
         }
         if let Some(host) = &self.host {
             line(out, b"host", host.as_bytes());
+        }
+        if self.join_cookies && headers.contains_key(header::COOKIE) {
+            out.extend_from_slice(b"cookie: ");
+            for (i, v) in headers.get_all(header::COOKIE).iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b"; ");
+                }
+                out.extend_from_slice(v.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"x-forwarded-for: ");
         for prior in headers.get_all(&X_FORWARDED_FOR) {
@@ -181,6 +195,31 @@ pub fn unsupported_transfer_encoding(headers: &HeaderMap) -> Option<String> {
         .flat_map(|v| v.split(','))
         .map(|c| c.trim().to_ascii_lowercase())
         .find(|c| c != "chunked" && c != "identity")
+}
+
+/// Whether `host` is a valid Host value (RFC 9110 §7.2): a registered name (no empty label)
+/// or an IP literal, with an optional numeric port; no user info, path or spaces.
+pub fn valid_host(host: &str) -> bool {
+    let name = without_port(host);
+    let port_ok = host[name.len()..]
+        .strip_prefix(':')
+        .map_or(name.len() == host.len(), |p| {
+            p.bytes().all(|b| b.is_ascii_digit())
+        });
+    let name_ok = match name.strip_prefix('[') {
+        Some(literal) => literal
+            .strip_suffix(']')
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => {
+            !name.is_empty()
+                && !name.starts_with('.')
+                && !name.contains("..")
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
+        }
+    };
+    port_ok && name_ok
 }
 
 /// A Host value without its port: `example.com:8080` → `example.com`, `[2001:db8::1]:443` →
@@ -250,6 +289,72 @@ mod tests {
             port: 443,
             upgrade,
             host: host.map(HeaderValue::from_static),
+            join_cookies: false,
+        }
+    }
+
+    #[test]
+    fn the_targets_authority_replaces_the_host_header_and_http2_cookies_go_as_one() {
+        let h = map(&[
+            ("host", "other.example"),
+            ("cookie", "a=1"),
+            ("accept", "*/*"),
+            ("cookie", "SERVERID=b2"),
+        ]);
+        let fwd = Forwarded {
+            join_cookies: true,
+            ..forwarded(false, Some("api.example.com"))
+        };
+        assert_eq!(
+            &lines(&h, &fwd)[..3],
+            [
+                "accept: */*",
+                "host: api.example.com",
+                "cookie: a=1; SERVERID=b2"
+            ]
+        );
+        // HTTP/1 cookies pass as they came.
+        let sent = lines(&h, &forwarded(false, None));
+        assert_eq!(
+            &sent[..4],
+            [
+                "host: other.example",
+                "cookie: a=1",
+                "cookie: SERVERID=b2",
+                "accept: */*"
+            ]
+        );
+    }
+
+    #[test]
+    fn hosts_are_names_or_ip_literals_with_an_optional_port() {
+        for ok in [
+            "example.com",
+            "Example.COM:8080",
+            "a-b.example.com.",
+            "10.0.0.1:80",
+            "[2001:db8::1]",
+            "[2001:db8::1]:443",
+            "localhost:",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a b",
+            "a/b",
+            "user@example.com",
+            "evil\"><x",
+            "a..b",
+            ".example.com",
+            "example.com:8o",
+            "example.com:80:80",
+            "[2001:db8::1",
+            "[zz::1]",
+            "[2001:db8::1]x",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
         }
     }
 

@@ -255,6 +255,15 @@ impl Record {
         self.end = Some(now);
     }
 
+    /// The backend try in progress (the last one started).
+    pub fn attempt(&mut self) -> &mut Attempt {
+        if self.attempts.is_empty() {
+            self.attempts.push(Attempt::default());
+        }
+        let last = self.attempts.len() - 1;
+        &mut self.attempts[last]
+    }
+
     /// The status logged and counted: 499 when the client left before the answer.
     fn final_status(&self) -> u16 {
         self.status.unwrap_or(499)

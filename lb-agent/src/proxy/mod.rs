@@ -13,6 +13,7 @@ pub mod headers;
 mod idle;
 pub mod log;
 pub mod metrics;
+mod path;
 pub mod tls;
 pub mod upstream;
 
@@ -542,8 +543,8 @@ struct Site {
     default: Option<usize>,
     /// Every pool the rules and the default use, once.
     pools: Vec<Pool>,
-    /// The code and the https port to redirect every request to.
-    redirect: Option<(StatusCode, u16)>,
+    /// Where to redirect every request to.
+    redirect: Option<Redirect>,
     persistence: Option<Persistence>,
     timeouts: Timeouts,
     max_body_bytes: u64,
@@ -592,11 +593,13 @@ impl Site {
             })
             .collect();
         let default = l.pool.as_deref().map(&mut pool);
-        let redirect = l.redirect.as_ref().map(|r| {
-            (
-                StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
-                cfg.https_port(l.vip).map_or(443, |p| p.0),
-            )
+        let redirect = l.redirect.as_ref().map(|r| Redirect {
+            code: StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+            port: cfg.https_port(l.vip).map_or(443, |p| p.0),
+            vip: match l.vip {
+                std::net::IpAddr::V4(a) => a.to_string(),
+                std::net::IpAddr::V6(a) => format!("[{a}]"),
+            },
         });
         let log = AccessLog::open(l.access_log.as_deref())
             .await
@@ -631,6 +634,9 @@ impl Site {
     /// The pool (its index in `pools`) a request goes to: the first rule that matches, else
     /// the default.
     fn route(&self, host: &str, path: &str) -> Option<usize> {
+        // A fully qualified name (`example.com.`) is the same host.
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let path = path::normalized(path);
         self.rules
             .iter()
             .find(|r| {
@@ -651,7 +657,8 @@ impl Site {
     fn handle(self: &Arc<Self>, req: Request<Incoming>, client: Client) -> Answer {
         let mut record = Record::new(&self.sink, client.addr);
         record.tcpinfo_rtt = tcp_rtt_us(client.fd);
-        record.host = request_host(&req);
+        let host = request_host(&req);
+        record.host = host.clone().unwrap_or_default();
         record.method = Some(req.method().clone());
         record.path = req
             .uri()
@@ -663,16 +670,24 @@ impl Site {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
-        match self.redirect {
-            Some((code, port)) => {
-                let port = if port == 443 {
+        if host.is_err() {
+            debug!(listener = %self.sink.listener(), client = %client.addr, "missing, repeated or invalid Host");
+            return Answer::Now(Box::new(local_error(StatusCode::BAD_REQUEST, record)));
+        }
+        match &self.redirect {
+            Some(r) => {
+                let port = if r.port == 443 {
                     String::new()
                 } else {
-                    format!(":{port}")
+                    format!(":{}", r.port)
                 };
-                let host = headers::without_port(&record.host);
+                // HTTP/1.0 may come without a Host: the address it reached stands in.
+                let host = match headers::without_port(&record.host) {
+                    "" => r.vip.as_str(),
+                    h => h,
+                };
                 let location = format!("https://{host}{port}{}", record.path);
-                Answer::Now(Box::new(local(errors::redirect(code, &location), record)))
+                Answer::Now(Box::new(local(errors::redirect(r.code, &location), record)))
             }
             None => match self.prepare(req, record, client) {
                 Ok(fwd) => Answer::Later(Box::pin(self.clone().relay(fwd))),
@@ -714,12 +729,13 @@ impl Site {
             scheme: if client.tls { "https" } else { "http" },
             port: self.port,
             upgrade,
-            // HTTP/2 carries the host in the :authority pseudo-header.
-            host: if parts.headers.contains_key(header::HOST) {
-                None
-            } else {
-                HeaderValue::from_str(&record.host).ok()
-            },
+            // The target's authority (HTTP/2's :authority, an absolute-form target) is the
+            // host, whatever a Host header says (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
+            host: parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            join_cookies: parts.version == Version::HTTP_2,
         };
         let has_body = !body.is_end_stream();
         let head = h1::Head::new(
@@ -788,10 +804,12 @@ impl Site {
             tried.push(idx);
             let backend = &pool.backends[idx];
             let active = backend.start();
-            let mut attempt = Attempt {
+            // In the record from the start: a client that leaves mid-exchange (499) is
+            // logged with the backend it was sent to.
+            record.attempts.push(Attempt {
                 addr: Some(backend.addr),
                 ..Attempt::default()
-            };
+            });
             let (mut conn, connect_time) = match backend
                 .connection(self.timeouts.connect, self.backend_tls.as_ref())
                 .await
@@ -803,12 +821,11 @@ impl Site {
                         ConnectError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                         _ => failure,
                     };
-                    record.attempts.push(attempt);
                     continue;
                 }
             };
-            attempt.connect = Some(connect_time.unwrap_or_default());
             let sent = Instant::now();
+            record.attempt().connect = Some(connect_time.unwrap_or_default());
             let exchange = conn
                 .exchange(
                     &head,
@@ -821,16 +838,16 @@ impl Site {
                 .await;
             // With the error, whether the connection had been kept alive and nothing came back.
             let outcome = match exchange {
-                Ok(mut res) => h1::Incoming::new(conn, &method, &mut res)
+                Ok(mut res) => h1::Incoming::new(conn, &method, &mut res, self.timeouts.response)
                     .map(|body| res.map(|()| body))
                     .map_err(|e| (e, false)),
                 Err(e) => Err((e, connect_time.is_none() && conn.nothing_received())),
             };
             let error = match outcome {
                 Ok(res) => {
-                    attempt.header = Some(sent.elapsed());
-                    attempt.status = Some(res.status().as_u16());
-                    record.attempts.push(attempt);
+                    let a = record.attempt();
+                    a.header = Some(sent.elapsed());
+                    a.status = Some(res.status().as_u16());
                     return self.respond(
                         res,
                         record,
@@ -854,7 +871,7 @@ impl Site {
                     )
                 }
                 Err((ExchangeError::Timeout(_), _)) => {
-                    attempt.status = Some(504);
+                    record.attempt().status = Some(504);
                     failure = StatusCode::GATEWAY_TIMEOUT;
                     warn!(listener = %self.sink.listener(), backend = %backend.addr, timeout = ?self.timeouts.response, "backend stalled: took none of the request body, or sent no response head, in time");
                     StatusCode::GATEWAY_TIMEOUT
@@ -863,19 +880,20 @@ impl Site {
                     // A kept-alive connection the backend closed as the request went out:
                     // nothing came back and nothing is lost, so the request goes again.
                     tried.pop();
-                    record.attempts.push(attempt);
                     debug!(listener = %self.sink.listener(), backend = %backend.addr, "stale backend connection; retrying");
                     continue;
                 }
                 Err((e, _)) => {
-                    attempt.status = Some(502);
+                    record.attempt().status = Some(502);
                     failure = StatusCode::BAD_GATEWAY;
                     warn!(listener = %self.sink.listener(), backend = %backend.addr, error = %e, "backend failed");
                     StatusCode::BAD_GATEWAY
                 }
             };
-            attempt.header = Some(sent.elapsed());
-            record.attempts.push(attempt);
+            // Until it failed: nginx's upstream_header_time and upstream_response_time.
+            let a = record.attempt();
+            let took = Some(sent.elapsed());
+            (a.header, a.response) = (took, took);
             // A request that reached a backend is repeated only when that is harmless and
             // the route is not pinned to this backend.
             if !(idempotent && !has_body && self.persistence.is_none()) {
@@ -922,6 +940,9 @@ impl Site {
     ) -> Response<ResponseBody> {
         let status = res.status();
         record.status = Some(status.as_u16());
+        // The client hears this proxy's version, not the backend's (RFC 9110 §2.5): an
+        // HTTP/1.0 backend must not end the client's keep-alive.
+        *res.version_mut() = Version::HTTP_11;
         let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some();
         if let (true, Some(client)) = (upgraded, client_upgrade) {
             if let Some(backend) = res.body_mut().take_upgraded() {
@@ -967,6 +988,15 @@ impl Site {
     }
 }
 
+/// An http listener's redirect to the https one.
+struct Redirect {
+    code: StatusCode,
+    /// The https listener's port.
+    port: u16,
+    /// The listener's address as a URL host, for requests that name none.
+    vip: String,
+}
+
 /// The backend (`pool.backends[idx]`) a request's answer came from.
 struct Upstream<'a> {
     pool: &'a Pool,
@@ -975,13 +1005,27 @@ struct Upstream<'a> {
     sent: Instant,
 }
 
-fn request_host(req: &Request<Incoming>) -> String {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
-        .unwrap_or_default()
+/// Where a request is for: the target's authority (an absolute-form target, HTTP/2's
+/// :authority), else its Host header; empty for an HTTP/1.0 request with neither. `Err` for
+/// what nginx answers 400 as well (RFC 9112 §3.2): an HTTP/1.1 (or later) request without a
+/// host, more than one Host header, or an invalid one.
+fn request_host(req: &Request<Incoming>) -> Result<String, ()> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (header, more) = (hosts.next(), hosts.next().is_some());
+    if more {
+        return Err(());
+    }
+    let host = match (req.uri().authority(), header) {
+        (Some(a), _) => a.as_str(),
+        (None, Some(h)) => h.to_str().map_err(|_| ())?,
+        (None, None) if req.version() == Version::HTTP_10 => return Ok(String::new()),
+        (None, None) => return Err(()),
+    };
+    if headers::valid_host(host) {
+        Ok(host.to_owned())
+    } else {
+        Err(())
+    }
 }
 
 /// Copies between the client and the backend of an upgraded connection until either side

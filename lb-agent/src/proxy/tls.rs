@@ -6,7 +6,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use rustls::{
@@ -118,8 +118,35 @@ pub struct SniResolver {
 #[derive(Debug)]
 struct Loaded {
     keys: Vec<Arc<CertifiedKey>>,
-    /// Modification times the keys were loaded at, to notice replaced files.
-    stamps: Vec<Option<SystemTime>>,
+    /// What the files were when the keys were loaded, to notice replaced ones.
+    stamps: Vec<Option<Stamp>>,
+}
+
+/// A file's identity and change times: a file renamed over it (a new inode), a symlink
+/// switched to another, or one rewritten in place (its ctime moves even when a tool such as
+/// `cp -p`, tar or rsync sets its mtime back) all differ.
+#[derive(Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// The file's stamp, following symlinks.
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 impl SniResolver {
@@ -131,11 +158,10 @@ impl SniResolver {
         })
     }
 
-    fn stamps(pairs: &[CertificatePair]) -> Vec<Option<SystemTime>> {
-        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    fn stamps(pairs: &[CertificatePair]) -> Vec<Option<Stamp>> {
         pairs
             .iter()
-            .flat_map(|p| [mtime(&p.cert), mtime(&p.key)])
+            .flat_map(|p| [Stamp::of(&p.cert), Stamp::of(&p.key)])
             .collect()
     }
 
@@ -291,5 +317,53 @@ impl ServerCertVerifier for AnyServerCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a self-signed certificate for `name` and its key at `cert` and `key`.
+    fn write_pair(name: &str, cert: &Path, key: &Path) {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let c = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&k)
+            .unwrap();
+        std::fs::write(cert, c.pem()).unwrap();
+        std::fs::write(key, k.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn files_replaced_with_their_old_modification_time_are_reloaded() {
+        let dir = std::env::temp_dir().join(format!("lb-tls-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = CertificatePair {
+            cert: dir.join("site.pem"),
+            key: dir.join("site.key"),
+        };
+        write_pair("one.example", &pair.cert, &pair.key);
+        let resolver = SniResolver::new(std::slice::from_ref(&pair)).unwrap();
+        let served = || resolver.loaded.read().unwrap().keys[0].cert[0].clone();
+        let first = served();
+        // As `cp -p`, tar or rsync leave them: new files renamed over the old ones, with
+        // the old modification time.
+        let old = std::fs::metadata(&pair.cert).unwrap().modified().unwrap();
+        let (cert, key) = (dir.join("new.pem"), dir.join("new.key"));
+        write_pair("two.example", &cert, &key);
+        for (from, to) in [(&cert, &pair.cert), (&key, &pair.key)] {
+            std::fs::File::options()
+                .write(true)
+                .open(from)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+            std::fs::rename(from, to).unwrap();
+        }
+        resolver.reload_if_changed();
+        let second = served();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_ne!(first, second);
     }
 }

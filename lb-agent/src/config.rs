@@ -1283,11 +1283,12 @@ impl Config {
     ) -> Result<(), Invalid> {
         let at = |field: &str| format!("listeners[{i}].{field}");
         match (&l.redirect, &l.pool) {
-            (None, None) => {
+            // Routes alone are enough: what none matches gets 404.
+            (None, None) if l.routes.is_empty() => {
                 return Err((
                     format!("listeners[{i}]"),
                     format!(
-                        "{} listener `{}` needs a `pool` (or a `redirect`)",
+                        "{} listener `{}` needs a `pool`, `routes` or a `redirect`",
                         l.protocol, l.name
                     ),
                 ))
@@ -1321,7 +1322,7 @@ impl Config {
                     ));
                 }
             }
-            (None, Some(_)) => {}
+            (None, _) => {}
         }
         match (l.protocol, &l.tls) {
             (Protocol::Https, None) => {
@@ -1441,6 +1442,9 @@ impl Config {
         }
         if l.max_requests_per_connection == Some(0) {
             return Err((at("max_requests_per_connection"), "must be above 0".into()));
+        }
+        if l.max_uri_bytes == Some(0) {
+            return Err((at("max_uri_bytes"), "must be above 0".into()));
         }
         Ok(())
     }

@@ -443,6 +443,23 @@ async fn routes_by_host_and_path_first_match_wins_else_the_default_pool() {
 }
 
 #[tokio::test]
+async fn without_a_default_pool_what_no_route_matches_gets_404() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, access_log: {log},
+      routes: [ { path_prefix: /v1, pool: web } ] }
+",
+        &pool("web", &[web]),
+    )
+    .await;
+    assert_eq!(send(lb.addr("site"), get("x", "/v1/a")).await.status, 200);
+    let r = send(lb.addr("site"), get("x", "/v2")).await;
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("404 Not Found"), "{}", r.body);
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn requests_without_a_valid_host_get_400_but_http_1_0_needs_none() {
     let web = backend("web").await;
     let lb = site(&pool("web", &[web])).await;
@@ -1182,7 +1199,7 @@ async fn app_cookie_follows_the_backends_own_session_cookie() {
 }
 
 #[tokio::test]
-async fn a_keep_alive_connection_serves_100_requests_then_closes() {
+async fn a_keep_alive_connection_serves_100_requests_then_closes_http2_too() {
     let web = backend("web").await;
     let lb = site(&pool("web", &[web])).await;
     tokio::time::timeout(LIMIT, async {
@@ -1199,6 +1216,26 @@ async fn a_keep_alive_connection_serves_100_requests_then_closes() {
         }
         conn.await.unwrap().unwrap();
         assert!(tx.send_request(get("x", "/")).await.is_err());
+
+        // HTTP/2 the same: after its 100th stream the connection sends GOAWAY and ends.
+        let s = TcpStream::connect(lb.addr("site")).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        for i in 1..=100 {
+            let req = Request::get("http://h2.example/")
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            let r = read_answer(tx.send_request(req).await.unwrap()).await;
+            assert_eq!(r.status, 200, "stream {i}");
+        }
+        conn.await.unwrap().unwrap();
+        let req = Request::get("http://h2.example/")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        assert!(tx.send_request(req).await.is_err());
     })
     .await
     .unwrap();

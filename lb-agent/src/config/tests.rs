@@ -397,7 +397,7 @@ fn the_issue_l7_example_parses_without_snat() {
 fn l7_listeners_are_checked_with_positions() {
     assert_eq!(
         l7_err(|t| t.replace("    redirect: { to: https, code: 301 }\n", "")),
-        "lb.yaml:16:9: listeners[1]: http listener `site-plain` needs a `pool` (or a `redirect`)"
+        "lb.yaml:16:9: listeners[1]: http listener `site-plain` needs a `pool`, `routes` or a `redirect`"
     );
     assert_eq!(
         l7_err(|t| t.replace("code: 301", "code: 200")),
@@ -432,6 +432,22 @@ fn l7_listeners_are_checked_with_positions() {
         l7_err(|t| t.replace("    port: 80\n", "    port: 443\n")),
         "lb.yaml:19:11: listeners[1].port: 10.91.0.100:443/tcp is already used by listener `site`"
     );
+    assert_eq!(
+        l7_err(|t| t.replacen(
+            "    pool: web\n",
+            "    pool: web\n    max_uri_bytes: 0\n",
+            1
+        )),
+        "lb.yaml:9:20: listeners[0].max_uri_bytes: must be above 0"
+    );
+}
+
+#[test]
+fn a_listener_with_routes_needs_no_default_pool() {
+    let (text, dir) = l7_text();
+    let c = parse("lb.yaml", &text.replacen("    pool: web\n", "", 1), &host());
+    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(c.unwrap().listeners[0].pool, None);
 }
 
 #[test]

@@ -25,6 +25,9 @@ pub struct Activity {
     /// When a request last ended, in nanoseconds since `accepted` (0 before the first). A
     /// start needs no timestamp: the request counts as in flight until it ends.
     last_ns: AtomicU64,
+    /// The connection has carried all the requests it may (HTTP/2, which asks no single
+    /// response to close it: the connection sends GOAWAY).
+    spent: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -34,7 +37,18 @@ impl Activity {
             started: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
             last_ns: AtomicU64::new(0),
+            spent: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The connection may take no more requests (see [`Activity::spent`]).
+    pub fn spend(&self) {
+        self.spent.notify_one();
+    }
+
+    /// Completes once [`Activity::spend`] was called.
+    pub async fn spent(&self) {
+        self.spent.notified().await;
     }
 
     /// A request head arrived: returns its number on the connection and the guard that keeps

@@ -283,8 +283,13 @@ impl Conn {
             let (site, activity) = (site.clone(), activity.clone());
             service_fn(move |req: Request<Incoming>| {
                 let (n, in_flight) = activity.start();
-                // The client is asked to close after the last request a connection may carry.
-                let last = req.version() != Version::HTTP_2 && n >= site.max_requests;
+                // The client is asked to close after the last request a connection may carry:
+                // HTTP/1 in that response, HTTP/2 by GOAWAY (streams in flight finish).
+                let h2 = req.version() == Version::HTTP_2;
+                if h2 && n == site.max_requests {
+                    activity.spend();
+                }
+                let last = !h2 && n >= site.max_requests;
                 let client = Client {
                     addr: peer,
                     ip: client_ip.clone(),
@@ -329,10 +334,14 @@ impl Conn {
         // the allocation (callgrind).
         let result = if h2 {
             let conn = self.http.h2.serve_connection(io, svc);
-            drive(Box::pin(conn), peer, idle, drained).await
+            let spent = activity.spent();
+            tokio::pin!(spent);
+            drive(Box::pin(conn), peer, idle, drained, spent).await
         } else {
             let conn = self.http.h1.serve_connection(io, svc).with_upgrades();
-            drive(Box::pin(conn), peer, idle, drained).await
+            let never = std::future::pending();
+            tokio::pin!(never);
+            drive(Box::pin(conn), peer, idle, drained, never).await
         };
         if let Err(e) = result {
             // A request head hyper could not parse: hyper has answered it (431 when it outgrew
@@ -416,14 +425,15 @@ where
     }
 }
 
-/// Serves a client connection until it ends. Idle or draining, it is asked to finish
-/// gracefully: HTTP/2 sends GOAWAY and ends once its streams are done, HTTP/1 closes after
-/// the response in progress.
+/// Serves a client connection until it ends. Idle, draining or `spent` (it carried all the
+/// requests it may), it is asked to finish gracefully: HTTP/2 sends GOAWAY and ends once its
+/// streams are done, HTTP/1 closes after the response in progress.
 async fn drive(
     mut conn: Pin<Box<impl Served>>,
     peer: SocketAddr,
     idle: Pin<&mut impl Future<Output = ()>>,
     drained: Pin<&mut impl Future<Output = ()>>,
+    spent: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), hyper::Error> {
     tokio::select! {
         r = conn.as_mut() => r,
@@ -436,6 +446,11 @@ async fn drive(
             tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
         }
         () = drained => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = spent => {
+            debug!(client = %peer, "the connection's last request; closing");
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -289,34 +289,52 @@ impl Pool {
             |i| self.backends[i].available() && !tried.contains(&i),
         );
         match self.scheduler {
-            Scheduler::Wrr => {
-                // One pass: each candidate's availability and weight are read once, so the
-                // total taken back matches the weights just added.
-                let mut cw = self.wrr.lock().ok()?;
-                let (mut total, mut best) = (0, None);
-                for i in candidates {
-                    let w = i64::from(self.backends[i].weight());
-                    total += w;
-                    cw[i] += w;
-                    // Ties go to the lower index (the first seen).
-                    if best.is_none_or(|b: usize| cw[i] > cw[b]) {
-                        best = Some(i);
-                    }
-                }
-                let best = best?;
-                cw[best] -= total;
-                Some(best)
+            Scheduler::Wrr => self.smooth_wrr(candidates),
+            Scheduler::Wlc => {
+                // active / weight, compared cross-multiplied (no division); backends tied
+                // for the least take turns by weight, as with nginx's least_conn (else
+                // sequential requests, every count 0, would all go to one backend).
+                let load = |i: usize| {
+                    let b = &self.backends[i];
+                    (
+                        b.active.load(Ordering::Relaxed) as u64,
+                        u64::from(b.weight()),
+                    )
+                };
+                let candidates: smallvec::SmallVec<[usize; 16]> = candidates.collect();
+                let (la, wa) = load(*candidates.iter().min_by(|&&a, &&b| {
+                    let ((la, wa), (lb, wb)) = (load(a), load(b));
+                    (la * wb).cmp(&(lb * wa))
+                })?);
+                self.smooth_wrr(candidates.into_iter().filter(|&i| {
+                    let (l, w) = load(i);
+                    l * wa == la * w
+                }))
             }
-            Scheduler::Wlc => candidates.min_by(|&a, &b| {
-                // (active_a + 1) / w_a against (active_b + 1) / w_b, without division.
-                let (ba, bb) = (&self.backends[a], &self.backends[b]);
-                let la = (ba.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(bb.weight());
-                let lb = (bb.active.load(Ordering::Relaxed) as u64 + 1) * u64::from(ba.weight());
-                la.cmp(&lb).then(a.cmp(&b))
-            }),
             // Validation refuses maglev on http/https; a client hash is the nearest meaning.
             Scheduler::SourceIp | Scheduler::Maglev => self.by_source(client, candidates),
         }
+    }
+
+    /// Smooth weighted round robin (nginx's) over `candidates`: each gains its weight, the
+    /// highest goes and gives back the total.
+    fn smooth_wrr(&self, candidates: impl Iterator<Item = usize>) -> Option<usize> {
+        // One pass: each candidate's availability and weight are read once, so the total
+        // taken back matches the weights just added.
+        let mut cw = self.wrr.lock().ok()?;
+        let (mut total, mut best) = (0, None);
+        for i in candidates {
+            let w = i64::from(self.backends[i].weight());
+            total += w;
+            cw[i] += w;
+            // Ties go to the lower index (the first seen).
+            if best.is_none_or(|b: usize| cw[i] > cw[b]) {
+                best = Some(i);
+            }
+        }
+        let best = best?;
+        cw[best] -= total;
+        Some(best)
     }
 
     /// A stable choice by client address (rendezvous hashing: few clients move when the set of
@@ -355,5 +373,41 @@ impl Pool {
         m.get(value)
             .filter(|(i, exp)| *exp > Instant::now() && self.backends[*i].available())
             .map(|(i, _)| *i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(scheduler: Scheduler) -> Pool {
+        let def: config::Pool = serde_yaml::from_str(
+            "name: web\nbackends:\n  - { address: 127.0.0.1, port: 1 }\n  - { address: 127.0.0.1, port: 2, weight: 2 }\n",
+        )
+        .unwrap();
+        Pool::new(&def, scheduler, &[])
+    }
+
+    fn picks(p: &Pool, n: usize) -> [usize; 2] {
+        let mut count = [0; 2];
+        for _ in 0..n {
+            count[p.pick(IpAddr::from([10, 0, 0, 1]), &[]).unwrap()] += 1;
+        }
+        count
+    }
+
+    #[test]
+    fn wlc_sends_to_the_least_loaded_and_ties_take_turns_by_weight() {
+        let p = pool(Scheduler::Wlc);
+        // Nothing in flight (sequential requests): every pick a tie, shared 1:2.
+        assert_eq!(picks(&p, 30), [10, 20]);
+        // Two in flight at the heavier one: 2/2 against 0/1, the lighter is less loaded.
+        let _busy = [p.backends[1].start(), p.backends[1].start()];
+        assert_eq!(picks(&p, 5), [5, 0]);
+    }
+
+    #[test]
+    fn wrr_follows_the_weights() {
+        assert_eq!(picks(&pool(Scheduler::Wrr), 30), [10, 20]);
     }
 }

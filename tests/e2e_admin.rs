@@ -179,6 +179,7 @@ fn weight_and_drain_change_the_status_and_where_new_connections_go() {
     };
     let s = status(&topo);
     assert!(b(&s, 0).drained && b(&s, 0).weight == 0 && !b(&s, 0).serving);
+    assert_eq!(b(&s, 0).health.as_str(), "draining");
     let per = spread(&topo, 60);
     assert_eq!(
         per.get("backend-1"),

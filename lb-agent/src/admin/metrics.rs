@@ -55,7 +55,7 @@ pub fn render(view: &View) -> String {
         (
             "lb_backend_up",
             "1 when the backend passes its health checks (or has none), else 0.",
-            |b| Some(f64::from(u8::from(b.health.is_up()))),
+            |b| Some(f64::from(u8::from(b.up))),
         ),
         (
             "lb_backend_probe_latency_seconds",

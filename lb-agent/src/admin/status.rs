@@ -98,7 +98,11 @@ pub struct Pool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Backend {
     pub address: SocketAddr,
+    /// `draining` while its weight is 0 (configured, or set or drained through the admin
+    /// API), whatever its probes say; else what they say.
     pub health: HealthState,
+    /// Passes its health checks (or has none), drained or not.
+    pub up: bool,
     /// Why the last failing probe failed.
     pub reason: Option<String>,
     pub probe_latency_ms: Option<f64>,
@@ -123,14 +127,17 @@ pub enum HealthState {
     Pending,
     /// The pool has no health check: always online.
     Unchecked,
+    /// Weight 0: takes no new flows or requests, finishes those it has.
+    Draining,
 }
 
 impl HealthState {
-    pub const ALL: [HealthState; 4] = [
+    pub const ALL: [HealthState; 5] = [
         HealthState::Healthy,
         HealthState::Unhealthy,
         HealthState::Pending,
         HealthState::Unchecked,
+        HealthState::Draining,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -139,12 +146,8 @@ impl HealthState {
             HealthState::Unhealthy => "unhealthy",
             HealthState::Pending => "pending",
             HealthState::Unchecked => "unchecked",
+            HealthState::Draining => "draining",
         }
-    }
-
-    /// Passes its checks, or has none.
-    pub fn is_up(self) -> bool {
-        matches!(self, HealthState::Healthy | HealthState::Unchecked)
     }
 }
 
@@ -323,12 +326,14 @@ fn pool(i: &Inputs, name: &str) -> Pool {
             let active = id.and_then(|id| i.sweep.backend_active.get(id)).copied();
             Backend {
                 address: m.addr,
-                health: match (m.checked, status.state) {
-                    (false, _) => HealthState::Unchecked,
-                    (true, State::Pending) => HealthState::Pending,
-                    (true, State::Healthy) => HealthState::Healthy,
-                    (true, State::Unhealthy) => HealthState::Unhealthy,
+                health: match (weight, m.checked, status.state) {
+                    (0, ..) => HealthState::Draining,
+                    (_, false, _) => HealthState::Unchecked,
+                    (_, true, State::Pending) => HealthState::Pending,
+                    (_, true, State::Healthy) => HealthState::Healthy,
+                    (_, true, State::Unhealthy) => HealthState::Unhealthy,
                 },
+                up: m.is_up(),
                 reason: status.reason,
                 probe_latency_ms: status.latency.map(|l| l.as_secs_f64() * 1e3),
                 weight,

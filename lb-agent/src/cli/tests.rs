@@ -65,7 +65,7 @@ fn the_status_table_shows_each_backend_with_health_weight_flows_and_serving() {
     );
     assert_eq!(
         row("10.0.0.3:81"),
-        ["10.0.0.3:81", "unchecked", "0", "(1)", "0", "drained", "-"]
+        ["10.0.0.3:81", "draining", "0", "(1)", "0", "drained", "-"]
     );
     assert!(
         table.contains("listener site (http 10.1.0.1:8080): 3 requests\n"),

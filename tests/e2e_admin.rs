@@ -230,6 +230,86 @@ fn weight_and_drain_change_the_status_and_where_new_connections_go() {
 }
 
 #[test]
+fn counters_stay_with_their_listener_and_backend_through_reloads_that_reorder_and_a_restart() {
+    let topo = Topology::new(3);
+    let _servers = topo.serve_names(PORT);
+    // `web` on port 80, `alt` on 81, both to the three backends.
+    let two = topo.config(PORT).replace(
+        "pools:",
+        &format!(
+            "  - {{ name: alt, protocol: tcp, vip: {}, port: 81, pool: web }}\npools:",
+            vip().ip()
+        ),
+    );
+    let agent = topo.start_agent(&two);
+    spread(&topo, 30);
+    let flows = |s: &Scrape, l: &str| value(s, "lb_listener_new_flows_total", &[("listener", l)]);
+    let by_backend = |s: &Scrape| -> Vec<f64> {
+        (0..3)
+            .map(|i| value(s, "lb_backend_new_flows_total", &[("backend", &backend(i))]))
+            .collect()
+    };
+    let before = scrape_until(&topo, "30 flows counted", |s| flows(s, "web") == 30.0);
+    let per_backend = by_backend(&before);
+    assert_eq!(flows(&before, "alt"), 0.0);
+
+    // `alt` first, and the backends in reverse order: every counter keeps its name.
+    let web_line = format!(
+        "  - name: web\n    protocol: tcp\n    vip: {}\n    port: 80\n    pool: web\n",
+        vip().ip()
+    );
+    let mut reordered = two
+        .replace(&web_line, "")
+        .replace("pools:", &format!("{web_line}pools:"));
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                "      - {{ address: {}, port: {PORT}, weight: 1 }}\n",
+                backend_addr(i)
+            )
+        })
+        .collect();
+    for l in &lines {
+        reordered = reordered.replace(l.as_str(), "");
+    }
+    reordered.extend(lines.iter().rev().map(String::as_str));
+    agent.write_config(&reordered);
+    let out = agent.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = scrape(&topo);
+    assert_eq!((flows(&after, "web"), flows(&after, "alt")), (30.0, 0.0));
+    assert_eq!(by_backend(&after), per_backend);
+    // New flows land on the listener and backends they went to.
+    tally(
+        "alt",
+        &topo.connect_many("10.91.0.100:81".parse().unwrap(), 10),
+        SNAT,
+    );
+    let after = scrape_until(&topo, "10 flows on alt", |s| flows(s, "alt") == 10.0);
+    assert_eq!(flows(&after, "web"), 30.0);
+    let total: f64 = by_backend(&after).iter().sum();
+    assert_eq!(total, 40.0);
+
+    // A restarted agent with the original order takes the same ids back from the state
+    // directory.
+    agent.write_config(&two);
+    let agent = agent.restart(nix::sys::signal::Signal::SIGTERM);
+    let restarted = scrape_until(&topo, "the restarted agent's metrics", |s| {
+        flows(s, "web") > 0.0
+    });
+    assert_eq!(
+        (flows(&restarted, "web"), flows(&restarted, "alt")),
+        (30.0, 10.0)
+    );
+    assert_eq!(by_backend(&restarted), by_backend(&after));
+    agent.stop_cleanly();
+}
+
+#[test]
 fn diagnose_names_a_dead_backend_an_acl_deny_and_a_missing_listener() {
     let topo = Topology::new(3);
     // backend-3 is dead: nothing listens on it.

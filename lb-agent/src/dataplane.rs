@@ -61,6 +61,8 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("counting the CPUs: {0}")]
+    Cpus(std::io::Error),
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -462,9 +464,9 @@ impl Dataplane {
         self.global
             .set(0, global, 0)
             .map_err(map_err(maps::GLOBAL))?;
-        for (id, b) in plan.backends.iter().enumerate() {
+        for b in &plan.backends {
             self.backends
-                .set(id as u32, b.slot, 0)
+                .set(b.id, b.slot, 0)
                 .map_err(map_err(maps::BACKENDS))?;
         }
         // The ring slices packets read now: (VIP, listener id, half).
@@ -474,10 +476,10 @@ impl Dataplane {
             .filter_map(Result::ok)
             .map(|(k, m)| (k, m.listener_id, m.ring_half))
             .collect();
-        for (id, l) in plan.listeners.iter().enumerate() {
-            let id = id as u32;
-            // A listener whose id changed (a reload reordered them) must not write into the
-            // slice another VIP still reads.
+        for l in &plan.listeners {
+            let id = l.id;
+            // A listener whose id changed (a VIP another listener took over) must not write
+            // into the slice another VIP still reads.
             let half = match self.vips.get(&l.key, 0) {
                 Ok(old) if old.listener_id == id => old.ring_half ^ 1,
                 _ => u32::from(reading.iter().any(|&(_, i, h)| (i, h) == (id, 0))),
@@ -504,12 +506,12 @@ impl Dataplane {
         sync_acl(
             &mut self.acl_allow,
             maps::ACL_ALLOW,
-            plan.listeners.iter().map(|l| &l.allow),
+            plan.listeners.iter().map(|l| (l.id, &l.allow)),
         )?;
         sync_acl(
             &mut self.acl_deny,
             maps::ACL_DENY,
-            plan.listeners.iter().map(|l| &l.deny),
+            plan.listeners.iter().map(|l| (l.id, &l.deny)),
         )?;
         let stale: Vec<VipKey> = self
             .vips
@@ -611,6 +613,27 @@ impl Dataplane {
         totals(&self.backend_stats, maps::BACKEND_STATS, backends)
     }
 
+    /// Zeroes the traffic counters of listener and backend ids on every CPU (ids given to a
+    /// new listener or backend, which must not inherit a removed one's figures).
+    pub fn clear_counters(
+        &mut self,
+        listeners: &[u32],
+        backends: &[u32],
+    ) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        for (map, ids, name) in [
+            (&mut self.listener_stats, listeners, maps::LISTENER_STATS),
+            (&mut self.backend_stats, backends, maps::BACKEND_STATS),
+        ] {
+            for &id in ids {
+                let zero = aya::maps::PerCpuValues::try_from(vec![ListenerStats::default(); cpus])
+                    .map_err(DataplaneError::Cpus)?;
+                map.set(id, zero, 0).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes one conntrack entry (state restore, benchmarks).
     pub fn conntrack_insert(
         &mut self,
@@ -650,8 +673,8 @@ impl Dataplane {
     /// `gc::monotonic_ns()` in production.
     pub fn gc(&mut self, plan: &Plan, now_ns: u64) -> Result<gc::Report, DataplaneError> {
         let mut report = gc::Report {
-            active: vec![0; plan.listeners.len()],
-            backend_active: vec![0; plan.backends.len()],
+            active: vec![0; plan.listener_slots()],
+            backend_active: vec![0; plan.backend_slots()],
             ..Default::default()
         };
         let mut resets = Vec::new();
@@ -787,20 +810,20 @@ fn sweep(
     }
 }
 
-/// Makes an ACL trie hold exactly the plan's prefixes (indexed by listener id): new ones are
-/// inserted before stale ones go, so a list never passes through empty.
+/// Makes an ACL trie hold exactly the plan's prefixes (each list with its listener's id):
+/// new ones are inserted before stale ones go, so a list never passes through empty.
 fn sync_acl<'a>(
     trie: &mut LpmTrie<MapData, AclKey, u8>,
     name: &'static str,
-    lists: impl Iterator<Item = &'a Vec<(u32, AddrBe)>>,
+    lists: impl Iterator<Item = (u32, &'a Vec<(u32, AddrBe)>)>,
 ) -> Result<(), DataplaneError> {
     let mut wanted = Vec::new();
-    for (id, list) in lists.enumerate() {
+    for (listener_id, list) in lists {
         for &(prefix, addr_be) in list {
             wanted.push((
                 32 + prefix,
                 AclKey {
-                    listener_id: id as u32,
+                    listener_id,
                     addr_be,
                 },
             ));

@@ -224,6 +224,8 @@ struct Agent {
     state: State,
     dp: Dataplane,
     health: Arc<Health>,
+    /// The ids the maps index listeners and backends by, kept across reloads and restarts.
+    ids: plan::Ids,
     plan: Plan,
     /// VIP addresses agents added to interfaces.
     added: Vec<netif::Added>,
@@ -252,7 +254,10 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
     let health = Arc::new(Health::new(&cfg));
     // Probed backends start offline (a new backend is online after its first success).
     let overrides = overrides::Overrides::default();
-    let plan = plan::build_with(&cfg, &overrides, |p, b| health.is_up(p, b));
+    // An adopted dataplane's flows and counters carry its ids; a fresh one starts at zero.
+    let previous = if fresh { None } else { state.ids() }.unwrap_or_default();
+    let ids = plan::Ids::assign(&cfg, &previous);
+    let plan = plan::build_with(&cfg, &ids, &overrides, |p, b| health.is_up(p, b));
     let added = state.added_addresses();
     let mut agent = Agent {
         path,
@@ -260,6 +265,7 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
         state,
         dp,
         health,
+        ids,
         plan,
         added,
         checks: JoinSet::new(),
@@ -272,6 +278,7 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
         publisher: None,
     };
     agent.dp.apply(&agent.plan).context("filling the maps")?;
+    agent.ids_applied(&previous);
     agent.prepare_host(None)?;
 
     // Multi-threaded for the L7 proxy (one worker per core); the L4 path needs no runtime.
@@ -281,7 +288,7 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
     let result = rt.block_on(agent.serve());
     agent.state.release();
     let exit = result?;
-    match agent.dp.snapshot(agent.plan.listeners.len()) {
+    match agent.dp.snapshot(agent.plan.listener_slots()) {
         Ok(s) => print!(
             "{}{}",
             stats::render(&s, &agent.plan, &agent.swept.active),
@@ -439,10 +446,22 @@ impl Agent {
         Ok(exit)
     }
 
+    /// After the maps took `self.ids`: counters of ids `previous` did not give the same
+    /// listener or backend start from zero, and the ids are kept for the next agent.
+    fn ids_applied(&mut self, previous: &plan::Ids) {
+        let (listeners, backends) = self.ids.fresh(previous);
+        if let Err(e) = self.dp.clear_counters(&listeners, &backends) {
+            warn!(error = %e, "clearing the counters of new listeners and backends");
+        }
+        if let Err(e) = self.state.set_ids(&self.ids) {
+            warn!(error = %e, "recording the listener and backend ids");
+        }
+    }
+
     fn apply_health(&mut self) {
         // One snapshot for the tables and the log line: probes keep changing it.
         let up = self.health.snapshot();
-        self.plan = plan::build_with(&self.cfg, &self.overrides, |p, b| up.is_up(p, b));
+        self.plan = plan::build_with(&self.cfg, &self.ids, &self.overrides, |p, b| up.is_up(p, b));
         let (dp, plan) = (&mut self.dp, &self.plan);
         match tokio::task::block_in_place(|| dp.apply(plan)) {
             Ok(()) => info!(
@@ -524,7 +543,8 @@ impl Agent {
         let health = Arc::new(Health::carrying(&self.cfg, Some(&self.health)));
         self.overrides.apply_to(&health);
         let up = health.snapshot();
-        let plan = plan::build_with(&self.cfg, &self.overrides, |p, b| up.is_up(p, b));
+        let ids = plan::Ids::assign(&self.cfg, &self.ids);
+        let plan = plan::build_with(&self.cfg, &ids, &self.overrides, |p, b| up.is_up(p, b));
         // The maps first: a bad interface or address below leaves the tables right anyway.
         let (dp, new_plan) = (&mut self.dp, &plan);
         if let Err(e) = tokio::task::block_in_place(|| dp.apply(new_plan)) {
@@ -537,6 +557,8 @@ impl Agent {
             return Err(e).context("updating the maps");
         }
         self.plan = plan;
+        let previous = std::mem::replace(&mut self.ids, ids);
+        self.ids_applied(&previous);
         self.health = health;
         self.checks = self.health.start(&self.cfg);
         tokio::task::block_in_place(|| self.prepare_host(Some(&old)))?;

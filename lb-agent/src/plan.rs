@@ -21,19 +21,133 @@ use crate::{
 #[cfg(test)]
 mod tests;
 
-/// Everything the datapath needs, indexed the way its maps are.
+/// Everything the datapath needs, with the ids its maps are indexed by.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub global: GlobalConfig,
     pub snat_addrs: Vec<AddrBe>,
-    /// Indexed by backend id.
+    /// In config order, each with its id.
     pub backends: Vec<BackendPlan>,
-    /// Indexed by listener id.
+    /// The tcp/udp listeners in config order, each with its id.
     pub listeners: Vec<ListenerPlan>,
+}
+
+impl Plan {
+    /// How many listener ids the per-listener maps' counters are read for: up to the highest
+    /// in use (ids of removed listeners may leave gaps).
+    pub fn listener_slots(&self) -> usize {
+        self.listeners
+            .iter()
+            .map(|l| l.id as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The same for backends.
+    pub fn backend_slots(&self) -> usize {
+        self.backends
+            .iter()
+            .map(|b| b.id as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The ids listeners (by name) and backends (by pool and address) have in the datapath's
+/// maps. Kept across reloads, and restarts through the state directory: ids count traffic
+/// per listener and backend and are written into every flow's entry, so a reload that
+/// reorders or removes listeners or backends must not move them. New ones take ids no one
+/// used before where there are any left, so they neither inherit a removed one's counters
+/// nor its remaining flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ids {
+    pub listeners: Vec<(String, u32)>,
+    pub backends: Vec<((String, SocketAddr), u32)>,
+}
+
+impl Ids {
+    /// Ids for `config`'s tcp/udp listeners and backends, keeping those `previous` gave.
+    pub fn assign(config: &Config, previous: &Ids) -> Ids {
+        use lb_common::maps::{MAX_BACKENDS, MAX_LISTENERS};
+        let listeners: Vec<String> = config
+            .listeners
+            .iter()
+            .filter(|l| !l.protocol.is_l7())
+            .map(|l| l.name.clone())
+            .collect();
+        let backends: Vec<(String, SocketAddr)> = config
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.backends
+                    .iter()
+                    .map(|b| (p.name.clone(), SocketAddr::new(b.address, b.port.0)))
+            })
+            .collect();
+        Ids {
+            listeners: allocate(listeners, &previous.listeners, MAX_LISTENERS),
+            backends: allocate(backends, &previous.backends, MAX_BACKENDS),
+        }
+    }
+
+    /// The ids given here to listeners and backends that did not have them in `previous`:
+    /// their counters start from zero.
+    pub fn fresh(&self, previous: &Ids) -> (Vec<u32>, Vec<u32>) {
+        (
+            fresh(&self.listeners, &previous.listeners),
+            fresh(&self.backends, &previous.backends),
+        )
+    }
+
+    fn listener(&self, name: &str) -> u32 {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |&(_, id)| id)
+    }
+
+    fn backend(&self, pool: &str, addr: SocketAddr) -> u32 {
+        self.backends
+            .iter()
+            .find(|((p, a), _)| p == pool && *a == addr)
+            .map_or(0, |&(_, id)| id)
+    }
+}
+
+/// Ids for `keys` (validation keeps them fewer than `max`, and unique): what `previous` gave
+/// each, else the lowest id neither taken nor used by `previous`, else the lowest not taken.
+fn allocate<K: PartialEq>(keys: Vec<K>, previous: &[(K, u32)], max: u32) -> Vec<(K, u32)> {
+    let kept: Vec<Option<u32>> = keys
+        .iter()
+        .map(|k| previous.iter().find(|(p, _)| p == k).map(|&(_, id)| id))
+        .collect();
+    let mut taken: Vec<u32> = kept.iter().flatten().copied().collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for (k, kept) in keys.into_iter().zip(kept) {
+        let id = kept.unwrap_or_else(|| {
+            let free = |id: &u32| !taken.contains(id);
+            let id = (0..max)
+                .find(|id| free(id) && !previous.iter().any(|(_, p)| p == id))
+                .or_else(|| (0..max).find(free))
+                .unwrap_or(max - 1);
+            taken.push(id);
+            id
+        });
+        out.push((k, id));
+    }
+    out
+}
+
+fn fresh<K: PartialEq>(now: &[(K, u32)], previous: &[(K, u32)]) -> Vec<u32> {
+    now.iter()
+        .filter(|(k, id)| !previous.iter().any(|(p, pid)| p == k && pid == id))
+        .map(|&(_, id)| id)
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendPlan {
+    pub id: u32,
     pub pool: String,
     pub address: IpAddr,
     pub port: u16,
@@ -42,6 +156,7 @@ pub struct BackendPlan {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListenerPlan {
+    pub id: u32,
     pub name: String,
     pub key: VipKey,
     /// `VIP_F_*` bits.
@@ -76,18 +191,21 @@ pub fn family(a: IpAddr) -> u8 {
     }
 }
 
-/// The plan with every backend healthy (backups idle, since their primaries are up) and the
-/// configured weights.
+/// The plan with every backend healthy (backups idle, since their primaries are up), the
+/// configured weights and ids in config order.
 pub fn build(config: &Config) -> Plan {
-    build_with(config, &Overrides::default(), |_, _| true)
+    let ids = Ids::assign(config, &Ids::default());
+    build_with(config, &ids, &Overrides::default(), |_, _| true)
 }
 
 /// The plan for the backends `up(pool, backend)` says are healthy (indices into
-/// `config.pools`), with the weights `overrides` gives them. Unhealthy, drained and weight-0
-/// backends and idle backups keep their ids, so existing flows to them are untouched, but
-/// leave every listener's table; a listener with no backend left gets an empty one.
+/// `config.pools`), with the weights `overrides` gives them and the ids `ids` assigned
+/// (from [`Ids::assign`] for this config). Unhealthy, drained and weight-0 backends and idle
+/// backups keep their ids, so existing flows to them are untouched, but leave every
+/// listener's table; a listener with no backend left gets an empty one.
 pub fn build_with(
     config: &Config,
+    ids: &Ids,
     overrides: &Overrides,
     up: impl Fn(usize, usize) -> bool,
 ) -> Plan {
@@ -106,10 +224,10 @@ pub fn build_with(
     }
 
     let mut backends = Vec::new();
-    // (first id, members) per pool, in config order.
+    // (name, member ids, members) per pool, in config order.
     let mut pools = Vec::new();
     for (p, pool) in config.pools.iter().enumerate() {
-        let first = backends.len() as u32;
+        let mut member_ids = Vec::new();
         let mut members = Vec::new();
         let weights: Vec<u32> = pool
             .backends
@@ -127,7 +245,10 @@ pub fn build_with(
                 // Weight 0 keeps the member's identity (and so everyone else's slots) stable.
                 weight: if serving { weight } else { 0 },
             });
+            let id = ids.backend(&pool.name, SocketAddr::new(b.address, b.port.0));
+            member_ids.push(id);
             backends.push(BackendPlan {
+                id,
                 pool: pool.name.clone(),
                 address: b.address,
                 port: b.port.0,
@@ -140,7 +261,7 @@ pub fn build_with(
                 },
             });
         }
-        pools.push((pool.name.as_str(), first, members));
+        pools.push((pool.name.as_str(), member_ids, members));
     }
 
     // http/https listeners are the proxy's: without a VIP entry, the XDP program passes their
@@ -153,7 +274,7 @@ pub fn build_with(
             let ring = pools
                 .iter()
                 .find(|(name, ..)| Some(*name) == l.pool.as_deref())
-                .map(|(_, first, members)| {
+                .map(|(_, member_ids, members)| {
                     let slots = match l.scheduler() {
                         // Every table below is empty when no member has a weight.
                         Scheduler::Wrr => {
@@ -168,7 +289,7 @@ pub fn build_with(
                             .filter(|&i| members[i as usize].weight > 0)
                             .collect(),
                     };
-                    slots.into_iter().map(|i| first + i).collect()
+                    slots.into_iter().map(|i| member_ids[i as usize]).collect()
                 })
                 .unwrap_or_default();
             let prefixes = |nets: &[ipnetwork::IpNetwork]| -> Vec<(u32, AddrBe)> {
@@ -199,6 +320,7 @@ pub fn build_with(
                 flags |= VIP_F_ACL_DENY;
             }
             ListenerPlan {
+                id: ids.listener(&l.name),
                 name: l.name.clone(),
                 flags,
                 idle_timeout: l.idle_timeout(),

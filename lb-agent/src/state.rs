@@ -216,6 +216,17 @@ impl State {
         self.write("reload", &format!("{generation} {report}"))
     }
 
+    /// The ids the running dataplane's listeners and backends have (see [`crate::plan::Ids`]);
+    /// none when the state predates them or was never written.
+    pub fn ids(&self) -> Option<crate::plan::Ids> {
+        serde_json::from_str(&self.read("ids")?).ok()
+    }
+
+    pub fn set_ids(&self, ids: &crate::plan::Ids) -> Result<(), StateError> {
+        let text = serde_json::to_string(ids).unwrap_or_default();
+        self.write("ids", &text)
+    }
+
     /// The last reload's generation and outcome.
     pub fn reload_result(&self) -> Option<(u64, String)> {
         let text = self.read("reload")?;

@@ -18,7 +18,9 @@ pub fn render(s: &Snapshot, plan: &Plan, active: &[u64]) -> String {
         "listeners:\n  {:<16} {:>10} {:>12} {:>10} {:>12} {:>8} {:>10}",
         "name", "pkts_in", "bytes_in", "pkts_out", "bytes_out", "active", "new_flows"
     );
-    for (i, (l, st)) in plan.listeners.iter().zip(&s.listeners).enumerate() {
+    for l in &plan.listeners {
+        let (i, zero) = (l.id as usize, Default::default());
+        let st = s.listeners.get(i).unwrap_or(&zero);
         let _ = writeln!(
             out,
             "  {:<16} {:>10} {:>12} {:>10} {:>12} {:>8} {:>10}",

@@ -134,11 +134,11 @@ impl Publisher {
         overrides: &Overrides,
         sweep: &gc::Report,
     ) {
-        let counters = match dp.snapshot(plan.listeners.len()) {
+        let counters = match dp.snapshot(plan.listener_slots()) {
             Ok(c) => c,
             Err(e) => return warn!(error = %e, "reading counters for the admin API"),
         };
-        let backends = match dp.backend_stats(plan.backends.len()) {
+        let backends = match dp.backend_stats(plan.backend_slots()) {
             Ok(b) => b,
             Err(e) => return warn!(error = %e, "reading backend counters for the admin API"),
         };

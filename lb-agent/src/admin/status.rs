@@ -183,9 +183,9 @@ pub struct Inputs<'a> {
     pub overrides: &'a Overrides,
     pub health: &'a Health,
     pub sweep: &'a gc::Report,
-    /// Global counters and per-listener traffic (indexed like `plan.listeners`).
+    /// Global counters and per-listener traffic (indexed by listener id).
     pub counters: &'a Snapshot,
-    /// Indexed like `plan.backends`.
+    /// Indexed by backend id.
     pub backends: &'a [BackendStats],
     /// One per http/https listener, in config order.
     pub requests: &'a [Arc<RequestStats>],
@@ -204,7 +204,12 @@ impl Status {
                         pools.push(&r.pool);
                     }
                 }
-                let id = i.plan.listeners.iter().position(|p| p.name == l.name);
+                let id = i
+                    .plan
+                    .listeners
+                    .iter()
+                    .find(|p| p.name == l.name)
+                    .map(|p| p.id as usize);
                 Listener {
                     name: l.name.clone(),
                     protocol: l.protocol.to_string(),
@@ -311,9 +316,8 @@ fn pool(i: &Inputs, name: &str) -> Pool {
         .plan
         .backends
         .iter()
-        .enumerate()
-        .filter(|(_, b)| b.pool == name)
-        .map(|(id, b)| (SocketAddr::new(b.address, b.port), id))
+        .filter(|b| b.pool == name)
+        .map(|b| (SocketAddr::new(b.address, b.port), b.id as usize))
         .collect();
     let backends = members
         .iter()

@@ -61,7 +61,8 @@ impl Fixture {
     /// A view with made-up datapath counters: every global counter `10 + its index`, listener
     /// `web` and each backend `id` with traffic derived from the id.
     pub fn view(&self, overrides: &Overrides) -> View {
-        let plan = plan::build_with(&self.config, overrides, |_, _| true);
+        let ids = plan::Ids::assign(&self.config, &plan::Ids::default());
+        let plan = plan::build_with(&self.config, &ids, overrides, |_, _| true);
         let traffic = |n: u64| ListenerStats {
             packets_in: n,
             bytes_in: n * 100,

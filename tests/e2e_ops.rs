@@ -219,3 +219,47 @@ fn sigint_removes_the_dataplane_where_sigterm_leaves_it_forwarding() {
     assert!(!attached(), "XDP still attached after SIGINT");
     assert!(!vip_on_lo(), "VIP left on lo after SIGINT");
 }
+
+#[test]
+fn a_restart_keeps_probed_backends_serving_and_refuses_no_new_connection() {
+    let (topo, _servers) = topology();
+    let probed = config([1, 1, 1], 0).replace(
+        "  - name: names\n",
+        "  - name: names\n    health_check: { protocol: tcp, interval: 1s, timeout: 1s }\n",
+    );
+    let agent = topo.start_agent(&probed);
+    let names: std::net::SocketAddr = format!("{VIP}:81").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&agent.cli(&["status"]).stdout).contains("healthy") {
+        assert!(Instant::now() < deadline, "backends healthy within 10 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tally("names before", &topo.connect_many(names, 10), SNAT);
+    // New connections every 20 ms from before the restart until well after the new agent
+    // runs: its backends must not start pending (out of the tables) while it probes them.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (agent, results) = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            let mut all = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                all.extend(topo.connect_many(names, 1));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            all
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let agent = agent.restart(Signal::SIGTERM);
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (agent, client.join().unwrap())
+    });
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    println!(
+        "{} new connections across the restart, {} failed: {failed:?}",
+        results.len(),
+        failed.len()
+    );
+    assert!(results.len() > 20, "{}", results.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    agent.stop_cleanly();
+}

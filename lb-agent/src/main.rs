@@ -252,7 +252,11 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
     remove_dead_states(&state);
     let dp = Dataplane::open(state.pins(), fresh).context("loading the XDP program")?;
     let health = Arc::new(Health::new(&cfg));
-    // Probed backends start offline (a new backend is online after its first success).
+    // Probed backends start offline (a new backend is online after its first success),
+    // except those an adopted dataplane was serving.
+    if let Some(up) = (!fresh).then(|| state.up_backends()).flatten() {
+        health.resume(&up);
+    }
     let overrides = overrides::Overrides::default();
     // An adopted dataplane's flows and counters carry its ids; a fresh one starts at zero.
     let previous = if fresh { None } else { state.ids() }.unwrap_or_default();
@@ -458,7 +462,15 @@ impl Agent {
         }
     }
 
+    /// Records which probed backends are up, for a restarted agent to resume from.
+    fn save_health(&self) {
+        if let Err(e) = self.state.set_up_backends(&self.health.up_members()) {
+            warn!(error = %e, "recording which backends are up");
+        }
+    }
+
     fn apply_health(&mut self) {
+        self.save_health();
         // One snapshot for the tables and the log line: probes keep changing it.
         let up = self.health.snapshot();
         self.plan = plan::build_with(&self.cfg, &self.ids, &self.overrides, |p, b| up.is_up(p, b));
@@ -560,6 +572,7 @@ impl Agent {
         let previous = std::mem::replace(&mut self.ids, ids);
         self.ids_applied(&previous);
         self.health = health;
+        self.save_health();
         self.checks = self.health.start(&self.cfg);
         tokio::task::block_in_place(|| self.prepare_host(Some(&old)))?;
         if l7_part(&old) != l7_part(&self.cfg) {

@@ -227,6 +227,16 @@ impl State {
         self.write("ids", &text)
     }
 
+    /// The probed backends that were up (see [`crate::health::Health::up_members`]).
+    pub fn up_backends(&self) -> Option<Vec<(String, std::net::SocketAddr)>> {
+        serde_json::from_str(&self.read("up")?).ok()
+    }
+
+    pub fn set_up_backends(&self, up: &[(String, std::net::SocketAddr)]) -> Result<(), StateError> {
+        let text = serde_json::to_string(up).unwrap_or_default();
+        self.write("up", &text)
+    }
+
     /// The last reload's generation and outcome.
     pub fn reload_result(&self) -> Option<(u64, String)> {
         let text = self.read("reload")?;

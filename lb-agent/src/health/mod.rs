@@ -299,6 +299,27 @@ impl Health {
         self.pools[pool][backend].is_up()
     }
 
+    /// The probed backends that are up, as (pool, address): what a restarted agent resumes
+    /// from ([`Health::resume`]).
+    pub fn up_members(&self) -> Vec<(String, SocketAddr)> {
+        self.members()
+            .filter(|m| m.checked && m.is_up())
+            .map(|m| (m.pool.clone(), m.addr))
+            .collect()
+    }
+
+    /// Marks the probed backends `up` lists healthy instead of pending: an agent that adopts a
+    /// running dataplane keeps serving what its predecessor served (a restart refuses no
+    /// connection) until their own probes say otherwise, after `unhealthy_threshold` failures.
+    pub fn resume(&self, up: &[(String, SocketAddr)]) {
+        for m in self.members().filter(|m| m.checked) {
+            if up.iter().any(|(p, a)| *p == m.pool && *a == m.addr) {
+                m.up.store(true, Ordering::Relaxed);
+                m.status.lock().unwrap_or_else(|e| e.into_inner()).state = State::Healthy;
+            }
+        }
+    }
+
     /// The members of the pool named `name` (empty if there is none).
     pub fn pool(&self, name: &str) -> &[Arc<Member>] {
         self.pools

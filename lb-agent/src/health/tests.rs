@@ -202,6 +202,17 @@ pools:
     assert_eq!(h.pool("b")[1].label(), "draining");
     assert_eq!(h.pool("c")[0].label(), "healthy (not checked)");
     assert!(h.pool("nope").is_empty());
+
+    // A restarted agent resumes what its predecessor had up: only probed backends are
+    // recorded, and only those it names leave pending.
+    assert!(h.up_members().is_empty());
+    h.resume(&[("b".into(), "10.0.0.2:80".parse().unwrap())]);
+    assert!(h.is_up(1, 0) && !h.is_up(1, 1));
+    assert_eq!(h.pool("b")[0].label(), "healthy");
+    assert_eq!(
+        h.up_members(),
+        [("b".to_string(), "10.0.0.2:80".parse().unwrap())]
+    );
 }
 
 #[test]

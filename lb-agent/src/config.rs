@@ -817,10 +817,10 @@ pub fn parse(file: &str, text: &str, host: &Host) -> Result<Config, ConfigError>
             line: l.line(),
             column: l.column(),
         });
-        // Syntax errors and the like: serde_yaml knows best where it stopped, and the index
-        // is empty for a document that does not parse, wherever the error is.
-        let at = match (path.as_str(), serde_at) {
-            (".", Some(at)) => at,
+        // Syntax errors: serde_yaml knows best where it stopped. Other errors point at the
+        // node (serde_yaml's position may be past it, as for a missing field).
+        let at = match serde_at {
+            Some(at) if path == "." || !positions.complete => at,
             _ => positions
                 .find(&path)
                 .or(serde_at)

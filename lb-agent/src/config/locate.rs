@@ -21,18 +21,22 @@ impl Position {
 }
 
 #[derive(Debug, Default)]
-pub struct Positions(HashMap<String, Position>);
+pub struct Positions {
+    nodes: HashMap<String, Position>,
+    /// The whole document parsed; else `nodes` holds those before the syntax error.
+    pub complete: bool,
+}
 
 impl Positions {
-    /// Indexes every node of `text`. A document that does not parse yields an empty index
-    /// (serde_yaml reports the syntax error with its own position first).
+    /// Indexes every node of `text`, or those before a syntax error.
     pub fn index(text: &str) -> Self {
         let mut builder = Builder::default();
         let mut parser = Parser::new_from_str(text);
-        if parser.load(&mut builder, false).is_err() {
-            return Self::default();
+        let complete = parser.load(&mut builder, false).is_ok();
+        Self {
+            nodes: builder.positions,
+            complete,
         }
-        Self(builder.positions)
     }
 
     /// The position of `path`, or of its nearest indexed ancestor, or 1:1.
@@ -45,7 +49,7 @@ impl Positions {
     pub fn find(&self, path: &str) -> Option<Position> {
         let mut p = path;
         loop {
-            if let Some(pos) = self.0.get(p) {
+            if let Some(pos) = self.nodes.get(p) {
                 return Some(*pos);
             }
             p = &p[..p.rfind(['.', '['])?];

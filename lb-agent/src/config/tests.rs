@@ -306,6 +306,10 @@ fn syntax_errors_inside_a_listener_point_where_the_parser_stopped() {
     }
     let e = err("agent:\n  interfaces: [lo]\nlisteners:\n\t- name: h\n");
     assert!(e.starts_with("lb.yaml:4:1: "), "{e}");
+    // An error serde_yaml gives no position: the node it is about, as far as the document
+    // parsed.
+    let e = err("agent:\n  interfaces: [lo]\nlisteners:\n  - [\n");
+    assert!(e.starts_with("lb.yaml:4:5: listeners[0]"), "{e}");
 }
 
 const L7: &str = "\

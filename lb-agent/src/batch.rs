@@ -1,7 +1,8 @@
 //! Whole hash maps read with `BPF_MAP_LOOKUP_BATCH`: one syscall per few thousand entries,
 //! where aya's `iter()` makes two per entry (next key, then lookup). The sweep reads both
 //! conntrack tables every second; with a million-entry table 90% full, the per-entry syscalls
-//! kept two thirds of a core busy.
+//! kept two thirds of a core busy. Maglev tables (65,537 slots by default) are written with
+//! `BPF_MAP_UPDATE_BATCH`, one system call per table rather than one per slot.
 
 use std::{
     io,
@@ -9,7 +10,7 @@ use std::{
 };
 
 use aya::Pod;
-use aya_obj::generated::bpf_cmd::BPF_MAP_LOOKUP_BATCH;
+use aya_obj::generated::bpf_cmd::{BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH};
 
 use crate::sys_bpf::bpf;
 
@@ -29,6 +30,25 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// Writes `values[i]` at `keys[i]` in map `fd` (whose key and value types are `K` and `V`),
+/// all in one system call. On an error a first part of them may be written.
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<()> {
+    let count = keys.len().min(values.len());
+    if count == 0 {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: the attribute points at `count` keys and values of the map's own sizes, alive
+    // for the call, which only reads them.
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop)
 }
 
 /// `f` on every entry of the hash map `fd`, whose key and value types are `K` and `V`.

@@ -63,6 +63,12 @@ pub enum DataplaneError {
     },
     #[error("counting the CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error("map {map}: batch update: {source}")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -488,11 +494,14 @@ impl Dataplane {
             reading.push((l.key, id, half));
             // Slots past ring_size are never read, so a shrinking table needs no clearing.
             let base = ring_base(id, half);
-            for (slot, backend) in l.ring.iter().enumerate() {
-                self.ring
-                    .set(base + slot as u32, backend, 0)
-                    .map_err(map_err(maps::RING))?;
-            }
+            let slots: Vec<u32> = (base..base + l.ring.len() as u32).collect();
+            use {aya::maps::IterableMap as _, std::os::fd::AsFd as _};
+            crate::batch::update(self.ring.map().fd().as_fd(), &slots, &l.ring).map_err(
+                |source| DataplaneError::Batch {
+                    map: maps::RING,
+                    source,
+                },
+            )?;
             let meta = VipMeta {
                 listener_id: id,
                 ring_size: l.ring.len() as u32,

@@ -184,6 +184,14 @@ impl Tracker {
         }
     }
 
+    /// The tracker of a backend already in `state` (carried over a reload, or resumed after a
+    /// restart): its next results count from there, so no transition is logged for a state
+    /// it already had.
+    pub fn starting_at(mut self, state: State) -> Self {
+        self.state = state;
+        self
+    }
+
     /// Feeds one probe result; returns the new state on a transition.
     pub fn record(&mut self, ok: bool) -> Option<State> {
         let (next, needed) = match (self.state, ok) {
@@ -425,7 +433,8 @@ where
     let jitter = t.interval.mul_f64((random() % 1000) as f64 / 1000.0);
     let mut ticks = tokio::time::interval_at(Instant::now() + jitter, t.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tracker = Tracker::new(t.healthy_threshold, t.unhealthy_threshold);
+    let mut tracker =
+        Tracker::new(t.healthy_threshold, t.unhealthy_threshold).starting_at(member.status().state);
     loop {
         ticks.tick().await;
         let began = Instant::now();

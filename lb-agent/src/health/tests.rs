@@ -23,6 +23,21 @@ fn a_new_backend_is_online_after_one_success_then_thresholds_apply() {
 }
 
 #[test]
+fn a_carried_state_logs_no_transition_and_thresholds_count_from_it() {
+    let mut t = Tracker::new(2, 2).starting_at(State::Healthy);
+    assert_eq!(t.record(true), None, "already healthy");
+    assert_eq!(t.record(false), None);
+    assert_eq!(t.record(false), Some(State::Unhealthy));
+    let mut t = Tracker::new(2, 2).starting_at(State::Unhealthy);
+    assert_eq!(
+        t.record(true),
+        None,
+        "not a new backend: the threshold applies"
+    );
+    assert_eq!(t.record(true), Some(State::Healthy));
+}
+
+#[test]
 fn a_new_backend_that_never_answers_turns_unhealthy_after_the_threshold() {
     let mut t = Tracker::new(3, 2);
     assert_eq!(t.record(false), None);

@@ -24,10 +24,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// Whether the request asks for a protocol upgrade (WebSocket): `Connection: upgrade` with an
-/// `Upgrade` header.
+/// Whether the request asks for a protocol upgrade to tunnel (WebSocket): `Connection:
+/// upgrade` with an `Upgrade` header. Not `h2c`: an upgrade of this hop's connection to
+/// HTTP/2 means nothing to the next one, and a backend accepting it would take the client's
+/// later requests past the proxy's routing (h2c smuggling); the request goes on without it.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+    let h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    });
+    headers.contains_key(header::UPGRADE) && !h2c && connection_has(headers, "upgrade")
 }
 
 /// Whether the Connection header lists `token` (ignoring case).
@@ -269,6 +276,15 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
+        // h2c is this hop's business: the request goes on without Upgrade and its settings.
+        let h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+        ]);
+        assert!(!wants_upgrade(&h));
+        let sent = lines(&h, &forwarded(false, None));
+        assert!(sent[0].starts_with("x-forwarded-for: "), "{sent:?}");
     }
 
     /// The header lines `fwd` writes for `h`.

@@ -236,6 +236,32 @@ async fn site(pools: &str) -> Lb {
     .await
 }
 
+/// One https listener `site` with `certificates` (YAML flow-list items) in front of `web`.
+async fn https_site(dir: TempDir, certificates: &str, web: SocketAddr) -> Lb {
+    lb_in(
+        dir,
+        &format!(
+            "  - {{ name: site, protocol: https, vip: 127.0.0.1, port: 8443, pool: web, access_log: '{{log}}', tls: {{ certificates: [{certificates}] }} }}\n"
+        ),
+        &pool("web", &[web]),
+    )
+    .await
+}
+
+/// An HTTP/2 client connection (prior knowledge) to a plain listener, and its task.
+async fn h2_prior_knowledge(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    (tx, tokio::spawn(conn))
+}
+
 async fn lb(listeners: &str, pools: &str) -> Lb {
     lb_in(TempDir::new(), listeners, pools).await
 }
@@ -523,12 +549,7 @@ async fn an_http_1_0_backend_is_answered_as_http_1_1_and_the_client_stays_connec
 async fn http2_cookies_reach_an_http_1_1_backend_as_one_header() {
     let web = backend("web").await;
     let lb = site(&pool("web", &[web])).await;
-    let s = TcpStream::connect(lb.addr("site")).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut tx, _conn) = h2_prior_knowledge(lb.addr("site")).await;
     let req = Request::get("http://h2.example/c")
         .header("cookie", "a=1")
         .header("cookie", "SERVERID=b2")
@@ -1218,12 +1239,7 @@ async fn a_keep_alive_connection_serves_100_requests_then_closes_http2_too() {
         assert!(tx.send_request(get("x", "/")).await.is_err());
 
         // HTTP/2 the same: after its 100th stream the connection sends GOAWAY and ends.
-        let s = TcpStream::connect(lb.addr("site")).await.unwrap();
-        let (mut tx, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-                .await
-                .unwrap();
-        let conn = tokio::spawn(conn);
+        let (mut tx, conn) = h2_prior_knowledge(lb.addr("site")).await;
         for i in 1..=100 {
             let req = Request::get("http://h2.example/")
                 .body(Full::<Bytes>::default())
@@ -1538,15 +1554,7 @@ async fn rsa_ec_and_pkcs8_keys_serve_tls_1_2_and_1_3_and_sessions_resume() {
         assert!(pem.starts_with(header), "{name}.key: {pem}");
     }
     let pairs: Vec<String> = leaves.iter().map(|(n, ..)| certs.pair(n)).collect();
-    let lb = lb_in(
-        dir,
-        &format!(
-            "  - {{ name: site, protocol: https, vip: 127.0.0.1, port: 8443, pool: web, access_log: '{{log}}', tls: {{ certificates: [{}] }} }}\n",
-            pairs.join(", ")
-        ),
-        &pool("web", &[web]),
-    )
-    .await;
+    let lb = https_site(dir, &pairs.join(", "), web).await;
     let a = lb.addr("site");
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
         for (name, leaf, _) in &leaves {
@@ -1592,15 +1600,7 @@ async fn a_replaced_certificate_serves_new_handshakes_and_live_connections_conti
     let dir = TempDir::new();
     let certs = Certs::new(&dir, &[]);
     let old = certs.issue("site", &["www.example.com"]);
-    let lb = lb_in(
-        dir,
-        &format!(
-            "  - {{ name: site, protocol: https, vip: 127.0.0.1, port: 8443, pool: web, access_log: '{{log}}', tls: {{ certificates: [{}] }} }}\n",
-            certs.pair("site")
-        ),
-        &pool("web", &[web]),
-    )
-    .await;
+    let lb = https_site(dir, &certs.pair("site"), web).await;
     let a = lb.addr("site");
     let (live, leaf) = tls(&certs, a, "www.example.com", &[b"http/1.1"]).await;
     assert_eq!(leaf, old);

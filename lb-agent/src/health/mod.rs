@@ -448,7 +448,7 @@ where
 }
 
 /// `addr`, with brackets for IPv6 (an HTTP Host value).
-fn host_of(a: IpAddr) -> String {
+pub fn host_of(a: IpAddr) -> String {
     match a {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),

@@ -611,10 +611,7 @@ impl Site {
         let redirect = l.redirect.as_ref().map(|r| Redirect {
             code: StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
             port: cfg.https_port(l.vip).map_or(443, |p| p.0),
-            vip: match l.vip {
-                std::net::IpAddr::V4(a) => a.to_string(),
-                std::net::IpAddr::V6(a) => format!("[{a}]"),
-            },
+            vip: crate::health::host_of(l.vip),
         });
         let log = AccessLog::open(l.access_log.as_deref())
             .await
@@ -673,7 +670,8 @@ impl Site {
         let mut record = Record::new(&self.sink, client.addr);
         record.tcpinfo_rtt = tcp_rtt_us(client.fd);
         let host = request_host(&req);
-        record.host = host.clone().unwrap_or_default();
+        let bad_host = host.is_err();
+        record.host = host.unwrap_or_default();
         record.method = Some(req.method().clone());
         record.path = req
             .uri()
@@ -685,7 +683,7 @@ impl Site {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
-        if host.is_err() {
+        if bad_host {
             debug!(listener = %self.sink.listener(), client = %client.addr, "missing, repeated or invalid Host");
             return Answer::Now(Box::new(local_error(StatusCode::BAD_REQUEST, record)));
         }

@@ -7,7 +7,11 @@ use std::borrow::Cow;
 
 /// `path` normalized; borrowed when it already is (almost every request).
 pub fn normalized(path: &str) -> Cow<'_, str> {
-    if !path.contains('%') && !path.contains("/.") && !path.contains("//") {
+    // One pass (this runs for every request): an escape, or a slash before a dot or a slash.
+    let b = path.as_bytes();
+    let plain = (0..b.len())
+        .all(|i| b[i] != b'%' && !(b[i] == b'/' && matches!(b.get(i + 1), Some(b'.' | b'/'))));
+    if plain {
         return Cow::Borrowed(path);
     }
     let decoded = decode_unreserved(path);

@@ -1367,7 +1367,7 @@ impl Config {
             }
             if let Some(h) = &r.host {
                 let name = h.strip_prefix("*.").unwrap_or(h);
-                if name.is_empty()
+                if name.split('.').any(str::is_empty)
                     || name.contains('*')
                     || !name
                         .bytes()

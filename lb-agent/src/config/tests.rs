@@ -437,6 +437,10 @@ fn l7_listeners_are_checked_with_positions() {
         "lb.yaml:19:11: listeners[1].port: 10.91.0.100:443/tcp is already used by listener `site`"
     );
     assert_eq!(
+        l7_err(|t| t.replace("host: api.example.com", "host: api..example.com")),
+        "lb.yaml:13:17: listeners[0].routes[0].host: `api..example.com` is not a host name or `*.suffix` pattern"
+    );
+    assert_eq!(
         l7_err(|t| t.replacen(
             "    pool: web\n",
             "    pool: web\n    max_uri_bytes: 0\n",

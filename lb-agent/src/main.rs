@@ -451,10 +451,16 @@ impl Agent {
     }
 
     /// After the maps took `self.ids`: counters of ids `previous` did not give the same
-    /// listener or backend start from zero, and the ids are kept for the next agent.
+    /// listener or backend start from zero, and the ids are kept for the next agent. Without
+    /// a previous assignment (a new dataplane, or one an agent that kept none ran, in config
+    /// order as here) the counters stay.
     fn ids_applied(&mut self, previous: &plan::Ids) {
         let (listeners, backends) = self.ids.fresh(previous);
-        if let Err(e) = self.dp.clear_counters(&listeners, &backends) {
+        let known = *previous != plan::Ids::default();
+        if let Err(e) = known
+            .then(|| self.dp.clear_counters(&listeners, &backends))
+            .transpose()
+        {
             warn!(error = %e, "clearing the counters of new listeners and backends");
         }
         if let Err(e) = self.state.set_ids(&self.ids) {

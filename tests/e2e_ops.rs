@@ -90,6 +90,8 @@ fn fifty_connections_survive_ten_reloads_a_sigterm_restart_and_a_sigkill_restart
         println!("reload {i}: {} in {:?}", out.trim(), started.elapsed());
         std::thread::sleep(Duration::from_millis(200));
     }
+    let same = reload(&agent).expect("reloading the same file");
+    assert!(same.contains("unchanged, nothing to apply"), "{same}");
 
     // An invalid file: reported with its position, nothing changes (the status included).
     let status = || String::from_utf8_lossy(&agent.cli(&["status"]).stdout).into_owned();

@@ -529,13 +529,13 @@ impl Agent {
             // Certificate files are watched by the proxy itself.
             Ok(cfg) if cfg == self.cfg => {
                 info!("config unchanged");
-                Ok(())
+                Ok("unchanged")
             }
-            Ok(cfg) => self.apply_config(cfg).await,
+            Ok(cfg) => self.apply_config(cfg).await.map(|()| "ok"),
             Err(e) => Err(anyhow::Error::from(e)),
         };
         let report = match &result {
-            Ok(()) => "ok".to_string(),
+            Ok(outcome) => outcome.to_string(),
             Err(e) => {
                 error!("reload failed, still running the previous config: {e:#}");
                 format!("error: {e:#}")
@@ -663,11 +663,15 @@ fn reload(state_dir: &Path) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         match state.reload_result() {
             Some((g, report)) if g > before => {
-                if report == "ok" {
-                    println!("{}: reloaded", path.display());
-                    return Ok(());
-                }
-                bail!("{}", report.trim_start_matches("error: "));
+                let outcome = match report.as_str() {
+                    "ok" => "reloaded",
+                    "unchanged" => {
+                        "unchanged, nothing to apply (run-time weight and drain changes stay)"
+                    }
+                    _ => bail!("{}", report.trim_start_matches("error: ")),
+                };
+                println!("{}: {outcome}", path.display());
+                return Ok(());
             }
             _ => std::thread::sleep(Duration::from_millis(50)),
         }

@@ -508,10 +508,18 @@ async fn requests_without_a_valid_host_get_400_but_http_1_0_needs_none() {
     let answer = raw(a, b"GET /old HTTP/1.0\r\n\r\n").await;
     assert!(status_line(&answer).contains(" 200 "), "{answer}");
     assert!(answer.contains("path: /old"), "{answer}");
-    let lines = lb.log_lines(7).await;
+    // A head the parser refuses after a request served on the same connection: its page too.
+    let answer = raw(
+        a,
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("path: /first"), "{answer}");
+    assert!(answer.contains("<h1>400 Bad Request</h1>"), "{answer}");
+    let lines = lb.log_lines(9).await;
     assert_eq!(
         lines.iter().filter(|l| l["status"] == 400).count(),
-        6,
+        7,
         "{lines:?}"
     );
     lb.shutdown(Duration::from_secs(1)).await;
@@ -823,6 +831,11 @@ async fn every_error_code_is_provoked_and_logged() {
 
     let malformed = raw(a, b"GET / HTTP/1.1\r\nHost x\r\n\r\n").await;
     assert!(status_line(&malformed).contains(" 400 "), "{malformed}");
+    // The parser's own answers are pages that say the code too.
+    assert!(
+        malformed.contains("<h1>400 Bad Request</h1>"),
+        "{malformed}"
+    );
     let huge_header = raw(
         a,
         format!(
@@ -833,6 +846,7 @@ async fn every_error_code_is_provoked_and_logged() {
     )
     .await;
     assert!(status_line(&huge_header).contains(" 431 "), "{huge_header}");
+    assert!(huge_header.contains("<h1>431 "), "{huge_header}");
     let long_uri = raw(
         a,
         format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(9000)).as_bytes(),
@@ -845,6 +859,14 @@ async fn every_error_code_is_provoked_and_logged() {
     )
     .await;
     assert!(status_line(&te).contains(" 501 "), "{te}");
+    // A lone coding the parser refuses (RFC 9112 §6.3) is a 501 as well.
+    let lone = raw(
+        a,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    )
+    .await;
+    assert!(status_line(&lone).contains(" 501 "), "{lone}");
+    assert!(lone.contains("<h1>501 Not Implemented</h1>"), "{lone}");
     // A body that stops halfway: 408 after the request timeout.
     let stalled = raw(
         a,
@@ -862,7 +884,7 @@ async fn every_error_code_is_provoked_and_logged() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let lines = lb.log_lines(15).await;
+    let lines = lb.log_lines(16).await;
     let statuses: Vec<u64> = lines
         .iter()
         .map(|l| l["status"].as_u64().unwrap())

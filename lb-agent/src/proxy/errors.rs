@@ -3,17 +3,38 @@
 use bytes::Bytes;
 use hyper::{header, Response, StatusCode};
 
-/// `<code> <reason>` as a tiny HTML page, the way nginx/Tengine answer.
-pub fn page(status: StatusCode) -> Response<Bytes> {
-    let title = format!(
+/// `<code> <reason>`.
+fn title(status: StatusCode) -> String {
+    format!(
         "{} {}",
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
-    );
-    let body = format!(
+    )
+}
+
+/// `<code> <reason>` as a tiny HTML page, the way nginx/Tengine answer.
+fn body(status: StatusCode) -> String {
+    let title = title(status);
+    format!(
         "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n</body>\r\n</html>\r\n"
-    );
-    let mut res = Response::new(Bytes::from(body));
+    )
+}
+
+/// The page as a whole HTTP/1.1 answer that closes the connection (written in place of
+/// hyper's own, `own_answers`).
+pub fn page_bytes(status: StatusCode) -> Vec<u8> {
+    let body = body(status);
+    format!(
+        "HTTP/1.1 {}\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        title(status),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The page as a response.
+pub fn page(status: StatusCode) -> Response<Bytes> {
+    let mut res = Response::new(Bytes::from(body(status)));
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -28,6 +28,8 @@ pub struct Activity {
     /// The connection has carried all the requests it may (HTTP/2, which asks no single
     /// response to close it: the connection sends GOAWAY).
     spent: tokio::sync::Notify,
+    /// The status sent instead of hyper's own answer to an unparsable head (0: none).
+    own_answer: std::sync::atomic::AtomicU16,
 }
 
 impl Activity {
@@ -38,7 +40,28 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             last_ns: AtomicU64::new(0),
             spent: tokio::sync::Notify::new(),
+            own_answer: std::sync::atomic::AtomicU16::new(0),
         })
+    }
+
+    /// How many requests have started.
+    pub fn started(&self) -> u32 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request is in flight (its head came, its answer is not done).
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// The proxy answered an unparsable head with `status` (see `own_answers`).
+    pub fn answered_with(&self, status: hyper::StatusCode) {
+        self.own_answer.store(status.as_u16(), Ordering::Relaxed);
+    }
+
+    /// The status [`Activity::answered_with`] recorded.
+    pub fn own_answer(&self) -> Option<u16> {
+        Some(self.own_answer.load(Ordering::Relaxed)).filter(|&s| s != 0)
     }
 
     /// The connection may take no more requests (see [`Activity::spent`]).

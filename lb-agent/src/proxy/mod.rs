@@ -13,6 +13,7 @@ pub mod headers;
 mod idle;
 pub mod log;
 pub mod metrics;
+mod own_answers;
 mod path;
 pub mod tls;
 pub mod upstream;
@@ -55,6 +56,7 @@ use self::{
     h1::ExchangeError,
     log::{AccessLog, Attempt, Record, Sink},
     metrics::RequestStats,
+    own_answers::OwnAnswers,
     upstream::{ActiveGuard, ConnectError, Pool},
 };
 use crate::{
@@ -328,27 +330,30 @@ impl Conn {
             }
             () = &mut drained => return,
         };
-        let io = TokioIo::new(io);
         // The connections are boxed: passed to `drive` inline, hyper's connection is copied
         // into its future, which measured about 200 instructions more per connection than
         // the allocation (callgrind).
         let result = if h2 {
-            let conn = self.http.h2.serve_connection(io, svc);
+            let conn = self.http.h2.serve_connection(TokioIo::new(io), svc);
             let spent = activity.spent();
             tokio::pin!(spent);
             drive(Box::pin(conn), peer, idle, drained, spent).await
         } else {
+            let io = TokioIo::new(OwnAnswers::new(io, activity.clone()));
             let conn = self.http.h1.serve_connection(io, svc).with_upgrades();
             let never = std::future::pending();
             tokio::pin!(never);
             drive(Box::pin(conn), peer, idle, drained, never).await
         };
         if let Err(e) = result {
-            // A request head hyper could not parse: hyper has answered it (431 when it outgrew
-            // `max_header_bytes`, else 400) and closed; it is logged and counted like any
-            // other answer.
+            // A request head hyper could not parse: answered (431 when it outgrew
+            // `max_header_bytes`, 501 for its transfer coding, else 400; see `own_answers`)
+            // and closed; it is logged and counted like any other answer.
             if e.is_parse() {
-                let status = if e.is_parse_too_large() { 431 } else { 400 };
+                let status =
+                    activity
+                        .own_answer()
+                        .unwrap_or(if e.is_parse_too_large() { 431 } else { 400 });
                 drop(Record::unparsed(&site.sink, peer, status));
             }
             debug!(client = %peer, error = %e, "client connection ended with an error");
@@ -404,7 +409,7 @@ trait Served: Future<Output = Result<(), hyper::Error>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl<S> Served for http1::UpgradeableConnection<TokioIo<Box<dyn ClientIo>>, S>
+impl<S> Served for http1::UpgradeableConnection<TokioIo<OwnAnswers<Box<dyn ClientIo>>>, S>
 where
     S: hyper::service::HttpService<Incoming, ResBody = ResponseBody>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

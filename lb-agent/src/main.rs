@@ -455,13 +455,11 @@ impl Agent {
     /// a previous assignment (a new dataplane, or one an agent that kept none ran, in config
     /// order as here) the counters stay.
     fn ids_applied(&mut self, previous: &plan::Ids) {
-        let (listeners, backends) = self.ids.fresh(previous);
-        let known = *previous != plan::Ids::default();
-        if let Err(e) = known
-            .then(|| self.dp.clear_counters(&listeners, &backends))
-            .transpose()
-        {
-            warn!(error = %e, "clearing the counters of new listeners and backends");
+        if *previous != plan::Ids::default() {
+            let (listeners, backends) = self.ids.fresh(previous);
+            if let Err(e) = self.dp.clear_counters(&listeners, &backends) {
+                warn!(error = %e, "clearing the counters of new listeners and backends");
+            }
         }
         if let Err(e) = self.state.set_ids(&self.ids) {
             warn!(error = %e, "recording the listener and backend ids");

@@ -1038,6 +1038,20 @@ impl Config {
                     format!("{} listener `{}` needs a `pool`", l.protocol, l.name),
                 ));
             };
+            if matches!(l.scheduler(), Scheduler::Maglev | Scheduler::SourceIp) {
+                let needed = maglev_slots_needed(pool);
+                if u64::from(l.table_size) < needed {
+                    return Err((
+                        format!("listeners[{i}].table_size"),
+                        format!(
+                            "{} slots leave some of pool `{}`'s backends without one (by their weights it needs at least {needed}; the default {} spreads them evenly)",
+                            l.table_size,
+                            pool.name,
+                            lb_common::maps::MAX_RING
+                        ),
+                    ));
+                }
+            }
             let max_wlc = lb_common::maps::MAX_WLC_BACKENDS as usize;
             if l.scheduler() == Scheduler::Wlc && pool.backends.len() > max_wlc {
                 return Err((
@@ -1234,6 +1248,25 @@ fn validate_health_check(i: usize, pool: &Pool) -> Result<(), Invalid> {
         return Err((at("expected_codes"), "at least one code is needed".into()));
     }
     Ok(())
+}
+
+/// The smallest Maglev table in which each of `pool`'s backends with a weight gets about
+/// one slot or more (slots go in proportion to weight), for the primaries and for the backups
+/// (the table holds one set or the other).
+fn maglev_slots_needed(pool: &Pool) -> u64 {
+    [false, true]
+        .iter()
+        .map(|&backup| {
+            let weights = pool
+                .backends
+                .iter()
+                .filter(|b| b.backup == backup && b.weight > 0)
+                .map(|b| u64::from(b.weight));
+            let (sum, min) = weights.fold((0, u64::MAX), |(s, m), w| (s + w, m.min(w)));
+            sum.div_ceil(min.max(1))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn is_prime(n: u32) -> bool {

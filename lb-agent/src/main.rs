@@ -27,7 +27,7 @@ use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
-use tokio::{sync::watch, task::JoinSet};
+use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 // glibc's malloc cost the proxy about a tenth of its CPU per request (arena locks and
@@ -231,8 +231,9 @@ struct Agent {
     added: Vec<netif::Added>,
     /// The probe tasks of `health` (dropping them stops the probes).
     checks: JoinSet<()>,
-    /// Stops the current L7 proxies; they finish in the background.
-    proxies: Option<watch::Sender<()>>,
+    /// The L7 listeners' servers (config order); dropping one's entry stops them, and they
+    /// finish their connections in the background.
+    proxies: Vec<proxy::Started>,
     l7_done: JoinSet<()>,
     /// Reloads so far, reported to `lb-agent reload`.
     generation: u64,
@@ -240,8 +241,6 @@ struct Agent {
     swept: gc::Report,
     /// Weight and drain changes from the admin API; cleared when the config is reloaded.
     overrides: overrides::Overrides,
-    /// The current L7 listeners' request counters (config order).
-    requests: Vec<Arc<RequestStats>>,
     /// Publishes views to the admin API (set once it serves).
     publisher: Option<admin::Publisher>,
 }
@@ -273,12 +272,11 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
         plan,
         added,
         checks: JoinSet::new(),
-        proxies: None,
+        proxies: Vec::new(),
         l7_done: JoinSet::new(),
         generation: 0,
         swept: gc::Report::default(),
         overrides,
-        requests: Vec::new(),
         publisher: None,
     };
     agent.dp.apply(&agent.plan).context("filling the maps")?;
@@ -377,7 +375,7 @@ impl Agent {
         self.checks = self.health.start(&self.cfg);
         // The admin API shows the views published here and sends back weight and drain changes.
         let (publisher, views) =
-            admin::Publisher::new(&self.path, self.health.clone(), self.requests.clone());
+            admin::Publisher::new(&self.path, self.health.clone(), self.requests());
         let (changes, mut commands) = tokio::sync::mpsc::channel(16);
         admin::serve(self.cfg.agent.admin, views, changes).await?;
         self.publisher = Some(publisher);
@@ -441,9 +439,7 @@ impl Agent {
                 }
             }
         };
-        if let Some(stop) = self.proxies.take() {
-            let _ = stop.send(());
-        }
+        self.proxies.clear();
         while self.l7_done.join_next().await.is_some() {}
         // Their access logs' last lines.
         tokio::task::block_in_place(|| proxy::log::finish_writers(Duration::from_secs(2)));
@@ -505,18 +501,53 @@ impl Agent {
         }
     }
 
-    /// Starts the L7 proxies of `self.cfg` next to the ones running (SO_REUSEPORT), then tells
-    /// those to stop accepting and finish their connections.
+    /// The L7 listeners' request counters (config order).
+    fn requests(&self) -> Vec<Arc<RequestStats>> {
+        self.proxies.iter().map(|p| p.requests.clone()).collect()
+    }
+
+    /// Starts servers for the L7 listeners of `self.cfg` that are new or changed, next to the
+    /// ones running (SO_REUSEPORT), then tells the replaced and removed ones to stop accepting
+    /// and finish their connections. An unchanged listener keeps its servers and connections
+    /// (only the difference is applied), and a replaced one its request counters.
     async fn start_proxies(&mut self) -> anyhow::Result<()> {
-        let (stop, stopped) = watch::channel(());
-        let (requests, done) = proxy::start(&self.cfg, &self.health, stopped, SHUTDOWN_GRACE)
-            .await
-            .context("starting the L7 proxy")?;
-        self.l7_done.spawn(done);
-        self.requests = requests;
-        if let Some(old) = self.proxies.replace(stop) {
-            let _ = old.send(());
+        let cfg = &self.cfg;
+        let bases: Vec<(&config::Listener, proxy::Basis)> = cfg
+            .listeners
+            .iter()
+            .filter(|l| l.protocol.is_l7())
+            .map(|l| (l, proxy::Basis::of(cfg, l)))
+            .collect();
+        let (kept, replaced): (Vec<_>, Vec<_>) = std::mem::take(&mut self.proxies)
+            .into_iter()
+            .partition(|p| bases.iter().any(|(_, b)| *b == p.basis));
+        let wanted: Vec<&config::Listener> = bases
+            .iter()
+            .filter(|(_, b)| !kept.iter().any(|p| p.basis == *b))
+            .map(|(l, _)| *l)
+            .collect();
+        let mut started = Vec::new();
+        if !wanted.is_empty() {
+            let carried: Vec<_> = replaced.iter().map(|p| p.requests.clone()).collect();
+            match proxy::start(cfg, &wanted, &self.health, &carried, SHUTDOWN_GRACE).await {
+                Ok((s, done)) => {
+                    self.l7_done.spawn(done);
+                    started = s;
+                }
+                Err(e) => {
+                    self.proxies = kept.into_iter().chain(replaced).collect();
+                    return Err(e).context("starting the L7 proxy");
+                }
+            }
+            info!(listeners = ?wanted.iter().map(|l| &l.name).collect::<Vec<_>>(), "L7 listeners started");
         }
+        let mut proxies: Vec<_> = kept.into_iter().chain(started).collect();
+        proxies.sort_by_key(|p| bases.iter().position(|(_, b)| *b == p.basis));
+        self.proxies = proxies;
+        // Their senders go: they stop accepting and drain.
+        drop(replaced);
+        // Earlier generations' threads that have ended.
+        while self.l7_done.try_join_next().is_some() {}
         Ok(())
     }
 
@@ -579,12 +610,10 @@ impl Agent {
         self.save_health();
         self.checks = self.health.start(&self.cfg);
         tokio::task::block_in_place(|| self.prepare_host(Some(&old)))?;
-        if l7_part(&old) != l7_part(&self.cfg) {
-            self.start_proxies().await?;
-            info!("L7 listeners replaced; the old ones finish their connections");
-        }
+        self.start_proxies().await?;
+        let requests = self.requests();
         if let Some(p) = &mut self.publisher {
-            p.follow(self.health.clone(), self.requests.clone());
+            p.follow(self.health.clone(), requests);
         }
         self.publish();
         info!(
@@ -594,22 +623,6 @@ impl Agent {
         );
         Ok(())
     }
-}
-
-/// What the L7 proxies are built from: their listeners and the pools they name.
-fn l7_part(cfg: &Config) -> (Vec<&config::Listener>, Vec<&config::Pool>) {
-    let listeners: Vec<_> = cfg
-        .listeners
-        .iter()
-        .filter(|l| l.protocol.is_l7())
-        .collect();
-    let named = |p: &config::Pool| {
-        listeners.iter().any(|l| {
-            l.pool.as_deref() == Some(p.name.as_str()) || l.routes.iter().any(|r| r.pool == p.name)
-        })
-    };
-    let pools = cfg.pools.iter().filter(|p| named(p)).collect();
-    (listeners, pools)
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {

@@ -274,7 +274,8 @@ async fn lb_in(dir: TempDir, listeners: &str, pools: &str) -> Lb {
     let cfg = config::parse("test.yaml", &text, &config::Host::default())
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
     let health = Arc::new(Health::new(&cfg));
-    let servers = proxy::servers(&cfg, &health, |_| {
+    let l7 = cfg.listeners.iter().filter(|l| l.protocol.is_l7());
+    let servers = proxy::servers(&cfg, l7, &health, &[], |_| {
         std::net::TcpListener::bind("127.0.0.1:0")
     })
     .await

@@ -546,6 +546,19 @@ fn l4_listener_options_are_validated() {
         with("    table_size: 65539\n"),
         "lb.yaml:13:17: listeners[0].table_size: 65539 is not a prime up to 65537"
     );
+    // Each backend needs about a slot by weight: weights 1 and 9 take at least 10 (maglev and
+    // source_ip; wrr and wlc use no such table).
+    let weighted = EXAMPLE
+        .replace("8080, weight: 1 }\n      - { address: 10.91.2.12, port: 8080, weight: 1", "8080, weight: 1 }\n      - { address: 10.91.2.12, port: 8080, weight: 9");
+    let small = weighted.replace("    pool: web\n", "    pool: web\n    table_size: 7\n");
+    assert_eq!(
+        err(&small),
+        "lb.yaml:13:17: listeners[0].table_size: 7 slots leave some of pool `web`'s backends without one (by their weights it needs at least 10; the default 65537 spreads them evenly)"
+    );
+    let enough = weighted.replace("    pool: web\n", "    pool: web\n    table_size: 11\n");
+    assert!(parse("lb.yaml", &enough, &host()).is_ok());
+    let wrr = small.replace("    table_size: 7\n", "    table_size: 7\n    scheduler: wrr\n");
+    assert!(parse("lb.yaml", &wrr, &host()).is_ok());
     let e = with("    idle_timeout: soon\n");
     assert!(
         e.starts_with("lb.yaml:13:19: listeners[0].idle_timeout: `soon` is not a duration"),

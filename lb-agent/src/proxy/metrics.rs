@@ -7,7 +7,7 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, OnceLock,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -26,8 +26,9 @@ const LAST_CODE: u16 = 599;
 pub struct RequestStats {
     pub listener: String,
     shards: Box<[Shard; SLOTS]>,
-    /// The workers serving the listener (none when it is served without them, in tests).
-    workers: OnceLock<Arc<Loads>>,
+    /// The workers serving the listener (none when it is served without them, in tests); the
+    /// latest ones when a reload replaced them.
+    workers: Mutex<Option<Arc<Loads>>>,
 }
 
 #[derive(Debug)]
@@ -58,18 +59,20 @@ impl RequestStats {
                 buckets: std::array::from_fn(|_| AtomicU64::new(0)),
                 sum_ns: AtomicU64::new(0),
             })),
-            workers: OnceLock::new(),
+            workers: Mutex::new(None),
         }
     }
 
     pub(super) fn set_workers(&self, loads: Arc<Loads>) {
-        let _ = self.workers.set(loads);
+        *self.workers.lock().unwrap_or_else(|e| e.into_inner()) = Some(loads);
     }
 
     /// Open client connections of each worker, in worker order.
     pub fn connections(&self) -> Vec<u64> {
         self.workers
-            .get()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
             .map_or_else(Vec::new, |l| l.connections())
     }
 

@@ -116,15 +116,52 @@ fn thread_slot() -> (usize, std::thread::ThreadId) {
     SLOT.with(|s| *s)
 }
 
-/// Builds a server for every http/https listener of `cfg`, listening on what `bind` returns
-/// for it (the VIP and port in production, an ephemeral loopback port in tests).
-pub async fn servers(
+/// Everything one http/https listener's servers are built from: its own settings, the pools
+/// it names and the https port its redirect points to. A reload keeps a listener's servers
+/// (and its connections) while this stays the same.
+#[derive(Debug, PartialEq)]
+pub struct Basis {
+    listener: Listener,
+    pools: Vec<crate::config::Pool>,
+    redirect_port: Option<u16>,
+    cpu_affinity: bool,
+}
+
+impl Basis {
+    pub fn of(cfg: &Config, l: &Listener) -> Self {
+        let named = |p: &&crate::config::Pool| {
+            l.pool.as_deref() == Some(p.name.as_str()) || l.routes.iter().any(|r| r.pool == p.name)
+        };
+        Self {
+            listener: l.clone(),
+            pools: cfg.pools.iter().filter(named).cloned().collect(),
+            redirect_port: l
+                .redirect
+                .as_ref()
+                .and_then(|_| cfg.https_port(l.vip))
+                .map(|p| p.0),
+            cpu_affinity: cfg.agent.l7_cpu_affinity,
+        }
+    }
+
+    pub fn listener(&self) -> &str {
+        &self.listener.name
+    }
+}
+
+/// Builds a server for each of `listeners` (http/https listeners of `cfg`), listening on what
+/// `bind` returns for it (the VIP and port in production, an ephemeral loopback port in
+/// tests). A listener counts its requests on from its entry in `carried`, if any: a reload
+/// that replaces its servers keeps its counters.
+pub async fn servers<'a>(
     cfg: &Config,
+    listeners: impl IntoIterator<Item = &'a Listener>,
     health: &Health,
+    carried: &[Arc<RequestStats>],
     mut bind: impl FnMut(&Listener) -> io::Result<std::net::TcpListener>,
 ) -> Result<Vec<Server>, ProxyError> {
     let mut out = Vec::new();
-    for l in cfg.listeners.iter().filter(|l| l.protocol.is_l7()) {
+    for l in listeners {
         let addr = SocketAddr::new(l.vip, l.port.0);
         let bind_err = |source| ProxyError::Bind {
             listener: l.name.clone(),
@@ -132,7 +169,12 @@ pub async fn servers(
             source,
         };
         let tcp = listening(bind(l).map_err(bind_err)?).map_err(bind_err)?;
-        let site = Site::new(cfg, health, l).await?;
+        let requests = carried
+            .iter()
+            .find(|r| r.listener == l.name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(RequestStats::new(&l.name)));
+        let site = Site::new(cfg, health, l, requests).await?;
         let tls = match &l.tls {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(
                 tls::server_config(t).map_err(|source| ProxyError::Tls {
@@ -577,7 +619,12 @@ struct Site {
 }
 
 impl Site {
-    async fn new(cfg: &Config, health: &Health, l: &Listener) -> Result<Self, ProxyError> {
+    async fn new(
+        cfg: &Config,
+        health: &Health,
+        l: &Listener,
+        requests: Arc<RequestStats>,
+    ) -> Result<Self, ProxyError> {
         let scheduler = l.scheduler();
         let mut pools: Vec<Pool> = Vec::new();
         let mut pool = |name: &str| -> usize {
@@ -641,10 +688,7 @@ impl Site {
             backend_tls: (l.backend_protocol.unwrap_or_default() == BackendProtocol::Https)
                 .then(|| tokio_rustls::TlsConnector::from(tls::backend_client_config())),
             acl: l.acl.clone(),
-            sink: Arc::new(Sink {
-                log,
-                requests: Arc::new(RequestStats::new(&l.name)),
-            }),
+            sink: Arc::new(Sink { log, requests }),
         })
     }
 
@@ -1331,19 +1375,30 @@ fn listening(std: std::net::TcpListener) -> io::Result<TcpListener> {
     TcpListener::from_std(std)
 }
 
-/// Starts a server for every http/https listener on its VIP and port; they stop when
-/// `shutdown` changes. Returns their request counters (in config order) and a future that
-/// resolves once all have drained.
+/// A listener's servers, running.
+pub struct Started {
+    pub basis: Basis,
+    pub requests: Arc<RequestStats>,
+    /// Sending on it, or dropping it, tells the listener's servers to stop accepting and
+    /// give their connections up to the grace period to finish.
+    pub stop: watch::Sender<()>,
+}
+
+/// Starts servers for `listeners` (http/https listeners of `cfg`) on their VIPs and ports,
+/// next to any still running there (SO_REUSEPORT), on worker threads of their own. Returns
+/// each one's handle, in order, and a future that resolves once all have drained.
 pub async fn start(
     cfg: &Config,
+    listeners: &[&Listener],
     health: &Health,
-    shutdown: watch::Receiver<()>,
+    carried: &[Arc<RequestStats>],
     grace: Duration,
-) -> Result<(Vec<Arc<RequestStats>>, impl Future<Output = ()>), ProxyError> {
-    let servers = servers(cfg, health, |l| {
+) -> Result<(Vec<Started>, impl Future<Output = ()>), ProxyError> {
+    let servers = servers(cfg, listeners.iter().copied(), health, carried, |l| {
         bind_shared(SocketAddr::new(l.vip, l.port.0))
     })
     .await?;
+    let (stops, stopped): (Vec<_>, Vec<_>) = servers.iter().map(|_| watch::channel(())).unzip();
     let requests: Vec<Arc<RequestStats>> = servers.iter().map(Server::requests).collect();
     let worker_err = |source| ProxyError::Worker { source };
     // One worker thread per core, each with a runtime of its own and every listener on a socket
@@ -1387,7 +1442,7 @@ pub async fn start(
     }
     let mut threads = Vec::new();
     for (i, set) in sets.into_iter().enumerate() {
-        let shutdown = shutdown.clone();
+        let stopped = stopped.clone();
         let cpu = cpus.as_ref().map(|c| c[i]);
         let thread = std::thread::Builder::new()
             .name(format!("l7-worker-{i}"))
@@ -1406,10 +1461,10 @@ pub async fn start(
                 };
                 rt.block_on(async move {
                     let mut tasks = tokio::task::JoinSet::new();
-                    for twin in set {
+                    for (twin, stopped) in set.into_iter().zip(stopped) {
                         match twin.into_server() {
                             Ok(s) => {
-                                tasks.spawn(s.run(shutdown.clone(), grace));
+                                tasks.spawn(s.run(stopped, grace));
                             }
                             Err(e) => warn!(error = %e, "L7 worker socket"),
                         }
@@ -1420,7 +1475,17 @@ pub async fn start(
             .map_err(worker_err)?;
         threads.push(thread);
     }
-    Ok((requests, async move {
+    let started = listeners
+        .iter()
+        .zip(requests)
+        .zip(stops)
+        .map(|((l, requests), stop)| Started {
+            basis: Basis::of(cfg, l),
+            requests,
+            stop,
+        })
+        .collect();
+    Ok((started, async move {
         for t in threads {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }

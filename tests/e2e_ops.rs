@@ -369,7 +369,10 @@ pools:
         assert_eq!(exchange(&mut changed).unwrap(), (200, "ok\n".into()));
     }
     // (The first tries may have met a backend still starting.)
-    let before = (requests_counted(&ns, "site"), requests_counted(&ns, "site2"));
+    let before = (
+        requests_counted(&ns, "site"),
+        requests_counted(&ns, "site2"),
+    );
     assert!(before.0 >= 5.0 && before.1 >= 5.0, "{before:?}");
 
     // Pool b, which only site2 uses, gets a second backend.

@@ -286,11 +286,23 @@ impl Fixture {
         v
     }
 
-    /// Applies another configuration, as a reload does.
+    /// Applies another configuration as a reload does: listeners and backends keep their ids.
     pub fn reconfigure(&mut self, text: &str) {
         let host = config::Host::current().unwrap();
         let cfg = config::parse("fixture.yaml", text, &host).unwrap();
-        self.plan = plan::build(&cfg);
+        let previous = plan::Ids {
+            listeners: self
+                .plan
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.id))
+                .collect(),
+            backends: (self.plan.backends.iter())
+                .map(|b| ((b.pool.clone(), (b.address, b.port).into()), b.id))
+                .collect(),
+        };
+        let ids = plan::Ids::assign(&cfg, &previous);
+        self.plan = plan::build_with(&cfg, &ids, &Default::default(), |_, _| true);
         self.dp.apply(&self.plan).unwrap();
     }
 

@@ -274,6 +274,22 @@ fn the_sweep_expires_flows_by_state_and_keeps_established_ones_until_idle() {
 }
 
 #[test]
+fn a_listener_inserted_by_a_reload_leaves_the_others_idle_timeouts() {
+    let ns = lb_namespace();
+    ns.scoped(|| {
+        let mut f = Fixture::new(&CONFIG.replace("pool: web }", "pool: web, idle_timeout: 60s }"));
+        f.establish(CLIENT);
+        // The new listener comes first in the file: ids stay by name, positions move.
+        f.reconfigure(&CONFIG.replace(
+            "  - { name: web,",
+            "  - { name: quick, protocol: tcp, vip: 10.91.0.100, port: 81, pool: web, idle_timeout: 2s }\n  - { name: web, idle_timeout: 60s,",
+        ));
+        assert_eq!(f.gc_after(30).expired, 0, "web's 60 s, not quick's 2 s");
+        assert_eq!(f.gc_after(61).expired, 1);
+    });
+}
+
+#[test]
 fn the_sweep_keeps_a_flow_while_either_direction_is_recent_and_judges_an_orphan_alone() {
     use lb_common::{
         conn::{DIR_ORIGINAL, DIR_REPLY},

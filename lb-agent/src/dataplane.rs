@@ -757,11 +757,16 @@ fn sweep(
     resets: &mut Vec<crate::reset::Reset>,
 ) {
     use lb_common::conn::{DIR_ORIGINAL, STATE_CLOSED, STATE_CLOSING};
+    // Idle timeouts by listener id (ids are stable names, not positions in the plan).
+    let mut idle_by_id = vec![gc::UNKNOWN_LISTENER_IDLE; plan.listener_slots()];
+    for l in &plan.listeners {
+        idle_by_id[l.id as usize] = l.idle_timeout;
+    }
     let limit = |e: &ConnEntry| {
-        let idle = plan
-            .listeners
+        let idle = idle_by_id
             .get(e.listener_id as usize)
-            .map_or(std::time::Duration::from_secs(900), |l| l.idle_timeout);
+            .copied()
+            .unwrap_or(gc::UNKNOWN_LISTENER_IDLE);
         gc::timeout(e.state, idle).as_nanos() as u64
     };
     // Live flows, counted from their original entries; those found expired are taken back.

@@ -17,6 +17,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a RST: a moment for retransmitted RSTs to be translated too.
 pub const CLOSED_TIMEOUT: Duration = Duration::from_secs(2);
+/// The idle timeout of established flows whose listener is gone from the config (a removed
+/// listener's flows are no longer forwarded; their entries go after this).
+pub const UNKNOWN_LISTENER_IDLE: Duration = Duration::from_secs(900);
 /// How often the agent sweeps.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 

@@ -548,8 +548,10 @@ fn l4_listener_options_are_validated() {
     );
     // Each backend needs about a slot by weight: weights 1 and 9 take at least 10 (maglev and
     // source_ip; wrr and wlc use no such table).
-    let weighted = EXAMPLE
-        .replace("8080, weight: 1 }\n      - { address: 10.91.2.12, port: 8080, weight: 1", "8080, weight: 1 }\n      - { address: 10.91.2.12, port: 8080, weight: 9");
+    let weighted = EXAMPLE.replace(
+        "8080, weight: 1 }\n      - { address: 10.91.2.12, port: 8080, weight: 1",
+        "8080, weight: 1 }\n      - { address: 10.91.2.12, port: 8080, weight: 9",
+    );
     let small = weighted.replace("    pool: web\n", "    pool: web\n    table_size: 7\n");
     assert_eq!(
         err(&small),
@@ -557,7 +559,10 @@ fn l4_listener_options_are_validated() {
     );
     let enough = weighted.replace("    pool: web\n", "    pool: web\n    table_size: 11\n");
     assert!(parse("lb.yaml", &enough, &host()).is_ok());
-    let wrr = small.replace("    table_size: 7\n", "    table_size: 7\n    scheduler: wrr\n");
+    let wrr = small.replace(
+        "    table_size: 7\n",
+        "    table_size: 7\n    scheduler: wrr\n",
+    );
     assert!(parse("lb.yaml", &wrr, &host()).is_ok());
     let e = with("    idle_timeout: soon\n");
     assert!(

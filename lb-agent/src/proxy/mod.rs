@@ -977,7 +977,8 @@ impl Site {
             PersistenceKind::InsertCookie => headers::request_cookie(headers, self.cookie_name())
                 .and_then(|v| pool.available_by_cookie(v)),
             PersistenceKind::AppCookie => {
-                headers::request_cookie(headers, self.cookie_name()).and_then(|v| pool.learned(v))
+                headers::request_cookie(headers, self.cookie_name())
+                    .and_then(|v| pool.learned(v, p.timeout))
             }
             PersistenceKind::SourceIp => {
                 let up = (0..pool.backends.len()).filter(|&i| pool.backends[i].available());

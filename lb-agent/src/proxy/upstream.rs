@@ -368,11 +368,18 @@ impl Pool {
         }
     }
 
-    pub fn learned(&self, value: &str) -> Option<usize> {
-        let m = self.learned.lock().ok()?;
-        m.get(value)
-            .filter(|(i, exp)| *exp > Instant::now() && self.backends[*i].available())
-            .map(|(i, _)| *i)
+    /// The backend that set `value`, while it is available. Each use keeps the value mapped
+    /// for another `ttl`: an idle timeout, as nginx's `sticky learn ... timeout=`, so a session
+    /// in use never moves.
+    pub fn learned(&self, value: &str, ttl: Duration) -> Option<usize> {
+        let mut m = self.learned.lock().ok()?;
+        let now = Instant::now();
+        let (i, exp) = m.get_mut(value)?;
+        if *exp <= now || !self.backends[*i].available() {
+            return None;
+        }
+        *exp = now + ttl;
+        Some(*i)
     }
 }
 
@@ -404,6 +411,21 @@ mod tests {
         // Two in flight at the heavier one: 2/2 against 0/1, the lighter is less loaded.
         let _busy = [p.backends[1].start(), p.backends[1].start()];
         assert_eq!(picks(&p, 5), [5, 0]);
+    }
+
+    #[test]
+    fn a_learned_cookie_stays_mapped_while_requests_carry_it() {
+        let p = pool(Scheduler::Wrr);
+        let ttl = Duration::from_millis(1000);
+        p.learn("s1", 1, ttl);
+        // Used every 600 ms: past the ttl since it was learned, never idle for the ttl.
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(600));
+            assert_eq!(p.learned("s1", ttl), Some(1));
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(p.learned("s1", ttl), None, "idle for longer than the ttl");
+        assert_eq!(p.learned("unknown", ttl), None);
     }
 
     #[test]

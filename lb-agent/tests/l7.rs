@@ -1282,6 +1282,46 @@ async fn a_keep_alive_connection_serves_100_requests_then_closes_http2_too() {
 }
 
 #[tokio::test]
+async fn http2_streams_past_the_request_cap_are_refused_even_when_opened_together() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log}, max_requests_per_connection: 3 }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    tokio::time::timeout(LIMIT, async {
+        let (tx, _conn) = h2_prior_knowledge(lb.addr("site")).await;
+        let mut sent = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let mut tx = tx.clone();
+            sent.spawn(async move {
+                let req = Request::get("http://h2.example/")
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
+                match tx.send_request(req).await {
+                    Ok(r) => Ok(read_answer(r).await.status),
+                    Err(e) => Err(e),
+                }
+            });
+        }
+        let answers = sent.join_all().await;
+        let served = answers
+            .iter()
+            .filter(|a| a.as_ref().is_ok_and(|s| *s == 200))
+            .count();
+        assert_eq!(served, 3, "{answers:?}");
+        assert_eq!(
+            answers.iter().filter(|a| a.is_err()).count(),
+            7,
+            "{answers:?}"
+        );
+    })
+    .await
+    .unwrap();
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn idle_http2_and_silent_connections_close_after_the_idle_timeout_requests_keep_them() {
     let web = backend("web").await;
     let lb = lb(

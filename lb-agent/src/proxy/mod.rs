@@ -19,7 +19,6 @@ pub mod tls;
 pub mod upstream;
 
 use std::{
-    convert::Infallible,
     future::Future,
     io,
     net::SocketAddr,
@@ -334,24 +333,30 @@ impl Conn {
                     activity.spend();
                 }
                 let last = !h2 && n >= site.max_requests;
-                let client = Client {
-                    addr: peer,
-                    ip: client_ip.clone(),
-                    tls,
-                    fd,
-                };
-                let answer = site.handle(req, client);
+                // Streams past the last that the client opened before the GOAWAY reached it
+                // are refused unprocessed (REFUSED_STREAM: safe to retry on a new connection,
+                // RFC 9113 §8.7), as nginx refuses them.
+                let answer = (!h2 || n <= site.max_requests).then(|| {
+                    let client = Client {
+                        addr: peer,
+                        ip: client_ip.clone(),
+                        tls,
+                        fd,
+                    };
+                    site.handle(req, client)
+                });
                 async move {
                     let mut res = match answer {
-                        Answer::Now(res) => *res,
-                        Answer::Later(relay) => relay.await,
+                        Some(Answer::Now(res)) => *res,
+                        Some(Answer::Later(relay)) => relay.await,
+                        None => return Err(h2::Error::from(h2::Reason::REFUSED_STREAM)),
                     };
                     if last {
                         res.headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
                     }
                     res.body_mut().request = Some(in_flight);
-                    Ok::<_, Infallible>(res)
+                    Ok(res)
                 }
             })
         };
@@ -976,10 +981,8 @@ impl Site {
         match p.kind {
             PersistenceKind::InsertCookie => headers::request_cookie(headers, self.cookie_name())
                 .and_then(|v| pool.available_by_cookie(v)),
-            PersistenceKind::AppCookie => {
-                headers::request_cookie(headers, self.cookie_name())
-                    .and_then(|v| pool.learned(v, p.timeout))
-            }
+            PersistenceKind::AppCookie => headers::request_cookie(headers, self.cookie_name())
+                .and_then(|v| pool.learned(v, p.timeout)),
             PersistenceKind::SourceIp => {
                 let up = (0..pool.backends.len()).filter(|&i| pool.backends[i].available());
                 pool.by_source(peer.ip(), up)

@@ -957,10 +957,9 @@ impl Site {
                     StatusCode::BAD_GATEWAY
                 }
             };
-            // Until it failed: nginx's upstream_header_time and upstream_response_time.
-            let a = record.attempt();
-            let took = Some(sent.elapsed());
-            (a.header, a.response) = (took, took);
+            // Until it failed: nginx's upstream_response_time (its upstream_header_time stays
+            // `-`, no head came).
+            record.attempt().response = Some(sent.elapsed());
             // A request that reached a backend is repeated only when that is harmless and
             // the route is not pinned to this backend.
             if !(idempotent && !has_body && self.persistence.is_none()) {

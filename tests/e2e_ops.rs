@@ -393,3 +393,42 @@ pools:
     drop(agent);
     drop(backends);
 }
+
+#[test]
+fn a_reload_moves_the_admin_api_and_one_to_a_taken_address_changes_nothing() {
+    let ns = lb_tests::Netns::new("admmove");
+    let config = |admin: &str| {
+        format!(
+            "agent:\n  interfaces: [lo]\n  xdp_mode: generic\n  admin: {admin}\nlisteners:
+  - {{ name: site, protocol: http, vip: 127.0.0.1, port: 7000, pool: p }}
+pools:\n  - name: p\n    backends: [{{ address: 127.0.0.1, port: 7001 }}]\n"
+        )
+    };
+    let agent = lb_tests::Agent::start(&ns, &config("127.0.0.1:9100"));
+    let answers = |addr: &str| {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        ns.scoped(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(lb_agent::admin::client::get(addr, "/status"))
+                .is_ok()
+        })
+    };
+    assert!(answers("127.0.0.1:9100"));
+
+    agent.write_config(&config("127.0.0.1:9101"));
+    let reloaded = reload(&agent).expect("reload");
+    assert!(reloaded.contains("reloaded"), "{reloaded}");
+    assert!(answers("127.0.0.1:9101"), "the API moved");
+    assert!(!answers("127.0.0.1:9100"), "and left its old address");
+
+    // A taken address fails the reload, which changes nothing.
+    let _taken = ns.scoped(|| std::net::TcpListener::bind("127.0.0.1:9102").unwrap());
+    agent.write_config(&config("127.0.0.1:9102"));
+    let refused = reload(&agent).expect_err("reload to a taken address");
+    assert!(refused.contains("127.0.0.1:9102"), "{refused}");
+    assert!(answers("127.0.0.1:9101"), "still where it was");
+    drop(agent);
+}

@@ -243,6 +243,7 @@ struct Agent {
     overrides: overrides::Overrides,
     /// Publishes views to the admin API (set once it serves).
     publisher: Option<admin::Publisher>,
+    admin: Option<admin::Api>,
 }
 
 fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
@@ -278,6 +279,7 @@ fn run(path: PathBuf, fresh: bool) -> anyhow::Result<()> {
         swept: gc::Report::default(),
         overrides,
         publisher: None,
+        admin: None,
     };
     agent.dp.apply(&agent.plan).context("filling the maps")?;
     agent.ids_applied(&previous);
@@ -377,7 +379,7 @@ impl Agent {
         let (publisher, views) =
             admin::Publisher::new(&self.path, self.health.clone(), self.requests());
         let (changes, mut commands) = tokio::sync::mpsc::channel(16);
-        admin::serve(self.cfg.agent.admin, views, changes).await?;
+        self.admin = Some(admin::Api::serve(self.cfg.agent.admin, views, changes).await?);
         self.publisher = Some(publisher);
         self.publish();
         info!(config = %self.path.display(), listeners = self.cfg.listeners.len(), backends = self.plan.backends.len(), "running");
@@ -579,8 +581,10 @@ impl Agent {
         if cfg.agent.state_dir != self.cfg.agent.state_dir {
             bail!("agent.state_dir cannot change while the agent runs (restart it)");
         }
-        if cfg.agent.admin != self.cfg.agent.admin {
-            warn!(admin = %self.cfg.agent.admin, "agent.admin changed: the admin API moves at the next restart");
+        // Moved first: a new address that cannot be bound fails the reload before anything
+        // changed.
+        if let Some(api) = &mut self.admin {
+            api.move_to(cfg.agent.admin).await?;
         }
         let old = std::mem::replace(&mut self.cfg, cfg);
         // The new file is the truth again: run-time weight and drain changes end here (they
@@ -595,6 +599,11 @@ impl Agent {
         // The maps first: a bad interface or address below leaves the tables right anyway.
         let (dp, new_plan) = (&mut self.dp, &plan);
         if let Err(e) = tokio::task::block_in_place(|| dp.apply(new_plan)) {
+            if let Some(api) = &mut self.admin {
+                if let Err(e) = api.move_to(old.agent.admin).await {
+                    warn!(error = %e, "the admin API stays on the refused config's address");
+                }
+            }
             self.cfg = old;
             self.overrides = kept;
             // Members carried into the refused health are the running ones.

@@ -903,7 +903,10 @@ async fn every_error_code_is_provoked_and_logged() {
     let timed_out = lines.iter().find(|l| l["status"] == 504).unwrap();
     assert_eq!(timed_out["upstream_status"], "504", "{timed_out}");
     assert_ne!(timed_out["upstream_response_time"], "-", "{timed_out}");
-    assert_eq!(timed_out["upstream_header_time"], "-", "no head came: {timed_out}");
+    assert_eq!(
+        timed_out["upstream_header_time"], "-",
+        "no head came: {timed_out}"
+    );
     let dead_line = lines.iter().find(|l| l["status"] == 503).unwrap();
     assert_eq!(
         dead_line["upstream_addr"],

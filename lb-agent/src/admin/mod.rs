@@ -163,16 +163,57 @@ impl Publisher {
 // === server ===
 
 /// Listens on `addr` and serves the API on a task of its own, which ends with the runtime.
-pub async fn serve(
-    addr: SocketAddr,
+/// The admin API's listener; a reload may move it to another address.
+pub struct Api {
     views: watch::Receiver<Arc<View>>,
     commands: mpsc::Sender<Command>,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Api {
+    pub async fn serve(
+        addr: SocketAddr,
+        views: watch::Receiver<Arc<View>>,
+        commands: mpsc::Sender<Command>,
+    ) -> Result<Self, AdminError> {
+        let task = listen(addr, &views, &commands).await?;
+        Ok(Self {
+            views,
+            commands,
+            addr,
+            task,
+        })
+    }
+
+    /// Listens on `addr` instead: bound first, so on an error the API stays where it was.
+    /// Requests on connections already open finish.
+    pub async fn move_to(&mut self, addr: SocketAddr) -> Result<(), AdminError> {
+        if addr != self.addr {
+            let task = listen(addr, &self.views, &self.commands).await?;
+            std::mem::replace(&mut self.task, task).abort();
+            self.addr = addr;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn listen(
+    addr: SocketAddr,
+    views: &watch::Receiver<Arc<View>>,
+    commands: &mpsc::Sender<Command>,
 ) -> Result<JoinHandle<()>, AdminError> {
     let tcp = TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind { addr, source })?;
     info!(addr = %tcp.local_addr().unwrap_or(addr), "admin API listening");
-    Ok(tokio::spawn(accept(tcp, views, commands)))
+    Ok(tokio::spawn(accept(tcp, views.clone(), commands.clone())))
 }
 
 /// The accept loop, for tests that bind their own port.

@@ -58,6 +58,7 @@ pub struct Config {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ interfaces: [eth0] }`")]
 pub struct AgentConfig {
     /// Interfaces the XDP program attaches to (one for a one-arm LB).
     pub interfaces: Vec<String>,
@@ -124,6 +125,7 @@ pub enum XdpMode {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ addresses: [10.0.0.1], ports: 20000-60000 }`")]
 pub struct SnatConfig {
     pub addresses: Vec<IpAddr>,
     /// Source ports for FullNAT flows, `MIN-MAX` inclusive. Reserved on the host
@@ -149,6 +151,9 @@ impl Default for PortRange {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(
+    expecting = "a listener: a map such as `{ name: web, protocol: tcp, vip: 10.0.0.100, port: 80, pool: web }`"
+)]
 pub struct Listener {
     pub name: String,
     pub protocol: Protocol,
@@ -245,6 +250,7 @@ pub enum Scheduler {
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ allow: [10.0.0.0/8], deny: [10.6.6.0/24] }`")]
 pub struct Acl {
     #[serde(default)]
     pub allow: Vec<ipnetwork::IpNetwork>,
@@ -269,17 +275,45 @@ fn default_table_size() -> u32 {
     lb_common::maps::MAX_RING
 }
 
+/// A YAML scalar read as a whole number or as text.
+enum Scalar {
+    Number(u64),
+    Text(String),
+}
+
+/// Reads a [`Scalar`]; anything else is refused with what is expected (an untagged enum would
+/// only say that nothing matched).
+struct NumberOrText(&'static str);
+
+impl de::Visitor<'_> for NumberOrText {
+    type Value = Scalar;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+        Ok(Scalar::Number(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+        u64::try_from(v)
+            .map(Scalar::Number)
+            .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+        Ok(Scalar::Text(v.to_owned()))
+    }
+}
+
 /// A duration as `90s`, `15m`, `1h 30m` (humantime), or a bare number of seconds.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Seconds(u64),
-        Text(String),
-    }
-    let parsed = match Raw::deserialize(d)? {
-        Raw::Seconds(s) => Duration::from_secs(s),
-        Raw::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+    let parsed = match d.deserialize_any(NumberOrText(
+        "a duration such as `900s`, `15m` or `1h 30m`, or a whole number of seconds",
+    ))? {
+        Scalar::Number(s) => Duration::from_secs(s),
+        Scalar::Text(t) => humantime::parse_duration(&t).map_err(|e| {
             de::Error::custom(format!("`{t}` is not a duration ({e}); e.g. 900s or 15m"))
         })?,
     };
@@ -334,6 +368,7 @@ impl Protocol {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ certificates: [{ cert: site.pem, key: site.key }] }`")]
 pub struct TlsConfig {
     pub certificates: Vec<CertificatePair>,
     /// PEM CA bundle; when set, clients must present a certificate it signed.
@@ -344,6 +379,7 @@ pub struct TlsConfig {
 /// A PEM certificate chain (leaf first) and its PEM private key (PKCS#8, RSA or EC).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ cert: site.pem, key: site.key }`")]
 pub struct CertificatePair {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -351,6 +387,9 @@ pub struct CertificatePair {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(
+    expecting = "a route: a map such as `{ host: api.example.com, path_prefix: /v1, pool: api }`"
+)]
 pub struct Route {
     /// `api.example.com` or `*.example.com` (any name ending in `.example.com`); any host
     /// when left out.
@@ -364,6 +403,7 @@ pub struct Route {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ to: https, code: 301 }`")]
 pub struct Redirect {
     pub to: RedirectTarget,
     #[serde(default = "default_redirect_code")]
@@ -382,6 +422,7 @@ pub enum RedirectTarget {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ type: insert_cookie, cookie: SERVERID, timeout: 20m }`")]
 pub struct Persistence {
     #[serde(rename = "type")]
     pub kind: PersistenceKind,
@@ -407,6 +448,7 @@ pub enum PersistenceKind {
 /// Durations as `5s`, `20m`, `500ms`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ connect: 5s, request: 60s, response: 60s, idle: 15s }`")]
 pub struct Timeouts {
     /// TCP connect to a backend; then the next backend is tried.
     #[serde(default = "default_connect", with = "humantime_serde")]
@@ -463,6 +505,7 @@ pub enum BackendProtocol {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a pool: a map such as `{ name: web, backends: [...] }`")]
 pub struct Pool {
     pub name: String,
     pub backends: Vec<BackendConfig>,
@@ -475,6 +518,7 @@ pub struct Pool {
 /// vendors' defaults for the protocol (see the accessors).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a map such as `{ protocol: tcp }` or `{ protocol: http, path: /health }`")]
 pub struct HealthCheck {
     pub protocol: CheckProtocol,
     /// Default: each backend's own port.
@@ -551,20 +595,19 @@ impl CodeRange {
 
 impl<'de> Deserialize<'de> for CodeRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(u16),
-            Range(String),
-        }
         let bad = |s: &str| {
             de::Error::custom(format!(
                 "`{s}` is not a status code or MIN-MAX range of them"
             ))
         };
-        let (min, max) = match Raw::deserialize(d)? {
-            Raw::One(c) => (c, c),
-            Raw::Range(s) => {
+        let (min, max) = match d.deserialize_any(NumberOrText(
+            "a status code such as `200` or a range such as `200-399`",
+        ))? {
+            Scalar::Number(c) => {
+                let c = u16::try_from(c).map_err(|_| bad(&c.to_string()))?;
+                (c, c)
+            }
+            Scalar::Text(s) => {
                 let (a, b) = s.split_once('-').ok_or_else(|| bad(&s))?;
                 match (a.trim().parse(), b.trim().parse()) {
                     (Ok(a), Ok(b)) => (a, b),
@@ -664,6 +707,7 @@ impl fmt::Display for CheckProtocol {
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[serde(expecting = "a backend: a map such as `{ address: 10.0.0.11, port: 8080, weight: 1 }`")]
 pub struct BackendConfig {
     pub address: IpAddr,
     pub port: Port,
@@ -920,6 +964,12 @@ impl Config {
             validate_health_check(i, pool)?;
             let mut seen = HashSet::new();
             for (j, b) in pool.backends.iter().enumerate() {
+                if let Some(kind) = not_unicast(b.address) {
+                    return Err((
+                        format!("pools[{i}].backends[{j}].address"),
+                        format!("{} is {kind}: a backend needs a unicast address", b.address),
+                    ));
+                }
                 if !seen.insert((b.address, b.port)) {
                     return Err((
                         format!("pools[{i}].backends[{j}]"),
@@ -963,6 +1013,41 @@ impl Config {
                     format!(
                         "duplicate listener name `{}` (also listeners[{first}])",
                         l.name
+                    ),
+                ));
+            }
+            if let Some(kind) = not_unicast(l.vip) {
+                return Err((
+                    format!("listeners[{i}].vip"),
+                    format!("{} is {kind}: a VIP needs a unicast address", l.vip),
+                ));
+            }
+            let named = l.pool.iter().chain(l.routes.iter().map(|r| &r.pool));
+            for (p, pool) in named.filter_map(|n| pools.get(n.as_str())) {
+                if let Some(j) =
+                    (pool.backends.iter()).position(|b| (b.address, b.port) == (l.vip, l.port))
+                {
+                    return Err((
+                        format!("pools[{p}].backends[{j}]"),
+                        format!(
+                            "{} is listener `{}` itself: its traffic would loop",
+                            sock(l.vip, l.port),
+                            l.name
+                        ),
+                    ));
+                }
+            }
+            if !l.protocol.is_l7()
+                && self
+                    .snat
+                    .as_ref()
+                    .is_some_and(|s| s.addresses.contains(&l.vip))
+            {
+                return Err((
+                    format!("listeners[{i}].vip"),
+                    format!(
+                        "{} is also an snat address: the address backends see cannot be a VIP",
+                        l.vip
                     ),
                 ));
             }
@@ -1416,6 +1501,22 @@ impl Config {
                 if !p.starts_with('/') {
                     return Err((path("path_prefix"), format!("`{p}` does not start with /")));
                 }
+                // RFC 3986 pchar and `/`: anything else cannot come in a request path.
+                let pchar =
+                    |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c);
+                if let Some(c) = p.chars().find(|&c| !pchar(c)) {
+                    return Err((
+                        path("path_prefix"),
+                        format!("`{p}`: {c:?} cannot appear in a request path (percent-encode it)"),
+                    ));
+                }
+                let normal = crate::proxy::path::normalized(p);
+                if normal != p.as_str() {
+                    return Err((
+                        path("path_prefix"),
+                        format!("`{p}` would never match: paths are matched normalized (escaped unreserved characters decoded, `.` and `..` resolved, `//` merged); write `{normal}`"),
+                    ));
+                }
             }
             if r.host.is_none() && r.path_prefix.is_none() {
                 return Err((
@@ -1539,6 +1640,19 @@ fn route_covers(earlier: &Route, later: &Route) -> bool {
         (Some(e), Some(l)) => l.starts_with(e.as_str()),
     };
     host && path
+}
+
+/// What `a` is when it is no single host's address.
+fn not_unicast(a: IpAddr) -> Option<&'static str> {
+    if a.is_unspecified() {
+        Some("unspecified")
+    } else if a.is_multicast() {
+        Some("multicast")
+    } else if a == IpAddr::from(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
 }
 
 fn family(a: IpAddr) -> &'static str {

@@ -84,8 +84,8 @@ pub fn render(view: &View) -> String {
     w.family(
         "lb_backend_health_state",
         "gauge",
-        "1 for the backend's current health state (healthy, unhealthy, pending, unchecked), \
-         0 for the others.",
+        "1 for the backend's current health state (healthy, unhealthy, pending, unchecked, \
+         draining: weight 0), 0 for the others.",
     );
     for (labels, b) in &backends {
         for state in HealthState::ALL {

@@ -424,6 +424,15 @@ fn l7_listeners_are_checked_with_positions() {
         l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: v1")),
         "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `v1` does not start with /"
     );
+    // Prefixes are written as requests are matched: normalized, and only path characters.
+    assert_eq!(
+        l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: '/%7ev1'")),
+        "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `/%7ev1` would never match: paths are matched normalized (escaped unreserved characters decoded, `.` and `..` resolved, `//` merged); write `/~v1`"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: '/a b'")),
+        "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `/a b`: ' ' cannot appear in a request path (percent-encode it)"
+    );
     assert_eq!(
         l7_err(|t| t.replace("connect: 5s", "connect: 5 parsecs")),
         "lb.yaml:15:26: listeners[0].timeouts.connect: invalid value: string \"5 parsecs\", expected a duration"
@@ -809,4 +818,59 @@ fn acl_deny_wins_and_an_empty_allow_admits_everyone() {
     // A dual-stack socket's IPv4 peer is matched as IPv4.
     assert!(!acl(&[], &["192.0.2.0/24"]).admits(ip("::ffff:192.0.2.1")));
     assert!(acl(&["2001:db8::/32"], &[]).admits(ip("2001:db8::1")));
+}
+
+#[test]
+fn vips_and_backends_are_unicast_and_no_listener_is_its_own_backend() {
+    assert_eq!(
+        err(&EXAMPLE.replace("vip: 10.91.0.100", "vip: 0.0.0.0")),
+        "lb.yaml:10:10: listeners[0].vip: 0.0.0.0 is unspecified: a VIP needs a unicast address"
+    );
+    assert_eq!(
+        err(&EXAMPLE.replace("vip: 10.91.0.100", "vip: 224.0.0.1")),
+        "lb.yaml:10:10: listeners[0].vip: 224.0.0.1 is multicast: a VIP needs a unicast address"
+    );
+    assert_eq!(
+        err(&EXAMPLE.replace("address: 10.91.2.12", "address: 255.255.255.255")),
+        "lb.yaml:17:20: pools[0].backends[1].address: 255.255.255.255 is the broadcast address: a backend needs a unicast address"
+    );
+    assert_eq!(
+        err(&EXAMPLE.replace("vip: 10.91.0.100", "vip: 10.91.2.1")),
+        "lb.yaml:10:10: listeners[0].vip: 10.91.2.1 is also an snat address: the address backends see cannot be a VIP"
+    );
+    assert_eq!(
+        err(&EXAMPLE.replace("address: 10.91.2.12, port: 8080", "address: 10.91.0.100, port: 80")),
+        "lb.yaml:17:9: pools[0].backends[1]: 10.91.0.100:80 is listener `web` itself: its traffic would loop"
+    );
+}
+
+#[test]
+fn values_of_the_wrong_shape_say_what_is_expected() {
+    let e = err(&with_check("{ protocol: tcp, interval: 1.5 }"));
+    assert!(
+        e.ends_with("pools[0].health_check.interval: invalid type: floating point `1.5`, expected a duration such as `900s`, `15m` or `1h 30m`, or a whole number of seconds"),
+        "{e}"
+    );
+    let e = err(&with_check("{ protocol: http, expected_codes: [true] }"));
+    assert!(
+        e.ends_with("invalid type: boolean `true`, expected a status code such as `200` or a range such as `200-399`"),
+        "{e}"
+    );
+    let e = err(&with_check("tcp"));
+    assert!(
+        e.ends_with("pools[0].health_check: invalid type: string \"tcp\", expected a map such as `{ protocol: tcp }` or `{ protocol: http, path: /health }`"),
+        "{e}"
+    );
+    let e = err(&EXAMPLE
+        .replace(
+            "    pool: web\n",
+            "    pool: web\n    protocol: http\n    redirect: https\n",
+        )
+        .replace("    protocol: tcp\n", ""));
+    assert!(
+        e.ends_with(
+            "invalid type: string \"https\", expected a map such as `{ to: https, code: 301 }`"
+        ),
+        "{e}"
+    );
 }

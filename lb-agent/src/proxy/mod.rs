@@ -14,7 +14,7 @@ mod idle;
 pub mod log;
 pub mod metrics;
 mod own_answers;
-mod path;
+pub(crate) mod path;
 pub mod tls;
 pub mod upstream;
 

@@ -863,14 +863,20 @@ pub fn parse(file: &str, text: &str, host: &Host) -> Result<Config, ConfigError>
         });
         // Syntax errors: serde_yaml knows best where it stopped. Other errors point at the
         // node (serde_yaml's position may be past it, as for a missing field).
+        let syntax = !positions.complete;
+        // A key given twice: at its second value (the index keeps a scalar's last).
+        let twice = (inner.to_string().split_once("duplicate field `"))
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .and_then(|(key, _)| positions.find(&format!("{path}.{key}")));
         let at = match serde_at {
-            Some(at) if path == "." || !positions.complete => at,
-            _ => positions
-                .find(&path)
+            Some(at) if path == "." || syntax => at,
+            _ => twice
+                .or_else(|| positions.find(&path))
                 .or(serde_at)
                 .unwrap_or(Position::START),
         };
-        invalid(at, yaml_message(&path, &inner))
+        // A syntax error is about the text where it stopped, not the node serde was reading.
+        invalid(at, yaml_message(if syntax { "." } else { &path }, &inner))
     })?;
     config.resolve_paths(Path::new(file).parent().unwrap_or(Path::new("")));
     config

@@ -874,3 +874,13 @@ fn values_of_the_wrong_shape_say_what_is_expected() {
         "{e}"
     );
 }
+
+#[test]
+fn a_key_given_twice_is_reported_where_it_comes_again_and_a_tab_as_syntax() {
+    assert_eq!(
+        err(&EXAMPLE.replace("    port: 80\n", "    port: 80\n    port: 81\n")),
+        "lb.yaml:12:11: listeners[0]: duplicate field `port`"
+    );
+    let e = err(&EXAMPLE.replace("    pool: web\n", "\tpool: web\n"));
+    assert!(e.starts_with("lb.yaml:12:1: found a tab character"), "{e}");
+}

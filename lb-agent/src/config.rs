@@ -307,6 +307,25 @@ impl de::Visitor<'_> for NumberOrText {
     }
 }
 
+/// Reads a whole number; anything else is refused with what is expected.
+struct Whole(&'static str);
+
+impl de::Visitor<'_> for Whole {
+    type Value = i64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+        Ok(v)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+        i64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+    }
+}
+
 /// A duration as `90s`, `15m`, `1h 30m` (humantime), or a bare number of seconds.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let parsed = match d.deserialize_any(NumberOrText(
@@ -724,7 +743,7 @@ fn default_weight() -> u32 {
 }
 
 fn weight<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let w = i64::deserialize(d)?;
+    let w = d.deserialize_any(Whole("a weight, a whole number 0-65535"))?;
     u32::try_from(w)
         .ok()
         .filter(|w| *w <= MAX_WEIGHT)
@@ -737,7 +756,7 @@ pub struct Port(pub u16);
 
 impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let p = i64::deserialize(d)?;
+        let p = d.deserialize_any(Whole("a port number 1-65535"))?;
         match u16::try_from(p) {
             Ok(p) if p != 0 => Ok(Port(p)),
             _ => Err(de::Error::custom(format!("{p} is not a valid port"))),

@@ -856,6 +856,21 @@ fn values_of_the_wrong_shape_say_what_is_expected() {
         e.ends_with("invalid type: boolean `true`, expected a status code such as `200` or a range such as `200-399`"),
         "{e}"
     );
+    let e = err(&EXAMPLE.replace("port: 80\n", "port: eighty\n"));
+    assert_eq!(
+        e,
+        "lb.yaml:11:11: listeners[0].port: invalid type: string \"eighty\", expected a port number 1-65535"
+    );
+    let e = err(&EXAMPLE.replace(
+        "weight: 1 }\n      - { address: 10.91.2.12",
+        "weight: 1.5 }\n      - { address: 10.91.2.12",
+    ));
+    assert!(
+        e.ends_with(
+            "weight: invalid type: floating point `1.5`, expected a weight, a whole number 0-65535"
+        ),
+        "{e}"
+    );
     let e = err(&with_check("tcp"));
     assert!(
         e.ends_with("pools[0].health_check: invalid type: string \"tcp\", expected a map such as `{ protocol: tcp }` or `{ protocol: http, path: /health }`"),

@@ -11,13 +11,16 @@ mod probe;
 mod tests;
 
 use std::{
+    collections::VecDeque,
     future::Future,
     hash::{BuildHasher, Hasher},
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex,
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -423,8 +426,18 @@ fn random() -> u64 {
 }
 
 /// Probes `member` forever: first at a random point of the first interval, then every
-/// interval (a probe slower than the interval delays the next one). `changed` runs after every
-/// transition.
+/// interval from the previous probe's start, whether or not that one has finished. Waiting
+/// for a slow probe would stretch the gap between probes to the timeout, and a silent backend
+/// (every probe times out) would take `unhealthy_threshold × timeout` and more to go out
+/// instead of the bound the vendors and the docs give, `interval × unhealthy_threshold +
+/// timeout`. `changed` runs after every transition.
+///
+/// When `limit` exceeds `interval` probes overlap, at most `ceil(limit / interval) + 1` at a
+/// time (each ends by its `limit`). Results are judged oldest first; a probe still running
+/// when a newer one finishes is cancelled unjudged, because the newer result describes the
+/// backend more recently: a late timeout never undoes a newer success (so recovery stays
+/// within `interval × healthy_threshold` of the backend's return), nor a late success a newer
+/// failure.
 async fn run<P, F>(member: &Member, t: Timing, mut probe: P, changed: impl Fn())
 where
     P: FnMut() -> F,
@@ -432,19 +445,54 @@ where
 {
     let jitter = t.interval.mul_f64((random() % 1000) as f64 / 1000.0);
     let mut ticks = tokio::time::interval_at(Instant::now() + jitter, t.interval);
+    // A stalled runtime shifts the schedule rather than firing the missed probes in a burst.
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tracker =
         Tracker::new(t.healthy_threshold, t.unhealthy_threshold).starting_at(member.status().state);
+    // The probes in flight, oldest first.
+    let mut running = VecDeque::new();
     loop {
-        ticks.tick().await;
-        let began = Instant::now();
-        let result = tokio::time::timeout(t.limit, probe())
-            .await
-            .unwrap_or(Err(ProbeError::Timeout));
-        if member.record(&mut tracker, result, began.elapsed()) {
+        let finished = tokio::select! {
+            _ = ticks.tick() => None,
+            done = oldest_finished(&mut running) => Some(done),
+        };
+        let Some((index, (result, latency))) = finished else {
+            let probe = probe();
+            running.push_back(Box::pin(async move {
+                let began = Instant::now();
+                let result = tokio::time::timeout(t.limit, probe)
+                    .await
+                    .unwrap_or(Err(ProbeError::Timeout));
+                (result, began.elapsed())
+            }));
+            continue;
+        };
+        // The probe that finished, and the older ones it supersedes.
+        running.drain(..=index);
+        if member.record(&mut tracker, result, latency) {
             changed();
         }
     }
+}
+
+/// The oldest of `running` that has finished: its index and output. Pending while none has
+/// (or none runs).
+fn oldest_finished<'a, F, T>(
+    running: &'a mut VecDeque<Pin<Box<F>>>,
+) -> impl Future<Output = (usize, T)> + 'a
+where
+    F: Future<Output = T> + 'a,
+{
+    std::future::poll_fn(move |cx| {
+        running
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, p)| match p.as_mut().poll(cx) {
+                Poll::Ready(out) => Some((i, out)),
+                Poll::Pending => None,
+            })
+            .map_or(Poll::Pending, Poll::Ready)
+    })
 }
 
 /// `addr`, with brackets for IPv6 (an HTTP Host value).

@@ -148,8 +148,113 @@ async fn detection_and_recovery_follow_interval_and_thresholds() {
     assert!(seen[2].1);
 }
 
+/// Runs the real probe loop on a backend that answers at once before `silent_from` and from
+/// `back_at` on, and never in between (its probes time out), under paused time. Returns the
+/// virtual times (since start) of the transitions with the state after each, and the most
+/// probes ever in flight at once.
+async fn silent_between(
+    t: Timing,
+    silent_from: Duration,
+    back_at: Duration,
+    run_for: Duration,
+) -> (Vec<(Duration, bool)>, usize) {
+    let m = Arc::new(member(true));
+    let start = Instant::now();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let in_flight = Arc::new(Mutex::new((0usize, 0usize)));
+    let (m2, seen2, in_flight2) = (m.clone(), seen.clone(), in_flight.clone());
+    /// Counts a probe in flight until it is dropped: finished, timed out or cancelled.
+    struct InFlight(Arc<Mutex<(usize, usize)>>);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().0 -= 1;
+        }
+    }
+    let task = tokio::spawn(async move {
+        run(
+            &m2,
+            t,
+            || {
+                let in_flight = in_flight2.clone();
+                async move {
+                    {
+                        let mut n = in_flight.lock().unwrap();
+                        n.0 += 1;
+                        n.1 = n.1.max(n.0);
+                    }
+                    let _counted = InFlight(in_flight);
+                    let now = start.elapsed();
+                    if now >= silent_from && now < back_at {
+                        std::future::pending().await
+                    }
+                    Ok(())
+                }
+            },
+            || seen2.lock().unwrap().push((start.elapsed(), m2.is_up())),
+        )
+        .await
+    });
+    tokio::time::sleep(run_for).await;
+    task.abort();
+    let seen = seen.lock().unwrap().clone();
+    let most = in_flight.lock().unwrap().1;
+    (seen, most)
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_probe_that_hangs_counts_as_a_timeout_and_delays_the_next() {
+async fn a_backend_that_never_answers_is_down_within_interval_times_threshold_plus_timeout() {
+    let (seen, most) = silent_between(
+        TIMING,
+        Duration::ZERO,
+        Duration::MAX,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (down, up) = seen[0];
+    assert!(!up);
+    // Probes start every interval even while the previous ones are still timing out: the
+    // third times out 2 × 2 s + 5 s after the first starts (in the first interval). Waiting
+    // for each timeout before the next probe took 3 × 5 s and more.
+    let bound = TIMING.interval * TIMING.unhealthy_threshold + TIMING.limit;
+    assert!(down <= bound, "down after {down:?}, bound {bound:?}");
+    assert!(
+        down < TIMING.limit * 3,
+        "down after {down:?}: probes waited for timeouts"
+    );
+    assert!(
+        down >= TIMING.interval * (TIMING.unhealthy_threshold - 1) + TIMING.limit,
+        "{down:?}"
+    );
+    // A probe lasts at most its limit and they start an interval apart: ceil(5 / 2) overlap.
+    assert_eq!(most, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_gone_silent_is_down_within_the_bound_and_back_within_interval_times_threshold() {
+    let detection = TIMING.interval * TIMING.unhealthy_threshold + TIMING.limit;
+    let recovery = TIMING.interval * TIMING.healthy_threshold;
+    // Silences starting at different points of the probe schedule.
+    for tenths in [0u64, 3, 7, 10, 13, 19] {
+        let silent_from = Duration::from_secs(10) + Duration::from_millis(tenths * 100);
+        let back_at = silent_from + Duration::from_secs(30);
+        let (seen, most) =
+            silent_between(TIMING, silent_from, back_at, Duration::from_secs(80)).await;
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(seen[0].1, "online after the first success: {seen:?}");
+        assert!(!seen[1].1 && seen[2].1, "{seen:?}");
+        let down = seen[1].0 - silent_from;
+        assert!(down <= detection, "down {down:?} after silence: {seen:?}");
+        // The probes started before the backend came back still time out after its first
+        // answers; a newer success cancels them, so they do not restart the count.
+        let back = seen[2].0 - back_at;
+        assert!(back <= recovery, "up {back:?} after return: {seen:?}");
+        assert!(most <= 3, "{most} probes in flight");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_hangs_counts_as_a_timeout_and_the_next_starts_on_time() {
     let t = Timing {
         unhealthy_threshold: 2,
         ..TIMING
@@ -185,9 +290,9 @@ async fn a_probe_that_hangs_counts_as_a_timeout_and_delays_the_next() {
     task.abort();
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2, "{seen:?}");
-    // Probe 2 starts one interval after probe 1 and times out 5 s later; probe 3 starts right
-    // after (the interval has passed) and times out 5 s after that.
-    assert_eq!(seen[1] - seen[0], t.interval + t.limit * 2);
+    // Probes 2 and 3 start one and two intervals after probe 1 (2 still running when 3
+    // starts); 3 times out its limit later.
+    assert_eq!(seen[1] - seen[0], t.interval * 2 + t.limit);
     assert!(!m.is_up());
     assert_eq!(m.status().reason.as_deref(), Some("timeout"));
     assert_eq!(m.status().state, State::Unhealthy);

@@ -150,3 +150,27 @@ async fn https_checks_the_status_and_the_certificate_only_when_a_ca_is_configure
     assert!(matches!(r, Err(ProbeError::Tls(_))), "{r:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn an_http_probe_dropped_at_its_timeout_closes_its_connection() {
+    // A backend that accepts and never answers.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let p = Arc::new(prober("{ protocol: http }", l.local_addr().unwrap()));
+    let probe =
+        tokio::spawn(
+            async move { tokio::time::timeout(Duration::from_millis(200), p.probe()).await },
+        );
+    let (mut s, _) = l.accept().await.unwrap();
+    assert!(probe.await.unwrap().is_err(), "timed out");
+    // The request came, then the connection closes (EOF) instead of staying open.
+    let mut buf = vec![0; 4096];
+    let eof = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    assert!(eof.await.is_ok(), "the probe's connection stayed open");
+}

@@ -367,6 +367,65 @@ fn a_tiny_snat_port_range_is_exhausted_and_recovers_once_flows_close() {
 }
 
 #[test]
+fn a_snat_pool_holds_the_ports_of_all_its_addresses_of_the_family_before_it_is_exhausted() {
+    let ns = lb_namespace();
+    for a in ["10.91.2.2/24", "10.91.2.3/24"] {
+        ns.ip(&["addr", "add", a, "dev", "lb-int"]);
+    }
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:91:2::1/64",
+        "dev",
+        "lb-int",
+        "nodad",
+    ]);
+    let pools: [&[[u8; 4]]; 2] = [
+        &[[10, 91, 2, 1], [10, 91, 2, 2]],
+        &[[10, 91, 2, 1], [10, 91, 2, 2], [10, 91, 2, 3]],
+    ];
+    ns.scoped(|| {
+        for pool in pools {
+            let list: Vec<String> = pool.iter().map(|a| format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])).collect();
+            let config = CONFIG
+                .replace(
+                    "addresses: [10.91.2.1], ports: 20000-60000",
+                    &format!("addresses: [{}, \"fd00:91:2::1\"], ports: 20000-20000", list.join(", ")),
+                )
+                .replace("      - { address: 10.91.2.12, port: 8080 }\n      - { address: 10.91.2.13, port: 8080 }\n", "");
+            let mut f = Fixture::new(&config);
+            // One port per address, so each IPv4 address holds one flow to the backend. The
+            // client connects from even ports, as Linux's connect() does.
+            let mut sources = Vec::new();
+            for port in (40000..).step_by(2).take(pool.len()) {
+                let client = ([10, 91, 0, 2], port);
+                let (action, out) = f.run(&tcp_frame(CLIENT_MAC, LB_EXT_MAC, client, VIP, "S"), f.ext);
+                assert_eq!(action, XDP_REDIRECT, "pool {list:?}: SYN from port {port} with {sources:?} taken");
+                let fwd = parse_checked(&out);
+                assert_eq!(fwd.src.1, 20000);
+                sources.push(fwd.src.0);
+                // The reply comes back through whichever address the flow got.
+                let synack = tcp_frame(BACKEND_MACS[0], LB_INT_MAC, fwd.dst, fwd.src, "SA");
+                let (action, out) = f.run(&synack, f.int);
+                assert_eq!(action, XDP_REDIRECT);
+                let back = parse_checked(&out);
+                assert_eq!((back.src, back.dst), (VIP, client));
+            }
+            sources.sort();
+            assert_eq!(sources, pool, "every address holds a flow");
+            assert_eq!(f.dp.snapshot(1).unwrap().get(Counter::DropSnatExhausted), 0);
+
+            // Every IPv4 address is full (the IPv6 one is no use to an IPv4 flow): dropped and
+            // counted.
+            let port = 40000 + 2 * pool.len() as u16;
+            assert_eq!(syn_backend(&mut f, ([10, 91, 0, 2], port)), Err(XDP_DROP));
+            assert_eq!(f.dp.snapshot(1).unwrap().get(Counter::DropSnatExhausted), 1);
+        }
+    });
+}
+
+#[test]
 fn established_flows_keep_their_backend_when_it_leaves_the_pool_and_new_flows_avoid_it() {
     let ns = lb_namespace();
     ns.scoped(|| {

@@ -8,11 +8,14 @@
 //! never an established flow, and the SNAT ports it holds are bounded by that table's size.
 //! Established flows are found by the first lookup, as with a single table.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::{
+    ffi::c_void,
+    intrinsics::{atomic_xadd, AtomicOrdering},
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_jiffies64},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_loop},
     maps::LruHashMap,
     programs::XdpContext,
 };
@@ -23,7 +26,8 @@ use lb_common::{
     },
     counters::Counter,
     flow::{FAMILY_V4, PROTO_TCP, VIP_F_PASSTHROUGH, VIP_F_RESET_IDLE, VIP_F_TOA},
-    hash::addr_hash,
+    hash::{addr_hash, fmix32},
+    maps::MAX_SNAT_ADDRS,
     ConnEntry, FlowKey, FlowKey4, VipMeta,
 };
 
@@ -37,7 +41,8 @@ use crate::{
     verdict::Verdict,
 };
 
-/// Random probes for a free SNAT port before the new flow is dropped as exhausted.
+/// Probes for a free port at one SNAT address before the pool's next address is tried (and
+/// after the last, the new flow is dropped as exhausted).
 const PORT_TRIES: u32 = 8;
 /// `last_seen_ns` is refreshed at most this often (and on state changes), so established flows
 /// do not write the shared entry (and bounce its cache line between CPUs) on every packet. The
@@ -434,10 +439,12 @@ fn active_add(backend_id: u32, delta: u64) {
     }
 }
 
-/// Picks a SNAT address (by a hash of the client's address and port) and port for `reply`
-/// (backend → SNAT) and inserts the reply entry there. Keeps the client's port when it is in
-/// range (as Cilium does), otherwise probes randomly; the insert with BPF_NOEXIST is the
-/// allocation, failing when the tuple is taken.
+/// Picks a SNAT address and port for `reply` (backend → SNAT) and inserts the reply entry
+/// there. The address is the one a hash of the client's address and port picks; only when that
+/// one has no free port toward this backend do the family's other addresses take the flow, in
+/// turn, so the pool holds the sum of its addresses' port ranges. At each address the client's
+/// port is kept when it is in range (as Cilium does), otherwise probed randomly; the insert with
+/// BPF_NOEXIST is the allocation, failing when the tuple is taken.
 #[inline(always)]
 fn allocate_snat(handshake: bool, reply: &mut FlowKey, e: &ConnEntry) -> Result<(), Verdict> {
     let exhausted = Verdict::drop(Counter::DropSnatExhausted);
@@ -450,31 +457,97 @@ fn allocate_snat(handshake: bool, reply: &mut FlowKey, e: &ConnEntry) -> Result<
     if count == 0 || g.port_max < g.port_min {
         return Err(exhausted);
     }
-    // The client's tuple, still in the key: it picks the address.
+    // The client's tuple, still in the key: it picks the address. fmix32 because Linux
+    // connects from even ports while it has them, and the port's low bits alone would give all
+    // of a client's flows one address of a pool of two.
     let client_port = u16::from_be(reply.dport_be) as u32;
-    let hash = addr_hash(&reply.dst_be) ^ client_port;
+    let hash = fmix32(addr_hash(&reply.dst_be) ^ client_port);
     // checked_rem: a plain `%` carries a divide-by-zero panic path the verifier rejects.
-    reply.dst_be = *SNAT_ADDRS
-        .get(start + hash.checked_rem(count).unwrap_or(0))
-        .ok_or(exhausted)?;
+    let first = hash.checked_rem(count).unwrap_or(0);
     let (min, max) = (g.port_min as u32, g.port_max as u32);
     let span = max - min + 1;
-    let mut port = if client_port >= min && client_port <= max {
+    let port = if client_port >= min && client_port <= max {
         client_port
     } else {
-        min + unsafe { bpf_get_prandom_u32() }
-            .checked_rem(span)
-            .unwrap_or(0)
+        random_port(min, span)
     };
-    for _ in 0..PORT_TRIES {
-        reply.dport_be = (port as u16).to_be();
-        if claim(handshake, reply, e) {
-            return Ok(());
-        }
-        port = min
-            + unsafe { bpf_get_prandom_u32() }
-                .checked_rem(span)
-                .unwrap_or(0);
+    let mut probes = Probes {
+        reply,
+        e,
+        start,
+        count,
+        first,
+        port,
+        min,
+        span,
+        handshake,
+        claimed: false,
+    };
+    // Through bpf_loop, whose callback the verifier walks apart from the rest: every inline
+    // probe that can succeed is one more path through the rest of the program, which is near
+    // the limit of processed instructions (lb_xdp_full: 921k of 1M with 8 inline probes, over
+    // it with 8 per address, 801k this way). The count is the agent's, clamped to be sure.
+    // SAFETY: the callback has bpf_loop's signature and takes `probes` as its context.
+    unsafe {
+        bpf_loop(
+            count.min(MAX_SNAT_ADDRS) * PORT_TRIES,
+            probe as *mut c_void,
+            (&raw mut probes).cast(),
+            0,
+        )
+    };
+    if probes.claimed {
+        Ok(())
+    } else {
+        Err(exhausted)
     }
-    Err(exhausted)
+}
+
+/// `allocate_snat`'s search of the family's addresses, the context of its `bpf_loop`.
+struct Probes<'a> {
+    reply: &'a mut FlowKey,
+    e: &'a ConnEntry,
+    /// The family's addresses: `SNAT_ADDRS[start..start + count]`; `first` is the hashed one.
+    start: u32,
+    count: u32,
+    first: u32,
+    /// The first port to try at each address, and the range.
+    port: u32,
+    min: u32,
+    span: u32,
+    handshake: bool,
+    claimed: bool,
+}
+
+/// The `bpf_loop` callback, one probe per call: the `i`-th over the family's addresses from the
+/// hashed one, `PORT_TRIES` at each, the address's first at the first port. Returns 1 (stop)
+/// once a port is claimed, 0 (go on) otherwise.
+#[inline(never)]
+extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `allocate_snat` passes its `Probes`, alive for the whole loop.
+    let n = unsafe { &mut *ctx.cast::<Probes>() };
+    let (nth, tries) = (i as u32 / PORT_TRIES, i as u32 % PORT_TRIES);
+    if tries == 0 {
+        // nth < count, so this is below 2 * count and one subtraction wraps it.
+        let at = n.first + nth;
+        let at = if at >= n.count { at - n.count } else { at };
+        let Some(addr) = SNAT_ADDRS.get(n.start + at) else {
+            return 1;
+        };
+        n.reply.dst_be = *addr;
+        n.reply.dport_be = (n.port as u16).to_be();
+    } else {
+        n.reply.dport_be = (random_port(n.min, n.span) as u16).to_be();
+    }
+    n.claimed = claim(n.handshake, n.reply, n.e);
+    n.claimed as i64
+}
+
+/// A random port of the `span` ports from `min`.
+#[inline(always)]
+fn random_port(min: u32, span: u32) -> u32 {
+    // SAFETY: plain helper call.
+    min + unsafe { bpf_get_prandom_u32() }
+        .checked_rem(span)
+        .unwrap_or(0)
 }

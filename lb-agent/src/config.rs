@@ -277,61 +277,63 @@ fn default_table_size() -> u32 {
 
 /// A YAML scalar read as a whole number or as text.
 enum Scalar {
-    Number(u64),
+    Number(i64),
     Text(String),
 }
 
-/// Reads a [`Scalar`]; anything else is refused with what is expected (an untagged enum would
-/// only say that nothing matched).
-struct NumberOrText(&'static str);
+/// Reads a [`Scalar`] (text only when `text`); anything else is refused with what is
+/// expected (an untagged enum would only say that nothing matched, a plain integer name its
+/// Rust type).
+struct NumberOrText {
+    expecting: &'static str,
+    text: bool,
+}
 
 impl de::Visitor<'_> for NumberOrText {
     type Value = Scalar;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(self.0)
+        f.write_str(self.expecting)
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
-        Ok(Scalar::Number(v))
+        i64::try_from(v)
+            .map(Scalar::Number)
+            .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
-        u64::try_from(v)
-            .map(Scalar::Number)
-            .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+        Ok(Scalar::Number(v))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
-        Ok(Scalar::Text(v.to_owned()))
+        if self.text {
+            Ok(Scalar::Text(v.to_owned()))
+        } else {
+            Err(E::invalid_type(de::Unexpected::Str(v), &self))
+        }
     }
 }
 
-/// Reads a whole number; anything else is refused with what is expected.
-struct Whole(&'static str);
-
-impl de::Visitor<'_> for Whole {
-    type Value = i64;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(self.0)
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
-        Ok(v)
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
-        i64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+/// A whole number, or an error saying `expecting`.
+fn whole<'de, D: Deserializer<'de>>(d: D, expecting: &'static str) -> Result<i64, D::Error> {
+    match d.deserialize_any(NumberOrText {
+        expecting,
+        text: false,
+    })? {
+        Scalar::Number(n) => Ok(n),
+        Scalar::Text(t) => Err(de::Error::invalid_type(de::Unexpected::Str(&t), &expecting)),
     }
 }
 
 /// A duration as `90s`, `15m`, `1h 30m` (humantime), or a bare number of seconds.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let parsed = match d.deserialize_any(NumberOrText(
-        "a duration such as `900s`, `15m` or `1h 30m`, or a whole number of seconds",
-    ))? {
-        Scalar::Number(s) => Duration::from_secs(s),
+    let parsed = match d.deserialize_any(NumberOrText {
+        expecting: "a duration such as `900s`, `15m` or `1h 30m`, or a whole number of seconds",
+        text: true,
+    })? {
+        // Negative: as zero, below.
+        Scalar::Number(s) => Duration::from_secs(s.max(0) as u64),
         Scalar::Text(t) => humantime::parse_duration(&t).map_err(|e| {
             de::Error::custom(format!("`{t}` is not a duration ({e}); e.g. 900s or 15m"))
         })?,
@@ -619,9 +621,10 @@ impl<'de> Deserialize<'de> for CodeRange {
                 "`{s}` is not a status code or MIN-MAX range of them"
             ))
         };
-        let (min, max) = match d.deserialize_any(NumberOrText(
-            "a status code such as `200` or a range such as `200-399`",
-        ))? {
+        let (min, max) = match d.deserialize_any(NumberOrText {
+            expecting: "a status code such as `200` or a range such as `200-399`",
+            text: true,
+        })? {
             Scalar::Number(c) => {
                 let c = u16::try_from(c).map_err(|_| bad(&c.to_string()))?;
                 (c, c)
@@ -743,7 +746,7 @@ fn default_weight() -> u32 {
 }
 
 fn weight<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let w = d.deserialize_any(Whole("a weight, a whole number 0-65535"))?;
+    let w = whole(d, "a weight, a whole number 0-65535")?;
     u32::try_from(w)
         .ok()
         .filter(|w| *w <= MAX_WEIGHT)
@@ -756,7 +759,7 @@ pub struct Port(pub u16);
 
 impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let p = d.deserialize_any(Whole("a port number 1-65535"))?;
+        let p = whole(d, "a port number 1-65535")?;
         match u16::try_from(p) {
             Ok(p) if p != 0 => Ok(Port(p)),
             _ => Err(de::Error::custom(format!("{p} is not a valid port"))),

@@ -423,6 +423,13 @@ pools:\n  - name: p\n    backends: [{{ address: 127.0.0.1, port: 7001 }}]\n"
     assert!(reloaded.contains("reloaded"), "{reloaded}");
     assert!(answers("127.0.0.1:9101"), "the API moved");
     assert!(!answers("127.0.0.1:9100"), "and left its old address");
+    // To every address on the same port: its own socket holds the port until it moves.
+    agent.write_config(&config("0.0.0.0:9101"));
+    let reloaded = reload(&agent).expect("reload to 0.0.0.0 on the same port");
+    assert!(reloaded.contains("reloaded"), "{reloaded}");
+    assert!(answers("127.0.0.1:9101"));
+    agent.write_config(&config("127.0.0.1:9101"));
+    reload(&agent).expect("and back");
 
     // A taken address fails the reload, which changes nothing.
     let _taken = ns.scoped(|| std::net::TcpListener::bind("127.0.0.1:9102").unwrap());

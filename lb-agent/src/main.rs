@@ -153,7 +153,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Config errors are one line already (file:line:column: path: message).
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -193,7 +193,7 @@ fn diagnose(api: Api, client: Option<IpAddr>, listener: Option<String>) -> ExitC
     let findings = match block_on(cli::diagnose::run(&options)) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -568,8 +568,9 @@ impl Agent {
         let report = match &result {
             Ok(outcome) => outcome.to_string(),
             Err(e) => {
-                error!("reload failed, still running the previous config: {e:#}");
-                format!("error: {e:#}")
+                let e = chain(e);
+                error!("reload failed, still running the previous config: {e}");
+                format!("error: {e}")
             }
         };
         if let Err(e) = self.state.set_reload(self.generation, &report) {
@@ -632,6 +633,22 @@ impl Agent {
         );
         Ok(())
     }
+}
+
+/// `e` and its causes on one line, as `{:#}` writes them, without a cause the message before
+/// already ends with (this crate's errors name their source in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -732,4 +749,23 @@ fn detach(state: State) -> anyhow::Result<()> {
     }
     state.remove()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let e = anyhow::Error::from(admin::AdminError::Bind {
+            addr: "0.0.0.0:9100".parse().unwrap(),
+            source: io,
+        })
+        .context("reloading");
+        assert_eq!(
+            chain(&e),
+            "reloading: admin API: listening on 0.0.0.0:9100: address in use"
+        );
+    }
 }

@@ -189,11 +189,30 @@ impl Api {
     /// Listens on `addr` instead: bound first, so on an error the API stays where it was.
     /// Requests on connections already open finish.
     pub async fn move_to(&mut self, addr: SocketAddr) -> Result<(), AdminError> {
-        if addr != self.addr {
-            let task = listen(addr, &self.views, &self.commands).await?;
-            std::mem::replace(&mut self.task, task).abort();
-            self.addr = addr;
+        if addr == self.addr {
+            return Ok(());
         }
+        let task = match listen(addr, &self.views, &self.commands).await {
+            Ok(task) => task,
+            // The API's own socket holds the port (127.0.0.1 to 0.0.0.0 on one port): it is
+            // closed first, and listens again if the new address cannot be bound either.
+            Err(AdminError::Bind { source, .. })
+                if source.kind() == io::ErrorKind::AddrInUse && addr.port() == self.addr.port() =>
+            {
+                self.task.abort();
+                let _ = (&mut self.task).await;
+                match listen(addr, &self.views, &self.commands).await {
+                    Ok(task) => task,
+                    Err(e) => {
+                        self.task = listen(self.addr, &self.views, &self.commands).await?;
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        std::mem::replace(&mut self.task, task).abort();
+        self.addr = addr;
         Ok(())
     }
 }

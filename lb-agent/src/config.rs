@@ -1538,11 +1538,16 @@ impl Config {
                         format!("`{p}`: {c:?} cannot appear in a request path (percent-encode it)"),
                     ));
                 }
-                let normal = crate::proxy::path::normalized(p);
+                let Some(normal) = crate::proxy::path::normalized(p) else {
+                    return Err((
+                        path("path_prefix"),
+                        format!("`{p}`: a `%` must start an escape of two hex digits"),
+                    ));
+                };
                 if normal != p.as_str() {
                     return Err((
                         path("path_prefix"),
-                        format!("`{p}` would never match: paths are matched normalized (escaped unreserved characters decoded, `.` and `..` resolved, `//` merged); write `{normal}`"),
+                        format!("`{p}` would never match: paths are matched normalized (escaped unreserved characters decoded, other escapes in upper case, `.` and `..` resolved, `//` merged); write `{normal}`"),
                     ));
                 }
             }

@@ -428,6 +428,7 @@ async fn routes_by_host_and_path_first_match_wins_else_the_default_pool() {
       - { host: api.example.com, path_prefix: /v1, pool: v1 }
       - { host: api.example.com, pool: api }
       - { host: '*.wild.example.com', pool: wild }
+      - { path_prefix: /a%2Fb, pool: v1 }
 ",
         &[
             pool("web", &[web]),
@@ -453,6 +454,9 @@ async fn routes_by_host_and_path_first_match_wins_else_the_default_pool() {
         ("api.example.com", "//v1//users", "v1"),
         ("api.example.com", "/%76%31/users", "v1"),
         ("api.example.com", "/%2Fv1/users", "api"),
+        // Escapes match whatever the case of their hex digits (RFC 3986 §6.2.2.1).
+        ("www.example.com", "/a%2fb/c", "v1"),
+        ("www.example.com", "/a%2Fb/c", "v1"),
     ] {
         let r = send(a, get(host, path)).await;
         assert_eq!(r.status, 200, "{host}{path}");
@@ -461,6 +465,8 @@ async fn routes_by_host_and_path_first_match_wins_else_the_default_pool() {
     // The backend gets the path as the client sent it.
     let r = send(a, get("api.example.com", "/%76%31/users")).await;
     assert_eq!(r.seen("path"), Some("/%76%31/users"));
+    // A `%` that starts no escape: 400, as nginx answers.
+    assert_eq!(send(a, get("api.example.com", "/v1/%zz")).await.status, 400);
     // An absolute-form target names the host, whatever the Host header says (RFC 9112
     // §3.2.2); the backend is told that host.
     let r = send(a, get("www.example.com", "http://api.example.com/v1/abs")).await;

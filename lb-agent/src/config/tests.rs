@@ -427,7 +427,15 @@ fn l7_listeners_are_checked_with_positions() {
     // Prefixes are written as requests are matched: normalized, and only path characters.
     assert_eq!(
         l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: '/%7ev1'")),
-        "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `/%7ev1` would never match: paths are matched normalized (escaped unreserved characters decoded, `.` and `..` resolved, `//` merged); write `/~v1`"
+        "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `/%7ev1` would never match: paths are matched normalized (escaped unreserved characters decoded, other escapes in upper case, `.` and `..` resolved, `//` merged); write `/~v1`"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: /a%2fb")),
+        "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `/a%2fb` would never match: paths are matched normalized (escaped unreserved characters decoded, other escapes in upper case, `.` and `..` resolved, `//` merged); write `/a%2Fb`"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: /a%zz")),
+        "lb.yaml:13:47: listeners[0].routes[0].path_prefix: `/a%zz`: a `%` must start an escape of two hex digits"
     );
     assert_eq!(
         l7_err(|t| t.replace("path_prefix: /v1", "path_prefix: '/a b'")),

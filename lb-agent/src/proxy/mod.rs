@@ -697,12 +697,11 @@ impl Site {
         })
     }
 
-    /// The pool (its index in `pools`) a request goes to: the first rule that matches, else
-    /// the default.
+    /// The pool (its index in `pools`) a request for `path` (normalized: `path::normalized`)
+    /// goes to: the first rule that matches, else the default.
     fn route(&self, host: &str, path: &str) -> Option<usize> {
         // A fully qualified name (`example.com.`) is the same host.
         let host = host.strip_suffix('.').unwrap_or(host);
-        let path = path::normalized(path);
         self.rules
             .iter()
             .find(|r| {
@@ -784,7 +783,10 @@ impl Site {
         if declared.is_some_and(|n| n > self.max_body_bytes) {
             return Err(Box::new(local_error(StatusCode::PAYLOAD_TOO_LARGE, record)));
         }
-        let Some(pool) = self.route(headers::without_port(&record.host), req.uri().path()) else {
+        let Some(path) = path::normalized(req.uri().path()) else {
+            return Err(Box::new(local_error(StatusCode::BAD_REQUEST, record)));
+        };
+        let Some(pool) = self.route(headers::without_port(&record.host), &path) else {
             return Err(Box::new(local_error(StatusCode::NOT_FOUND, record)));
         };
 

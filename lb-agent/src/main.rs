@@ -398,7 +398,11 @@ impl Agent {
                 _ = hup.recv() => { info!("SIGHUP: reloading"); self.reload().await; }
                 _ = usr1.recv() => print!("{}", stats::render_health(&self.health)),
                 // L7 pools read the health directly; the L4 tables are rebuilt and swapped in.
-                _ = self.health.changed() => self.apply_health(),
+                // Status shows the change at once, not at the next sweep.
+                _ = self.health.changed() => {
+                    self.apply_health();
+                    self.publish();
+                }
                 Some(c) = commands.recv() => {
                     let result = self.overrides.set(&self.cfg, &c.pool, c.backend, c.change);
                     if result.is_ok() {

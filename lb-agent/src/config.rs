@@ -886,14 +886,18 @@ pub fn parse(file: &str, text: &str, host: &Host) -> Result<Config, ConfigError>
         // Syntax errors: serde_yaml knows best where it stopped. Other errors point at the
         // node (serde_yaml's position may be past it, as for a missing field).
         let syntax = !positions.complete;
-        // A key given twice: at its second value (the index keeps a scalar's last).
+        // A key given twice: at its second occurrence.
         let twice = (inner.to_string().split_once("duplicate field `"))
             .and_then(|(_, rest)| rest.split_once('`'))
-            .and_then(|(key, _)| positions.find(&format!("{path}.{key}")));
-        let at = match serde_at {
-            Some(at) if path == "." || syntax => at,
-            _ => twice
-                .or_else(|| positions.find(&path))
+            .and_then(|(key, _)| match path.as_str() {
+                "." => positions.key(key),
+                _ => positions.key(&format!("{path}.{key}")),
+            });
+        let at = match (twice, serde_at) {
+            (Some(at), _) => at,
+            (None, Some(at)) if path == "." || syntax => at,
+            _ => positions
+                .find(&path)
                 .or(serde_at)
                 .unwrap_or(Position::START),
         };

@@ -23,6 +23,8 @@ impl Position {
 #[derive(Debug, Default)]
 pub struct Positions {
     nodes: HashMap<String, Position>,
+    /// Where mapping entries' keys are, the last of a key given twice.
+    keys: HashMap<String, Position>,
     /// The whole document parsed; else `nodes` holds those before the syntax error.
     pub complete: bool,
 }
@@ -35,8 +37,14 @@ impl Positions {
         let complete = parser.load(&mut builder, false).is_ok();
         Self {
             nodes: builder.positions,
+            keys: builder.keys,
             complete,
         }
+    }
+
+    /// Where the key of the mapping entry at `path` is (its last occurrence).
+    pub fn key(&self, path: &str) -> Option<Position> {
+        self.keys.get(path).copied()
     }
 
     /// The position of `path`, or of its nearest indexed ancestor, or 1:1.
@@ -58,10 +66,11 @@ impl Positions {
 }
 
 enum Frame {
-    /// A mapping: the path of the mapping, and the key whose value comes next (None: a key).
+    /// A mapping: the path of the mapping, and the key whose value comes next (None: a key)
+    /// with the key's position.
     Map {
         path: String,
-        key: Option<String>,
+        key: Option<(String, Position)>,
     },
     Seq {
         path: String,
@@ -73,6 +82,8 @@ enum Frame {
 struct Builder {
     stack: Vec<Frame>,
     positions: HashMap<String, Position>,
+    /// Where the key of each mapping entry is (by the entry's path).
+    keys: HashMap<String, Position>,
 }
 
 impl Builder {
@@ -85,12 +96,15 @@ impl Builder {
                 *next += 1;
                 Some(p)
             }
-            Some(Frame::Map { path, key }) => key.take().map(|k| {
-                if path.is_empty() {
+            Some(Frame::Map { path, key }) => key.take().map(|(k, at)| {
+                let p = if path.is_empty() {
                     k
                 } else {
                     format!("{path}.{k}")
-                }
+                };
+                // The last: a key given twice is found at its second occurrence.
+                self.keys.insert(p.clone(), at);
+                p
             }),
         }
     }
@@ -110,7 +124,7 @@ impl MarkedEventReceiver for Builder {
                 }
                 None => {
                     if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
-                        *key = Some(value);
+                        *key = Some((value, pos));
                     }
                 }
             },
@@ -120,6 +134,7 @@ impl MarkedEventReceiver for Builder {
                 }
             }
             Event::SequenceStart(..) | Event::MappingStart(..) => {
+                // A complex key (rare) gets no path of its own; its contents are skipped.
                 // A complex key (rare) gets no path of its own; its contents are skipped.
                 let path = self.next_path().unwrap_or_else(|| "?".into());
                 self.positions.entry(path.clone()).or_insert(pos);

@@ -902,7 +902,11 @@ fn values_of_the_wrong_shape_say_what_is_expected() {
 fn a_key_given_twice_is_reported_where_it_comes_again_and_a_tab_as_syntax() {
     assert_eq!(
         err(&EXAMPLE.replace("    port: 80\n", "    port: 80\n    port: 81\n")),
-        "lb.yaml:12:11: listeners[0]: duplicate field `port`"
+        "lb.yaml:12:5: listeners[0]: duplicate field `port`"
+    );
+    assert_eq!(
+        err(&format!("{EXAMPLE}agent:\n  interfaces: [lo]\n")),
+        "lb.yaml:18:1: duplicate field `agent`"
     );
     let e = err(&EXAMPLE.replace("    pool: web\n", "\tpool: web\n"));
     assert!(e.starts_with("lb.yaml:12:1: found a tab character"), "{e}");

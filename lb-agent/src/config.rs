@@ -326,6 +326,23 @@ fn whole<'de, D: Deserializer<'de>>(d: D, expecting: &'static str) -> Result<i64
     }
 }
 
+/// A duration as `5s`, `20m`, `500ms` (humantime): the unit is required.
+fn duration_with_unit<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match d.deserialize_any(NumberOrText {
+        expecting: "a duration with its unit, such as `5s`, `20m` or `500ms`",
+        text: true,
+    })? {
+        Scalar::Number(n) => Err(de::Error::custom(format!(
+            "`{n}` needs a unit here, such as `{n}s`"
+        ))),
+        Scalar::Text(t) => humantime::parse_duration(&t).map_err(|e| {
+            de::Error::custom(format!(
+                "`{t}` is not a duration ({e}); e.g. 5s, 20m or 500ms"
+            ))
+        }),
+    }
+}
+
 /// A duration as `90s`, `15m`, `1h 30m` (humantime), or a bare number of seconds.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let parsed = match d.deserialize_any(NumberOrText {
@@ -450,7 +467,10 @@ pub struct Persistence {
     /// insert_cookie: the LB's cookie (default SERVERID); app_cookie: the backend's cookie.
     #[serde(default)]
     pub cookie: Option<String>,
-    #[serde(default = "default_persistence_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_persistence_timeout",
+        deserialize_with = "duration_with_unit"
+    )]
     pub timeout: Duration,
 }
 
@@ -472,19 +492,22 @@ pub enum PersistenceKind {
 #[serde(expecting = "a map such as `{ connect: 5s, request: 60s, response: 60s, idle: 15s }`")]
 pub struct Timeouts {
     /// TCP connect to a backend; then the next backend is tried.
-    #[serde(default = "default_connect", with = "humantime_serde")]
+    #[serde(default = "default_connect", deserialize_with = "duration_with_unit")]
     pub connect: Duration,
     /// Longest pause while receiving a request body → 408.
-    #[serde(default = "default_request", with = "humantime_serde")]
+    #[serde(default = "default_request", deserialize_with = "duration_with_unit")]
     pub request: Duration,
     /// From sending a request to the backend's response head → 504.
-    #[serde(default = "default_response", with = "humantime_serde")]
+    #[serde(default = "default_response", deserialize_with = "duration_with_unit")]
     pub response: Duration,
     /// Keep-alive idle time between two requests of a client connection.
-    #[serde(default = "default_idle", with = "humantime_serde")]
+    #[serde(default = "default_idle", deserialize_with = "duration_with_unit")]
     pub idle: Duration,
     /// An upgraded (WebSocket) connection with no traffic either way is closed.
-    #[serde(default = "default_websocket_idle", with = "humantime_serde")]
+    #[serde(
+        default = "default_websocket_idle",
+        deserialize_with = "duration_with_unit"
+    )]
     pub websocket_idle: Duration,
 }
 
@@ -638,9 +661,11 @@ impl<'de> Deserialize<'de> for CodeRange {
             }
         };
         if !(100..=599).contains(&min) || !(100..=599).contains(&max) || min > max {
-            return Err(de::Error::custom(format!(
-                "{min}-{max} is not a range of HTTP status codes (100-599)"
-            )));
+            return Err(de::Error::custom(if min == max {
+                format!("{min} is not an HTTP status code (100-599)")
+            } else {
+                format!("{min}-{max} is not a range of HTTP status codes (100-599)")
+            }));
         }
         Ok(CodeRange { min, max })
     }

@@ -443,7 +443,11 @@ fn l7_listeners_are_checked_with_positions() {
     );
     assert_eq!(
         l7_err(|t| t.replace("connect: 5s", "connect: 5 parsecs")),
-        "lb.yaml:15:26: listeners[0].timeouts.connect: invalid value: string \"5 parsecs\", expected a duration"
+        "lb.yaml:15:26: listeners[0].timeouts.connect: `5 parsecs` is not a duration (unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)); e.g. 5s, 20m or 500ms"
+    );
+    assert_eq!(
+        l7_err(|t| t.replace("connect: 5s", "connect: 5")),
+        "lb.yaml:15:26: listeners[0].timeouts.connect: `5` needs a unit here, such as `5s`"
     );
     assert_eq!(
         l7_err(|t| t.replace("type: insert_cookie, cookie: SERVERID", "type: app_cookie")),
@@ -877,6 +881,11 @@ fn values_of_the_wrong_shape_say_what_is_expected() {
         e.ends_with(
             "weight: invalid type: floating point `1.5`, expected a weight, a whole number 0-65535"
         ),
+        "{e}"
+    );
+    let e = err(&with_check("{ protocol: http, expected_codes: [600] }"));
+    assert!(
+        e.ends_with("600 is not an HTTP status code (100-599)"),
         "{e}"
     );
     let e = err(&with_check("tcp"));

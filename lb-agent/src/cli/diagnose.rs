@@ -11,7 +11,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::task::JoinSet;
@@ -105,6 +105,7 @@ fn problem(
 /// Runs every check that applies; findings in the order checked.
 pub async fn run(o: &Options) -> Vec<Finding> {
     let mut out = Vec::new();
+    let asked = Instant::now();
     let status = match client::status(o.admin).await {
         Ok(s) => {
             out.push(finding(
@@ -174,7 +175,13 @@ pub async fn run(o: &Options) -> Vec<Finding> {
     }
     if let Some(s) = &status {
         out.extend(backends(s, &scope).await);
-        out.extend(pressure(s));
+        // The drop counters count since the agent started: a second view, a sweep later,
+        // tells whether they still rise.
+        tokio::time::sleep_until((asked + COUNTERS_MOVE).into()).await;
+        match client::status(o.admin).await {
+            Ok(now) => out.extend(pressure(&now, Some(s))),
+            Err(_) => out.extend(pressure(s, None)),
+        }
     }
     if let Some(cfg) = &cfg {
         for l in &scope {
@@ -580,7 +587,13 @@ async fn probe_backend(
 }
 
 /// SNAT ports, conntrack entries and what the datapath dropped, from the status.
-fn pressure(s: &Status) -> Vec<Finding> {
+/// How long after the first view of the status a second one shows the counters moved (the
+/// agent refreshes them every sweep, `gc::INTERVAL`).
+const COUNTERS_MOVE: Duration = Duration::from_millis(1100);
+
+/// Table and port pressure in `s`, and the drops it counts: a problem while they rise since
+/// `earlier` (or always without it), worth knowing when they stopped.
+fn pressure(s: &Status, earlier: Option<&Status>) -> Vec<Finding> {
     let mut out = Vec::new();
     let count = |name: &str| s.packets.get(name).copied().unwrap_or(0);
     for n in &s.snat {
@@ -677,13 +690,27 @@ fn pressure(s: &Status) -> Vec<Finding> {
         ),
     ] {
         let n = count(counter);
-        if n > 0 {
-            out.push(problem(
+        let before = earlier.map(|e| e.packets.get(counter).copied().unwrap_or(0));
+        match before {
+            Some(b) if n > 0 && n <= b => out.push(problem(
+                Level::Info,
+                "datapath",
+                format!("{n} {what} ({counter}) since the agent started; none now"),
+                fix,
+            )),
+            _ if n > 0 => out.push(problem(
                 level,
                 "datapath",
-                format!("{n} {what} ({counter}) since the agent started"),
+                match before {
+                    Some(b) => format!(
+                        "{} {what} ({counter}) in the last second, {n} since the agent started",
+                        n - b
+                    ),
+                    None => format!("{n} {what} ({counter}) since the agent started"),
+                },
                 fix,
-            ));
+            )),
+            _ => {}
         }
     }
     out

@@ -92,7 +92,7 @@ fn recent_5xx_are_counted_by_code_with_the_last_upstream() {
 fn pressure_and_drops_are_reported_from_the_status() {
     let mut s = Fixture::new().view(&Overrides::default()).status;
     let lines =
-        |s: &Status| -> Vec<String> { pressure(s).iter().map(ToString::to_string).collect() };
+        |s: &Status| -> Vec<String> { pressure(s, None).iter().map(ToString::to_string).collect() };
     let before = lines(&s);
     assert!(
         before.contains(
@@ -107,6 +107,29 @@ fn pressure_and_drops_are_reported_from_the_status() {
             .any(|l| l
                 .starts_with("FAIL  datapath: 15 new flows dropped for want of a free SNAT port")),
         "{before:#?}"
+    );
+    // Seen twice a sweep apart: still rising is a problem, stopped is worth knowing.
+    let mut later = s.clone();
+    *later.packets.get_mut("drop_snat_exhausted").unwrap() += 3;
+    let rising: Vec<String> = pressure(&later, Some(&s))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        rising.iter().any(|l| l.starts_with(
+            "FAIL  datapath: 3 new flows dropped for want of a free SNAT port (drop_snat_exhausted) in the last second, 18 since the agent started"
+        )),
+        "{rising:#?}"
+    );
+    let stopped: Vec<String> = pressure(&s, Some(&s))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        stopped.iter().any(|l| l.starts_with(
+            "info  datapath: 15 new flows dropped for want of a free SNAT port (drop_snat_exhausted) since the agent started; none now"
+        )),
+        "{stopped:#?}"
     );
     s.snat[0].busiest_backend_ports = 90;
     s.conntrack.tables[0].entries = 900_000;

@@ -142,10 +142,6 @@ impl Basis {
             cpu_affinity: cfg.agent.l7_cpu_affinity,
         }
     }
-
-    pub fn listener(&self) -> &str {
-        &self.listener.name
-    }
 }
 
 /// Builds a server for each of `listeners` (http/https listeners of `cfg`), listening on what

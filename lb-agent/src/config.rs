@@ -588,7 +588,7 @@ pub struct HealthCheck {
     pub host: Option<String>,
     /// Status codes or `MIN-MAX` ranges that count as healthy (default 200-399).
     #[serde(default)]
-    pub expected_codes: Option<Vec<CodeRange>>,
+    pub expected_codes: Option<Codes>,
     // https only:
     /// PEM CA bundle: when set, backend certificates must chain to it and name `host` (or the
     /// backend's address); without it they are not verified (the vendors' default).
@@ -637,37 +637,99 @@ impl CodeRange {
     }
 }
 
-impl<'de> Deserialize<'de> for CodeRange {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bad = |s: &str| {
-            de::Error::custom(format!(
-                "`{s}` is not a status code or MIN-MAX range of them"
-            ))
+impl CodeRange {
+    /// One entry: `200`, `200-399`, or a class as Alibaba SLB writes it, `http_2xx` (also `2xx`).
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad = || {
+            format!(
+                "`{s}` is not a status code, a MIN-MAX range of them or a class such as `http_2xx`"
+            )
         };
-        let (min, max) = match d.deserialize_any(NumberOrText {
-            expecting: "a status code such as `200` or a range such as `200-399`",
-            text: true,
-        })? {
-            Scalar::Number(c) => {
-                let c = u16::try_from(c).map_err(|_| bad(&c.to_string()))?;
-                (c, c)
+        let class = s.strip_prefix("http_").unwrap_or(s);
+        let (min, max) = if let Some(d) = class.strip_suffix("xx").filter(|d| d.len() == 1) {
+            let d: u16 = d.parse().map_err(|_| bad())?;
+            (d * 100, d * 100 + 99)
+        } else if let Some((a, b)) = s.split_once('-') {
+            match (a.trim().parse(), b.trim().parse()) {
+                (Ok(a), Ok(b)) => (a, b),
+                _ => return Err(bad()),
             }
-            Scalar::Text(s) => {
-                let (a, b) = s.split_once('-').ok_or_else(|| bad(&s))?;
-                match (a.trim().parse(), b.trim().parse()) {
-                    (Ok(a), Ok(b)) => (a, b),
-                    _ => return Err(bad(&s)),
-                }
-            }
+        } else {
+            let c = s.parse().map_err(|_| bad())?;
+            (c, c)
         };
+        Self::new(min, max)
+    }
+
+    fn new(min: u16, max: u16) -> Result<Self, String> {
         if !(100..=599).contains(&min) || !(100..=599).contains(&max) || min > max {
-            return Err(de::Error::custom(if min == max {
+            return Err(if min == max {
                 format!("{min} is not an HTTP status code (100-599)")
             } else {
                 format!("{min}-{max} is not a range of HTTP status codes (100-599)")
-            }));
+            });
         }
         Ok(CodeRange { min, max })
+    }
+}
+
+const CODE_EXPECTED: &str =
+    "a status code such as `200`, a range such as `200-399` or a class such as `http_2xx`";
+
+impl<'de> Deserialize<'de> for CodeRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(NumberOrText {
+            expecting: CODE_EXPECTED,
+            text: true,
+        })? {
+            Scalar::Number(c) => u16::try_from(c)
+                .map_err(|_| format!("{c} is not an HTTP status code (100-599)"))
+                .and_then(|c| Self::new(c, c)),
+            Scalar::Text(s) => Self::parse(&s),
+        }
+        .map_err(de::Error::custom)
+    }
+}
+
+/// `expected_codes`: a list of entries (`[200, 300-302]`), or one entry, or entries separated
+/// by commas in one string as Huawei ELB writes them (`"200,202"`, `"200-204"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Codes(pub Vec<CodeRange>);
+
+impl<'de> Deserialize<'de> for Codes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Codes;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(
+                    f,
+                    "a list of status codes, ranges or classes, or {CODE_EXPECTED}"
+                )
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Codes, A::Error> {
+                let mut codes = Vec::new();
+                while let Some(c) = seq.next_element()? {
+                    codes.push(c);
+                }
+                Ok(Codes(codes))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Codes, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Codes, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Codes, E> {
+                v.split(',')
+                    .map(CodeRange::parse)
+                    .collect::<Result<_, _>>()
+                    .map(Codes)
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -735,7 +797,7 @@ impl HealthCheck {
     pub fn expected_codes(&self) -> Vec<CodeRange> {
         self.expected_codes
             .clone()
-            .unwrap_or_else(|| vec![CodeRange { min: 200, max: 399 }])
+            .map_or_else(|| vec![CodeRange { min: 200, max: 399 }], |c| c.0)
     }
 }
 
@@ -1386,7 +1448,7 @@ fn validate_health_check(i: usize, pool: &Pool) -> Result<(), Invalid> {
             return Err((at("host"), format!("`{h}` is not a host name")));
         }
     }
-    if hc.expected_codes.as_ref().is_some_and(Vec::is_empty) {
+    if hc.expected_codes.as_ref().is_some_and(|c| c.0.is_empty()) {
         return Err((at("expected_codes"), "at least one code is needed".into()));
     }
     Ok(())

@@ -700,6 +700,47 @@ fn health_check_defaults_are_the_vendors() {
 }
 
 #[test]
+fn expected_codes_take_the_vendors_spellings() {
+    let codes = |v: &str| -> Result<Vec<(u16, u16)>, String> {
+        let c = parse(
+            "lb.yaml",
+            &with_check(&format!("{{ protocol: http, expected_codes: {v} }}")),
+            &host(),
+        )
+        .map_err(|e| e.to_string())?;
+        let hc = c.pools[0].health_check.as_ref().unwrap();
+        Ok(hc.expected_codes().iter().map(|r| (r.min, r.max)).collect())
+    };
+    // Alibaba SLB's classes, in a list or alone.
+    assert_eq!(
+        codes("[http_2xx, http_3xx]"),
+        Ok(vec![(200, 299), (300, 399)])
+    );
+    assert_eq!(codes("http_2xx"), Ok(vec![(200, 299)]));
+    assert_eq!(codes("[2xx, 404]"), Ok(vec![(200, 299), (404, 404)]));
+    // Huawei ELB's string: one code, a range, or a comma-separated list.
+    assert_eq!(codes("200"), Ok(vec![(200, 200)]));
+    assert_eq!(codes("\"200-204\""), Ok(vec![(200, 204)]));
+    assert_eq!(
+        codes("\"200, 202,301\""),
+        Ok(vec![(200, 200), (202, 202), (301, 301)])
+    );
+    assert_eq!(codes("[200-399]"), Ok(vec![(200, 399)]));
+    let e = codes("\"200,abc\"").unwrap_err();
+    assert!(e.ends_with("pools[0].health_check.expected_codes: `abc` is not a status code, a MIN-MAX range of them or a class such as `http_2xx`"), "{e}");
+    let e = codes("http_7xx").unwrap_err();
+    assert!(
+        e.ends_with("700-799 is not a range of HTTP status codes (100-599)"),
+        "{e}"
+    );
+    let e = codes("[http_2xx, 99]").unwrap_err();
+    assert!(
+        e.ends_with("expected_codes[1]: 99 is not an HTTP status code (100-599)"),
+        "{e}"
+    );
+}
+
+#[test]
 fn health_check_errors_name_file_line_column_and_path() {
     let cases = [
         (
@@ -865,7 +906,7 @@ fn values_of_the_wrong_shape_say_what_is_expected() {
     );
     let e = err(&with_check("{ protocol: http, expected_codes: [true] }"));
     assert!(
-        e.ends_with("invalid type: boolean `true`, expected a status code such as `200` or a range such as `200-399`"),
+        e.ends_with("invalid type: boolean `true`, expected a status code such as `200`, a range such as `200-399` or a class such as `http_2xx`"),
         "{e}"
     );
     let e = err(&EXAMPLE.replace("port: 80\n", "port: eighty\n"));

@@ -47,7 +47,7 @@ struct Site {
     _backend: Children,
     ns: Netns,
     /// The backend's and the certificate's files.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Site {
@@ -85,7 +85,7 @@ impl Site {
             agent,
             _backend: Children(vec![nginx]),
             ns,
-            _dir: tmp,
+            dir: tmp,
         };
         // nginx may still be starting.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -331,6 +331,31 @@ fn the_proxy_refuses_abuse_with_the_right_codes_keeps_serving_and_stays_bounded(
             assert!(status_line(&answer).contains(want), "{what}: want{want}, got {answer:?}");
         }
         report(pid, &real, "oversized and malformed", &format!("{} requests", cases.len()), &answers.join("; "));
+
+        // curl uploading 2 MiB (limit 1000 bytes) goes on sending while the 413 comes; it
+        // reports the answer only if the proxy neither resets the connection (HTTP/1) nor the
+        // stream (HTTP/2) under it.
+        let upload = site.dir.path().join("upload");
+        std::fs::write(&upload, vec![b'u'; 2 << 20]).unwrap();
+        let file = format!("@{}", upload.display());
+        let url = format!("http://127.0.0.1:{HTTP}/up");
+        let mut got = Vec::new();
+        for (what, options) in [
+            ("HTTP/1.1 with a length", &[][..]),
+            ("HTTP/1.1 chunked", &["-H", "Transfer-Encoding: chunked"][..]),
+            ("HTTP/2 with a length", &["--http2-prior-knowledge"][..]),
+            ("HTTP/2 without", &["--http2-prior-knowledge", "-H", "Transfer-Encoding: chunked"][..]),
+        ] {
+            for _ in 0..5 {
+                let mut args = vec!["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"];
+                args.extend_from_slice(options);
+                args.extend_from_slice(&["--data-binary", &file, &url]);
+                let code = String::from_utf8_lossy(&ns.output(&args).stdout).into_owned();
+                assert_eq!(code, "413", "{what}");
+            }
+            got.push(format!("{what}: 413 x5"));
+        }
+        report(pid, &real, "uploads over the limit", "curl, 2 MiB, 5 times each way", &got.join("; "));
 
         // TLS garbage, and plain HTTP, on the https port.
         let started = Instant::now();

@@ -515,6 +515,8 @@ async fn requests_without_a_valid_host_get_400_but_http_1_0_needs_none() {
     let answer = raw(a, b"GET /old HTTP/1.0\r\n\r\n").await;
     assert!(status_line(&answer).contains(" 200 "), "{answer}");
     assert!(answer.contains("path: /old"), "{answer}");
+    // The backend gets HTTP/1.1, which needs a Host: the listener's address and port.
+    assert!(answer.contains("\nhost: 127.0.0.1:8080\n"), "{answer}");
     // A head the parser refuses after a request served on the same connection: its page too.
     let answer = raw(
         a,
@@ -529,6 +531,136 @@ async fn requests_without_a_valid_host_get_400_but_http_1_0_needs_none() {
         7,
         "{lines:?}"
     );
+    // Not sent: `-`, as every field without a value.
+    assert_eq!(lines[0]["host"], "-", "{:?}", lines[0]);
+    let old = lines.iter().find(|l| l["path"] == "/old").unwrap();
+    assert_eq!(old["host"], "-", "{old:?}");
+    // The page for the head the parser refused went out, and is counted.
+    let unparsed = lines.iter().find(|l| l["method"] == "-").unwrap();
+    let page = proxy::errors::body(StatusCode::BAD_REQUEST).len();
+    assert_eq!(unparsed["bytes_out"], page, "{unparsed:?}");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_upload_over_the_limit_gets_its_413_while_the_client_still_sends() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log}, max_body_bytes: 1000 }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    // Declared too large (answered before the body is read), and found too large on the way
+    // (chunked): either way the client goes on sending, as curl does. Closed with its bytes
+    // unread, the connection would be reset under it.
+    for (framing, chunked) in [
+        ("content-length: 4000000", false),
+        ("transfer-encoding: chunked", true),
+    ] {
+        let s = TcpStream::connect(lb.addr("site")).await.unwrap();
+        let (mut rx, mut tx) = s.into_split();
+        let head = format!("PUT /up HTTP/1.1\r\nhost: site\r\n{framing}\r\n\r\n");
+        let sender = tokio::spawn(async move {
+            tx.write_all(head.as_bytes()).await?;
+            let piece = vec![b'x'; 64 << 10];
+            for _ in 0..60 {
+                if chunked {
+                    tx.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                        .await?;
+                }
+                tx.write_all(&piece).await?;
+                if chunked {
+                    tx.write_all(b"\r\n").await?;
+                }
+            }
+            std::io::Result::Ok(tx)
+        });
+        // All of it is sent: the proxy, which answered and closed its side right away, reads
+        // it (a client whose sends fail gives up without reading the answer, as curl does).
+        let tx = tokio::time::timeout(LIMIT, sender)
+            .await
+            .expect("the proxy takes the whole upload")
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{framing}: sending failed: {e}"));
+        let mut answer = Vec::new();
+        tokio::time::timeout(LIMIT, rx.read_to_end(&mut answer))
+            .await
+            .expect("the proxy closes")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            status_line(&answer).contains(" 413 "),
+            "{framing}: {answer:?}"
+        );
+        drop(tx);
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405_and_never_reaches_a_backend() {
+    let web = backend("web").await;
+    let lb = site(&pool("web", &[web])).await;
+    let answer = raw(
+        lb.addr("site"),
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+    )
+    .await;
+    assert!(status_line(&answer).contains(" 405 "), "{answer}");
+    assert!(
+        answer.contains("<h1>405 Method Not Allowed</h1>"),
+        "{answer}"
+    );
+    let lines = lb.log_lines(1).await;
+    assert_eq!(lines[0]["status"], 405);
+    assert_eq!(lines[0]["upstream_addr"], "-");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn http2_refusals_arrive_whole_413_for_a_body_and_431_for_headers() {
+    let web = backend("web").await;
+    let lb = lb(
+        "  - { name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: {log}, max_body_bytes: 1000 }\n",
+        &pool("web", &[web]),
+    )
+    .await;
+    let (mut tx, _conn) = h2_prior_knowledge(lb.addr("site")).await;
+    // A declared body over the limit: answered before it is read; the answer's page must
+    // come whole (then the stream is reset with NO_ERROR), not a head cut off by a reset.
+    let big = Request::post("http://site.example/up")
+        .header("content-length", "200000")
+        .body(Full::new(Bytes::from(vec![b'x'; 200_000])))
+        .unwrap();
+    let answer = tokio::time::timeout(LIMIT, async {
+        read_answer(tx.send_request(big).await.unwrap()).await
+    })
+    .await
+    .expect("answer in time");
+    assert_eq!(answer.status, 413);
+    assert!(answer.body.contains("<h1>413 "), "{}", answer.body);
+    // Headers over max_header_bytes (64 KiB): 431 as over HTTP/1, not a refused stream that
+    // clients retry.
+    tx.ready().await.unwrap();
+    let huge = Request::get("http://site.example/")
+        .header("x-big", "a".repeat(70_000))
+        .body(Full::default())
+        .unwrap();
+    let answer = read_answer(tx.send_request(huge).await.unwrap()).await;
+    assert_eq!(answer.status, 431);
+    assert!(answer.body.contains("<h1>431 "), "{}", answer.body);
+    // The connection goes on.
+    tx.ready().await.unwrap();
+    let ok = read_answer(
+        tx.send_request(get("site.example", "http://site.example/ok"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let lines = lb.log_lines(3).await;
+    let statuses: Vec<_> = lines.iter().map(|l| l["status"].clone()).collect();
+    assert_eq!(statuses, [413, 431, 200], "{lines:?}");
     lb.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -1420,6 +1552,14 @@ async fn http_redirects_to_the_https_listener() {
         answer.contains("location: https://127.0.0.1:8443/p\r\n"),
         "{answer}"
     );
+    // `OPTIONS *` names no resource to redirect to.
+    let answer = raw(
+        lb.addr("plain"),
+        b"OPTIONS * HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(status_line(&answer).contains(" 400 "), "{answer}");
+    assert!(!answer.contains("location"), "{answer}");
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -4,11 +4,13 @@
 //!   with room for a whole ordinary request head and kept for the HTTP/1 parser, so the
 //!   request costs one read.
 //! - hyper shuts the sending side down before it drops a connection it closes; the close
-//!   that follows sends the FIN just the same.
+//!   that follows sends the FIN just the same (unless the connection closes lingering, see
+//!   `super::linger`).
 
 use std::{
     io,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -17,6 +19,8 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
+
+use super::idle::Activity;
 
 /// What the first read asks the socket for: a whole ordinary request head.
 const READ_AHEAD: usize = 4 << 10;
@@ -28,13 +32,16 @@ pub struct ClientTcp {
     tcp: TcpStream,
     /// Read, not yet handed on.
     ahead: BytesMut,
+    /// The connection's requests: whether it closes lingering.
+    activity: Arc<Activity>,
 }
 
 impl ClientTcp {
-    pub fn new(tcp: TcpStream) -> Self {
+    pub fn new(tcp: TcpStream, activity: Arc<Activity>) -> Self {
         Self {
             tcp,
             ahead: BytesMut::new(),
+            activity,
         }
     }
 
@@ -110,6 +117,14 @@ impl AsyncWrite for ClientTcp {
     }
 }
 
+impl Drop for ClientTcp {
+    fn drop(&mut self) {
+        if self.activity.lingers() {
+            super::linger::close(&self.tcp);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,7 +136,10 @@ mod tests {
     async fn pair() -> (TcpStream, ClientTcp) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        (client, ClientTcp::new(l.accept().await.unwrap().0))
+        (
+            client,
+            ClientTcp::new(l.accept().await.unwrap().0, Activity::new()),
+        )
     }
 
     #[tokio::test]

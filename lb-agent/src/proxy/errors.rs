@@ -13,7 +13,7 @@ fn title(status: StatusCode) -> String {
 }
 
 /// `<code> <reason>` as a tiny HTML page, the way nginx/Tengine answer.
-fn body(status: StatusCode) -> String {
+pub fn body(status: StatusCode) -> String {
     let title = title(status);
     format!(
         "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n</body>\r\n</html>\r\n"

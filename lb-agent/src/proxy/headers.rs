@@ -204,6 +204,28 @@ pub fn unsupported_transfer_encoding(headers: &HeaderMap) -> Option<String> {
         .find(|c| c != "chunked" && c != "identity")
 }
 
+/// An HTTP/2 request's header list size as SETTINGS_MAX_HEADER_LIST_SIZE counts it: each
+/// field's name and value plus 32, pseudo-headers included (RFC 9113 §6.5.2).
+pub fn list_size<B>(req: &hyper::Request<B>) -> usize {
+    let field = |name: usize, value: usize| name + value + 32;
+    let uri = req.uri();
+    let pseudo = field(":method".len(), req.method().as_str().len())
+        + field(":scheme".len(), uri.scheme_str().map_or(0, str::len))
+        + field(
+            ":authority".len(),
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        )
+        + field(
+            ":path".len(),
+            uri.path_and_query().map_or(1, |p| p.as_str().len()),
+        );
+    req.headers()
+        .iter()
+        .map(|(n, v)| field(n.as_str().len(), v.len()))
+        .sum::<usize>()
+        + pseudo
+}
+
 /// Whether `host` is a valid Host value (RFC 9110 §7.2): a registered name (no empty label)
 /// or an IP literal, with an optional numeric port; no user info, path or spaces.
 pub fn valid_host(host: &str) -> bool {

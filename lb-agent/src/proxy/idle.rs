@@ -30,6 +30,8 @@ pub struct Activity {
     spent: tokio::sync::Notify,
     /// The status sent instead of hyper's own answer to an unparsable head (0: none).
     own_answer: std::sync::atomic::AtomicU16,
+    /// A request's body was left unread (see `InFlight::linger`).
+    linger: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -41,7 +43,13 @@ impl Activity {
             last_ns: AtomicU64::new(0),
             spent: tokio::sync::Notify::new(),
             own_answer: std::sync::atomic::AtomicU16::new(0),
+            linger: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the connection is to close lingering (`super::linger::close`).
+    pub fn lingers(&self) -> bool {
+        self.linger.load(Ordering::Relaxed)
     }
 
     /// How many requests have started.
@@ -114,6 +122,13 @@ impl Activity {
 pub struct InFlight(Option<Arc<Activity>>);
 
 impl InFlight {
+    /// The request's answer leaves its body unread: the connection is to close lingering.
+    pub fn linger(&self) {
+        if let Some(a) = &self.0 {
+            a.linger.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// The request ended at `at` (a clock read the caller made anyway).
     pub fn end_at(mut self, at: std::time::Instant) {
         if let Some(a) = self.0.take() {

@@ -4,7 +4,7 @@
 //!
 //! Fields (strings unless noted): `time` (RFC 3339, UTC, ms; when the line is written, as
 //! nginx's `$time_iso8601`), `listener`, `client`
-//! (`ip:port`), `host`, `method`, `path` (with the query), `protocol` (`HTTP/1.1`, `HTTP/2.0`),
+//! (`ip:port`), `host` (`-` when the request had none), `method`, `path` (with the query), `protocol` (`HTTP/1.1`, `HTTP/2.0`),
 //! `status` (number; 499 when the client left before the response), `bytes_in` and
 //! `bytes_out` (numbers, body bytes), `request_time` (seconds, 3 decimals, until the last
 //! response byte), `upstream_addr`, `upstream_status`, `upstream_connect_time`,
@@ -307,7 +307,16 @@ impl Record {
         out.extend_from_slice(b",\"client\":\"");
         addr(out, self.client);
         out.push(b'"');
-        text(out, b",\"host\":", &self.host);
+        // `-` for a request without one (HTTP/1.0), as for every field not sent.
+        text(
+            out,
+            b",\"host\":",
+            if self.host.is_empty() {
+                "-"
+            } else {
+                &self.host
+            },
+        );
         text(
             out,
             b",\"method\":",

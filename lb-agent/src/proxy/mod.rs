@@ -11,6 +11,7 @@ pub mod errors;
 mod h1;
 pub mod headers;
 mod idle;
+mod linger;
 pub mod log;
 pub mod metrics;
 mod own_answers;
@@ -190,7 +191,16 @@ pub async fn servers<'a>(
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
-            .max_header_list_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES) as u32);
+            // Twice the limit: lists between the two get the proxy's 431 (`Site::handle`);
+            // beyond, h2 refuses the stream.
+            .max_header_list_size(
+                u32::try_from(
+                    l.max_header_bytes
+                        .unwrap_or(DEFAULT_MAX_HEADER_BYTES)
+                        .saturating_mul(2),
+                )
+                .unwrap_or(u32::MAX),
+            );
         out.push(Server {
             tcp,
             site: Arc::new(site),
@@ -308,8 +318,8 @@ struct Conn {
 impl Conn {
     async fn serve(self, stream: tokio::net::TcpStream, mut draining: watch::Receiver<bool>) {
         let fd = stream.as_raw_fd();
-        let stream = ClientTcp::new(stream);
         let activity = idle::Activity::new();
+        let stream = ClientTcp::new(stream, activity.clone());
         let (site, peer, tls) = (self.site, self.peer, self.tls.is_some());
         // For X-Forwarded-For and X-Real-IP: formatted once per connection, shared by its
         // requests.
@@ -350,6 +360,9 @@ impl Conn {
                     if last {
                         res.headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    if res.extensions().get::<UnreadBody>().is_some() {
+                        in_flight.linger();
                     }
                     res.body_mut().request = Some(in_flight);
                     Ok(res)
@@ -393,11 +406,14 @@ impl Conn {
             // `max_header_bytes`, 501 for its transfer coding, else 400; see `own_answers`)
             // and closed; it is logged and counted like any other answer.
             if e.is_parse() {
-                let status =
-                    activity
-                        .own_answer()
-                        .unwrap_or(if e.is_parse_too_large() { 431 } else { 400 });
-                drop(Record::unparsed(&site.sink, peer, status));
+                let own = activity.own_answer();
+                let status = own.unwrap_or(if e.is_parse_too_large() { 431 } else { 400 });
+                let mut record = Record::unparsed(&site.sink, peer, status);
+                // The proxy's page went out in place of hyper's empty answer.
+                record.bytes_out = own
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .map_or(0, |s| errors::body(s).len() as u64);
+                drop(record);
             }
             debug!(client = %peer, error = %e, "client connection ended with an error");
         }
@@ -601,6 +617,9 @@ impl HostMatch {
 struct Site {
     /// The listener's configured port, for X-Forwarded-Port.
     port: u16,
+    /// The listener's VIP and port (the port left out when the scheme's default): the Host
+    /// sent for a request without one (HTTP/1.0), since HTTP/1.1 requires it (RFC 9112 §3.2).
+    authority: HeaderValue,
     rules: Vec<Rule>,
     /// The default pool, in `pools`.
     default: Option<usize>,
@@ -612,6 +631,7 @@ struct Site {
     timeouts: Timeouts,
     max_body_bytes: u64,
     max_uri_bytes: usize,
+    max_header_bytes: usize,
     max_requests: u32,
     backend_tls: Option<tokio_rustls::TlsConnector>,
     /// Which clients may connect (checked at accept, as the datapath does for tcp/udp).
@@ -673,8 +693,21 @@ impl Site {
                 path: l.access_log.clone().unwrap_or_default(),
                 source,
             })?;
+        let host = crate::health::host_of(l.vip);
+        let default_port = if l.protocol == crate::config::Protocol::Https {
+            443
+        } else {
+            80
+        };
+        let authority = if l.port.0 == default_port {
+            HeaderValue::from_str(&host)
+        } else {
+            HeaderValue::from_str(&format!("{host}:{}", l.port.0))
+        }
+        .expect("an address and a port are a valid header value");
         Ok(Self {
             port: l.port.0,
+            authority,
             rules,
             default,
             pools,
@@ -683,6 +716,7 @@ impl Site {
             timeouts: l.timeouts.clone().unwrap_or_default(),
             max_body_bytes: l.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
             max_uri_bytes: l.max_uri_bytes.unwrap_or(DEFAULT_MAX_URI_BYTES),
+            max_header_bytes: l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
             max_requests: l
                 .max_requests_per_connection
                 .unwrap_or(DEFAULT_MAX_REQUESTS_PER_CONNECTION),
@@ -734,9 +768,26 @@ impl Site {
         };
         if bad_host {
             debug!(listener = %self.sink.listener(), client = %client.addr, "missing, repeated or invalid Host");
-            return Answer::Now(Box::new(local_error(StatusCode::BAD_REQUEST, record)));
+            return early(local_error(StatusCode::BAD_REQUEST, record), req);
+        }
+        // hyper's HTTP/2 takes header lists up to twice the limit (see `servers`), so that
+        // these get a 431 as over HTTP/1 rather than the stream refused.
+        if req.version() == Version::HTTP_2 && headers::list_size(&req) > self.max_header_bytes {
+            return early(
+                local_error(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, record),
+                req,
+            );
+        }
+        // A tunnel to an arbitrary host is not what a reverse proxy offers (nginx refuses it
+        // the same way); relayed, the backend would get a target it cannot make sense of.
+        if req.method() == Method::CONNECT {
+            return early(local_error(StatusCode::METHOD_NOT_ALLOWED, record), req);
         }
         match &self.redirect {
+            // `OPTIONS *` asks about the server, not a resource there is a URL for.
+            Some(_) if record.path == "*" => {
+                early(local_error(StatusCode::BAD_REQUEST, record), req)
+            }
             Some(r) => {
                 let port = if r.port == 443 {
                     String::new()
@@ -749,43 +800,46 @@ impl Site {
                     h => h,
                 };
                 let location = format!("https://{host}{port}{}", record.path);
-                Answer::Now(Box::new(local(errors::redirect(r.code, &location), record)))
+                early(local(errors::redirect(r.code, &location), record), req)
             }
-            None => match self.prepare(req, record, client) {
-                Ok(fwd) => Answer::Later(Box::pin(self.clone().relay(fwd))),
-                Err(res) => Answer::Now(res),
+            None => match self.refusal(&req, &record) {
+                Ok(pool) => Answer::Later(Box::pin(
+                    self.clone().relay(self.prepare(req, record, client, pool)),
+                )),
+                Err(status) => early(local_error(status, record), req),
             },
         }
     }
 
-    /// A request ready for its backends, or the local answer that refuses it.
-    fn prepare(
-        &self,
-        mut req: Request<Incoming>,
-        mut record: Box<Record>,
-        client: Client,
-    ) -> Result<Forward, Box<Response<ResponseBody>>> {
+    /// Why a request cannot go to a backend, or the pool (its index in `pools`) it goes to.
+    fn refusal(&self, req: &Request<Incoming>, record: &Record) -> Result<usize, StatusCode> {
         if record.path.len() > self.max_uri_bytes {
-            return Err(Box::new(local_error(StatusCode::URI_TOO_LONG, record)));
+            return Err(StatusCode::URI_TOO_LONG);
         }
         if let Some(coding) = headers::unsupported_transfer_encoding(req.headers()) {
             debug!(listener = %self.sink.listener(), coding, "unsupported transfer-encoding");
-            return Err(Box::new(local_error(StatusCode::NOT_IMPLEMENTED, record)));
+            return Err(StatusCode::NOT_IMPLEMENTED);
         }
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes) {
-            return Err(Box::new(local_error(StatusCode::PAYLOAD_TOO_LARGE, record)));
+            return Err(StatusCode::PAYLOAD_TOO_LARGE);
         }
-        let Some(path) = path::normalized(req.uri().path()) else {
-            return Err(Box::new(local_error(StatusCode::BAD_REQUEST, record)));
-        };
-        let Some(pool) = self.route(headers::without_port(&record.host), &path) else {
-            return Err(Box::new(local_error(StatusCode::NOT_FOUND, record)));
-        };
+        let path = path::normalized(req.uri().path()).ok_or(StatusCode::BAD_REQUEST)?;
+        self.route(headers::without_port(&record.host), &path)
+            .ok_or(StatusCode::NOT_FOUND)
+    }
 
+    /// A request `refusal` let through to `pool`, ready for its backends.
+    fn prepare(
+        &self,
+        mut req: Request<Incoming>,
+        mut record: Box<Record>,
+        client: Client,
+        pool: usize,
+    ) -> Forward {
         let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -795,11 +849,13 @@ impl Site {
             port: self.port,
             upgrade,
             // The target's authority (HTTP/2's :authority, an absolute-form target) is the
-            // host, whatever a Host header says (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
-            host: parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            // host, whatever a Host header says (RFC 9112 §3.2.2, RFC 9113 §8.3.1); a request
+            // with neither (HTTP/1.0) gets the listener's.
+            host: match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None if !parts.headers.contains_key(header::HOST) => Some(self.authority.clone()),
+                None => None,
+            },
             join_cookies: parts.version == Version::HTTP_2,
         };
         let has_body = !body.is_end_stream();
@@ -814,11 +870,17 @@ impl Site {
         let body = if has_body {
             let bytes_in = Arc::new(AtomicU64::new(0));
             record.bytes_in = Some(bytes_in.clone());
-            RequestBody::new(body, self.max_body_bytes, self.timeouts.request, bytes_in)
+            RequestBody::new(
+                body,
+                parts.version == Version::HTTP_2,
+                self.max_body_bytes,
+                self.timeouts.request,
+                bytes_in,
+            )
         } else {
             RequestBody(None)
         };
-        Ok(Forward {
+        Forward {
             sticky: self.sticky_backend(&self.pools[pool], &parts.headers, client.addr),
             method: parts.method,
             record,
@@ -827,7 +889,7 @@ impl Site {
             head,
             body,
             client_upgrade,
-        })
+        }
     }
 
     /// Sends a prepared request to its pool's backends, the next one after a failure where
@@ -926,14 +988,17 @@ impl Site {
                     );
                 }
                 Err((ExchangeError::Body(e), _)) => {
-                    return local_error(
+                    let mut res = local_error(
                         match e {
                             BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                             BodyError::Timeout => StatusCode::REQUEST_TIMEOUT,
                             BodyError::Client(_) => StatusCode::BAD_REQUEST,
                         },
                         record,
-                    )
+                    );
+                    // What is left of the body is not read (see `early`).
+                    res.extensions_mut().insert(UnreadBody);
+                    return res;
                 }
                 Err((ExchangeError::Timeout(_), _)) => {
                     record.attempt().status = Some(504);
@@ -1132,7 +1197,7 @@ fn local(res: Response<Bytes>, mut record: Box<Record>) -> Response<ResponseBody
     Response::from_parts(
         parts,
         ResponseBody {
-            inner: Inner::Full(Some(body)),
+            inner: Inner::Full(Some(body), None),
             record: Some(record),
             upstream_sent: None,
             active: None,
@@ -1141,6 +1206,28 @@ fn local(res: Response<Bytes>, mut record: Box<Record>) -> Response<ResponseBody
         },
     )
 }
+
+/// A local answer to a request whose body was not read. Over HTTP/2 the body is kept open
+/// until the answer is sent (dropped first, the stream is reset with CANCEL and the client
+/// may never see the answer), then read to its end; over HTTP/1 the connection closes
+/// lingering (see `linger`).
+fn early(mut res: Response<ResponseBody>, req: Request<Incoming>) -> Answer {
+    if !req.body().is_end_stream() {
+        if req.version() == Version::HTTP_2 {
+            if let Inner::Full(_, unread) = &mut res.body_mut().inner {
+                *unread = Some(Box::new(req.into_body()));
+            }
+        } else {
+            res.extensions_mut().insert(UnreadBody);
+        }
+    }
+    Answer::Now(Box::new(res))
+}
+
+/// Marks an answer given with the request's body not read to its end: its connection closes
+/// lingering (`linger::close`).
+#[derive(Clone, Copy)]
+struct UnreadBody;
 
 fn local_error(status: StatusCode, record: Box<Record>) -> Response<ResponseBody> {
     local(errors::page(status), record)
@@ -1163,6 +1250,8 @@ pub struct RequestBody(Option<Streaming>);
 
 struct Streaming {
     inner: Incoming,
+    /// An HTTP/2 stream's, whose rest is read after a body over the limit (`linger`).
+    h2: bool,
     limit: u64,
     seen: u64,
     timeout: Duration,
@@ -1171,9 +1260,16 @@ struct Streaming {
 }
 
 impl RequestBody {
-    fn new(inner: Incoming, limit: u64, timeout: Duration, bytes_in: Arc<AtomicU64>) -> Self {
+    fn new(
+        inner: Incoming,
+        h2: bool,
+        limit: u64,
+        timeout: Duration,
+        bytes_in: Arc<AtomicU64>,
+    ) -> Self {
         Self(Some(Streaming {
             inner,
+            h2,
             limit,
             seen: 0,
             timeout,
@@ -1183,7 +1279,12 @@ impl RequestBody {
     }
 
     fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.0 = None;
+        if let (Some(s), BodyError::TooLarge) = (self.0.take(), &e) {
+            // Dropped, the stream would be reset before the client sees the 413.
+            if s.h2 {
+                tokio::spawn(linger::discard(s.inner));
+            }
+        }
         Poll::Ready(Some(Err(e)))
     }
 }
@@ -1243,7 +1344,8 @@ impl Body for RequestBody {
 }
 
 enum Inner {
-    Full(Option<Bytes>),
+    /// A whole body, and the request's unread body kept open until it is sent (`early`).
+    Full(Option<Bytes>, Option<Box<Incoming>>),
     Upstream(h1::Incoming),
 }
 
@@ -1298,7 +1400,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         let frame = match &mut this.inner {
-            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Full(b, _) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream(i) => Pin::new(i).poll_frame(cx),
         };
         match &frame {
@@ -1315,14 +1417,14 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Full(b) => b.is_none(),
+            Inner::Full(b, _) => b.is_none(),
             Inner::Upstream(i) => i.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Full(b, _) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream(i) => i.size_hint(),
         }
     }
@@ -1330,6 +1432,11 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if let Inner::Full(_, unread @ Some(_)) = &mut self.inner {
+            if let (Some(body), Ok(rt)) = (unread.take(), tokio::runtime::Handle::try_current()) {
+                rt.spawn(linger::discard(*body));
+            }
+        }
         // Bodies hyper never polls (HEAD, 204, 304) end here.
         if self.is_end_stream() {
             self.finish();

@@ -1,6 +1,6 @@
 //! The L7 workers' connection selector (`lb-ebpf/src/reuseport.rs`): loaded by the agent's
 //! loader onto a real SO_REUSEPORT group on loopback, each new connection queues on the socket
-//! of the worker with fewer open connections; in a running agent, connections held open end up
+//! of the worker with fewer open and queued connections; in a running agent, connections held open end up
 //! spread evenly and `/metrics` counts them per worker until they close. Needs root.
 
 use std::{
@@ -48,32 +48,45 @@ fn spread(group: &[TcpListener; 2], n: usize) -> [usize; 2] {
 }
 
 #[test]
-fn new_connections_queue_on_the_worker_with_fewer_open_connections() {
+fn new_connections_queue_on_the_worker_with_fewer_open_and_queued_connections() {
     let group = group();
     let loads = Loads::balanced(&group).expect("the selector loads and attaches");
     let workers = loads.workers();
     let hold = |w: usize, n: usize| -> Vec<Open> { (0..n).map(|_| workers[w].open()).collect() };
 
-    let busy = hold(0, 3);
-    assert_eq!(loads.connections(), [3, 0]);
-    // The selector only reads the counts: every connection goes to the idle worker.
+    let busy = hold(0, 30);
+    assert_eq!(loads.connections(), [30, 0]);
+    // Every connection goes to the idle worker, which counts them as queued (nothing here
+    // accepts through the counters).
     assert_eq!(spread(&group, 20), [0, 20]);
+    assert_eq!(loads.queued(), [0, 20]);
     drop(busy);
     assert_eq!(loads.connections(), [0, 0]);
 
-    let _busy = hold(1, 1);
-    assert_eq!(spread(&group, 20), [20, 0]);
+    // Worker 1 found its queue empty; worker 0 accepted one connection it never got (never
+    // below zero).
+    workers[1].queue_empty();
+    let _one = workers[0].open();
+    assert_eq!(loads.queued(), [0, 0]);
+    let _busy = hold(1, 3);
+    assert_eq!(spread(&group, 2), [2, 0]);
+    assert_eq!(loads.queued(), [2, 0]);
+    // Accepting takes a connection off the queued count.
+    let _accepted = workers[0].open();
+    assert_eq!(loads.queued(), [1, 0]);
 }
 
 #[test]
-fn equally_loaded_workers_share_new_connections_by_hash() {
+fn a_worker_that_does_not_accept_gets_no_more_than_its_share() {
     let group = group();
     let loads = Loads::balanced(&group).expect("the selector loads and attaches");
-    let [a, b] = spread(&group, 64);
-    assert_eq!(a + b, 64);
-    // By the 4-tuple's hash: all 64 on one side has a chance of 2^-63.
-    assert!(a > 0 && b > 0, "{a} / {b}");
-    drop(loads);
+    // Neither worker accepts (both stalled, as a worker whose CPU is taken): each new
+    // connection goes to the shorter queue, ties by the 4-tuple's hash.
+    let [a, b] = spread(&group, 41);
+    assert_eq!(a + b, 41);
+    assert!(a.abs_diff(b) <= 1, "{a} / {b}");
+    let queued = loads.queued();
+    assert_eq!(queued, [a as u64, b as u64]);
 }
 
 /// An http listener that answers every request itself (a redirect): no backend needed.

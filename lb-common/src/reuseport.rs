@@ -7,7 +7,7 @@ pub const PROG_PICK_WORKER: &str = "lb_pick_worker";
 /// `REUSEPORT_SOCKARRAY`: worker index → that worker's listening socket.
 pub const WORKER_SOCKETS: &str = "WORKER_SOCKETS";
 /// `ARRAY` of [`WorkerLoad`], memory-mapped by the agent (`BPF_F_MMAPABLE`): worker index →
-/// its open connections.
+/// its open and queued connections.
 pub const WORKER_LOAD: &str = "WORKER_LOAD";
 /// The global the agent sets at load: how many workers the listener has.
 pub const WORKERS_GLOBAL: &str = "WORKERS";
@@ -21,6 +21,11 @@ pub const MAX_WORKERS: u32 = 256;
 pub struct WorkerLoad {
     /// Open client connections (the agent's atomic; the program only reads it).
     pub connections: u64,
-    pub _pad: [u64; 7],
+    /// Connections given to the worker and not yet accepted: the program adds one per pick
+    /// (atomically), the worker takes one per accept and clears it when its queue is found
+    /// empty. A worker that is not running (its CPU taken) cannot accept, and this is what
+    /// shows it.
+    pub queued: u64,
+    pub _pad: [u64; 6],
 }
 const _: () = assert!(core::mem::size_of::<WorkerLoad>() == 64);

@@ -1,12 +1,19 @@
 //! `SK_REUSEPORT` program for the L7 proxy's listeners (one copy loaded per listener): picks
 //! the worker socket a new connection queues on. The kernel's default is a hash of the
 //! 4-tuple, blind to how loaded each worker is; this takes two workers the hash names and
-//! gives the connection to the one with fewer open connections ("power of two choices"; with
-//! two workers, simply the less loaded). Anything it cannot decide falls back to the hash.
+//! gives the connection to the one with fewer open and queued connections ("power of two
+//! choices"; with two workers, simply the less loaded). Anything it cannot decide falls back
+//! to the hash.
 #![no_std]
 #![no_main]
+// For the atomic add intrinsic (see `queue`); the program builds on nightly.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core_intrinsics, for BPF atomics")]
 
-use core::cell::UnsafeCell;
+use core::{
+    cell::UnsafeCell,
+    intrinsics::{atomic_xadd, AtomicOrdering},
+};
 
 use aya_ebpf::{
     bindings::{
@@ -60,13 +67,9 @@ pub fn lb_pick_worker(ctx: *mut sk_reuseport_md) -> u32 {
     // Two distinct workers from the 4-tuple's hash.
     let a = hash % n;
     let b = (a + 1 + (hash >> 16) % (n - 1)) % n;
-    let mut pick = if connections(b) < connections(a) {
-        b
-    } else {
-        a
-    };
+    let mut pick = if load(b) < load(a) { b } else { a };
     // SAFETY: plain helper call; a failure (no socket at `pick`) leaves the hash's choice.
-    unsafe {
+    let picked = unsafe {
         bpf_sk_select_reuseport(
             ctx,
             WORKER_SOCKETS.0.get().cast(),
@@ -74,16 +77,36 @@ pub fn lb_pick_worker(ctx: *mut sk_reuseport_md) -> u32 {
             0,
         )
     };
+    if picked == 0 {
+        queue(pick);
+    }
     SK_PASS
 }
 
+/// A worker's open and queued connections (`u64::MAX` for one without a slot).
 #[inline(always)]
-fn connections(worker: u32) -> u64 {
+fn load(worker: u32) -> u64 {
     WORKER_LOAD
         .get_ptr(worker)
-        // SAFETY: a pointer from a successful lookup; the agent's atomic stores are whole
-        // aligned words.
+        // SAFETY: a pointer from a successful lookup; every store to these fields is a whole
+        // aligned word.
         .map_or(u64::MAX, |w| unsafe {
             core::ptr::read_volatile(&(*w).connections)
+                .saturating_add(core::ptr::read_volatile(&(*w).queued))
         })
+}
+
+/// Counts a connection queued on `worker`'s socket.
+#[inline(always)]
+fn queue(worker: u32) {
+    if let Some(w) = WORKER_LOAD.get_ptr_mut(worker) {
+        // SAFETY: a pointer from a successful lookup. The intrinsic, not AtomicU64: core has
+        // no atomic read-modify-write for the BPF target; this lowers to BPF's atomic add.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                core::ptr::addr_of_mut!((*w).queued),
+                1,
+            )
+        };
+    }
 }

@@ -255,6 +255,18 @@ impl Server {
         })
     }
 
+    /// The next connection. A worker that finds its queue empty tells the selector (see
+    /// `balance::Worker::queue_empty`).
+    fn accept(&self) -> impl Future<Output = io::Result<(tokio::net::TcpStream, SocketAddr)>> + '_ {
+        std::future::poll_fn(|cx| {
+            let polled = self.tcp.poll_accept(cx);
+            if let (Poll::Pending, Some(worker)) = (&polled, &self.worker) {
+                worker.queue_empty();
+            }
+            polled
+        })
+    }
+
     /// Serves until `shutdown` changes (or its sender goes), then stops accepting and gives
     /// in-flight requests up to `grace` to finish.
     pub async fn run(self, mut shutdown: watch::Receiver<()>, grace: Duration) {
@@ -266,7 +278,7 @@ impl Server {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                accepted = self.tcp.accept() => match accepted {
+                accepted = self.accept() => match accepted {
                     Ok((stream, peer)) if !self.site.acl.admits(peer.ip()) => {
                         debug!(listener = %self.site.sink.listener(), client = %peer, "refused by the ACL");
                         // A reset, not a close: the client learns at once, nothing is sent

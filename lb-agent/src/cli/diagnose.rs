@@ -467,7 +467,13 @@ async fn backends(s: &Status, scope: &[Scoped]) -> Vec<Finding> {
                 }
                 seen.push((&p.name, b.address));
                 let subject = format!("backend {}/{}", p.name, b.address);
-                rows.push([backend_state(&subject, b), None]);
+                let state = backend_state(&subject, b);
+                let state = match l.requests {
+                    // The proxy's backend connections are its own: the datapath counts none.
+                    None => state.or_else(|| unanswered(&subject, &l.protocol, &b.traffic)),
+                    Some(_) => state,
+                };
+                rows.push([state, None]);
                 let source = s
                     .snat
                     .iter()
@@ -525,6 +531,30 @@ fn backend_state(subject: &str, b: &crate::admin::status::Backend) -> Option<Fin
         _ => return None,
     })
 }
+
+/// Packets the datapath passed a backend while none came back: its answers do not return
+/// through the LB, or it drops what it gets. Telling for TCP (a handshake always answers);
+/// for UDP only a hint, since some services never answer.
+fn unanswered(subject: &str, protocol: &str, t: &crate::admin::status::Traffic) -> Option<Finding> {
+    if t.packets_in < UNANSWERED_AFTER || t.packets_out > 0 {
+        return None;
+    }
+    let tcp = protocol == "tcp";
+    Some(problem(
+        if tcp { Level::Fail } else { Level::Warn },
+        subject,
+        format!(
+            "got {} packets of {} flows through the LB and sent none back{}",
+            t.packets_in,
+            t.new_flows,
+            if tcp { "" } else { " (fine for a service that never answers)" }
+        ),
+        "its route to the SNAT addresses must go through the LB; its firewall must admit them;          and senders must send valid checksums (on veth, turn TX checksum offload off:          `ethtool -K DEV tx off`; the backend's `nstat TcpInCsumErrors` counts those it drops)",
+    ))
+}
+
+/// Packets a backend gets before its silence counts (a SYN and its retransmissions).
+const UNANSWERED_AFTER: u64 = 3;
 
 /// Connects (tcp) or sends a datagram (udp) to the backend from `source`; when that fails,
 /// pings it to tell a closed port from an unreachable host.

@@ -153,3 +153,23 @@ fn pressure_and_drops_are_reported_from_the_status() {
         "{after:#?}"
     );
 }
+
+#[test]
+fn a_backend_that_gets_packets_and_answers_none_is_flagged() {
+    let traffic = |packets_in, packets_out| crate::admin::status::Traffic {
+        packets_in,
+        packets_out,
+        new_flows: packets_in,
+        ..Default::default()
+    };
+    let said =
+        |protocol, t| unanswered("backend web/10.0.0.1:80", protocol, &t).map(|f| f.to_string());
+    let silent = said("tcp", traffic(300, 0)).unwrap();
+    assert!(
+        silent.starts_with("FAIL  backend web/10.0.0.1:80: got 300 packets of 300 flows through the LB and sent none back — fix: its route to the SNAT addresses"),
+        "{silent}"
+    );
+    assert!(said("udp", traffic(300, 0)).unwrap().starts_with("WARN "));
+    assert_eq!(said("tcp", traffic(300, 1)), None, "it answers");
+    assert_eq!(said("tcp", traffic(2, 0)), None, "too early to tell");
+}

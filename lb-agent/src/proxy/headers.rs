@@ -29,12 +29,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// HTTP/2 means nothing to the next one, and a backend accepting it would take the client's
 /// later requests past the proxy's routing (h2c smuggling); the request goes on without it.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    let h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
+    let mut upgrades = headers.get_all(header::UPGRADE).iter().peekable();
+    // Almost every request: one lookup, and done.
+    if upgrades.peek().is_none() {
+        return false;
+    }
+    let h2c = upgrades.any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')
             .any(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
     });
-    headers.contains_key(header::UPGRADE) && !h2c && connection_has(headers, "upgrade")
+    !h2c && connection_has(headers, "upgrade")
 }
 
 /// Whether the Connection header lists `token` (ignoring case).

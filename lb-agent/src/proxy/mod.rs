@@ -865,7 +865,8 @@ impl Site {
             // with neither (HTTP/1.0) gets the listener's.
             host: match parts.uri.authority() {
                 Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-                None if !parts.headers.contains_key(header::HOST) => Some(self.authority.clone()),
+                // `request_host` found neither (only HTTP/1.0 may do without).
+                None if record.host.is_empty() => Some(self.authority.clone()),
                 None => None,
             },
             join_cookies: parts.version == Version::HTTP_2,

@@ -1660,6 +1660,50 @@ async fn tls(certs: &Certs, addr: SocketAddr, name: &str, alpn: &[&[u8]]) -> (Tl
 }
 
 #[tokio::test]
+async fn heads_over_the_limit_get_431_over_tls_too_even_far_over_it() {
+    let web = backend("web").await;
+    let dir = TempDir::new();
+    let certs = Certs::new(&dir, &[("site", &["site.example"])]);
+    let lb = lb_in(
+        dir,
+        &format!(
+            "  - {{ name: plain, protocol: http, vip: 127.0.0.1, port: 8080, pool: web, access_log: '{{log}}' }}
+  - {{ name: site, protocol: https, vip: 127.0.0.1, port: 8443, pool: web, access_log: '{{log}}', tls: {{ certificates: [{}] }} }}
+",
+            certs.pair("site")
+        ),
+        &pool("web", &[web]),
+    )
+    .await;
+    // Just over the limit (TLS records could take the buffer past it with the whole head in
+    // it), and far over it (the client is still sending when the answer comes, more than the
+    // sockets' buffers hold: closed at once, the connection would be reset under it).
+    for size in [65_600, 70_000, 8_000_000] {
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: site.example\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(size)
+        );
+        for _ in 0..3 {
+            let (mut s, _) = tls(&certs, lb.addr("site"), "site.example", &[b"http/1.1"]).await;
+            let (mut rx, mut tx) = tokio::io::split(&mut s);
+            let (sent, answer) = tokio::join!(tx.write_all(head.as_bytes()), async {
+                let mut out = Vec::new();
+                let _ = tokio::time::timeout(LIMIT, rx.read_to_end(&mut out)).await;
+                String::from_utf8_lossy(&out).into_owned()
+            });
+            assert!(sent.is_ok(), "{size}: sending the head: {sent:?}");
+            assert!(
+                status_line(&answer).contains(" 431 "),
+                "{size} over TLS: {answer:?}"
+            );
+            let answer = raw(lb.addr("plain"), head.as_bytes()).await;
+            assert!(status_line(&answer).contains(" 431 "), "{size}: {answer:?}");
+        }
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn sni_picks_the_certificate_including_wildcards_and_h2_is_offered() {
     let web = backend("web").await;
     let dir = TempDir::new();

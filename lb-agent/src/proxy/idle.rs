@@ -62,9 +62,11 @@ impl Activity {
         self.in_flight.load(Ordering::Relaxed) > 0
     }
 
-    /// The proxy answered an unparsable head with `status` (see `own_answers`).
+    /// The proxy answered an unparsable head with `status` (see `own_answers`). The client
+    /// may still be sending it (a head over the limit): the connection closes lingering.
     pub fn answered_with(&self, status: hyper::StatusCode) {
         self.own_answer.store(status.as_u16(), Ordering::Relaxed);
+        self.linger.store(true, Ordering::Relaxed);
     }
 
     /// The status [`Activity::answered_with`] recorded.

@@ -186,13 +186,16 @@ pub async fn servers<'a>(
             // request head has not come in within the idle timeout, slow heads included;
             // hyper's own header timer would arm and cancel a second timer per request.
             .header_read_timeout(None)
-            // Heads beyond the buffer are refused with 431 by hyper itself.
+            // Heads beyond the limit are refused with 431 by hyper itself: measured on the
+            // parsed head, since a read may take the buffer past its size with a whole head
+            // in it (TLS hands over records of up to 16 KiB).
             .max_buf_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES))
+            .max_header_size(l.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES))
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             // Twice the limit: lists between the two get the proxy's 431 (`Site::handle`);
-            // beyond, h2 refuses the stream.
+            // beyond, h2 answers a bare 431 and resets the stream.
             .max_header_list_size(
                 u32::try_from(
                     l.max_header_bytes

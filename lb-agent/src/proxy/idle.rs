@@ -30,7 +30,8 @@ pub struct Activity {
     spent: tokio::sync::Notify,
     /// The status sent instead of hyper's own answer to an unparsable head (0: none).
     own_answer: std::sync::atomic::AtomicU16,
-    /// A request's body was left unread (see `InFlight::linger`).
+    /// The connection closes lingering: a request's body or head was left unread (see
+    /// `InFlight::linger`, `Activity::answered_with`).
     linger: std::sync::atomic::AtomicBool,
 }
 

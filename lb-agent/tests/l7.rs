@@ -598,6 +598,32 @@ async fn an_upload_over_the_limit_gets_its_413_while_the_client_still_sends() {
 }
 
 #[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let web = backend("web").await;
+    let lb = site(&pool("web", &[web])).await;
+    // As `printf … | socat - TCP:…` does: the request, then the sending side shut.
+    for (head, want) in [
+        ("GET /p HTTP/1.1\r\nHost: x\r\n\r\n", " 200 "),
+        ("GET /q HTTP/1.0\r\n\r\n", " 200 "),
+        ("CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", " 405 "),
+    ] {
+        for _ in 0..10 {
+            let mut s = TcpStream::connect(lb.addr("site")).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(LIMIT, s.read_to_end(&mut out))
+                .await
+                .expect("the proxy closes after the answer")
+                .unwrap();
+            let answer = String::from_utf8_lossy(&out);
+            assert!(status_line(&answer).contains(want), "{head:?}: {answer:?}");
+        }
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn connect_is_refused_with_405_and_never_reaches_a_backend() {
     let web = backend("web").await;
     let lb = site(&pool("web", &[web])).await;
@@ -1699,6 +1725,29 @@ async fn heads_over_the_limit_get_431_over_tls_too_even_far_over_it() {
             let answer = raw(lb.addr("plain"), head.as_bytes()).await;
             assert!(status_line(&answer).contains(" 431 "), "{size}: {answer:?}");
         }
+    }
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_tls_client_that_sends_close_notify_after_its_request_still_gets_the_answer() {
+    let web = backend("web").await;
+    let dir = TempDir::new();
+    let certs = Certs::new(&dir, &[("site", &["site.example"])]);
+    let lb = https_site(dir, &certs.pair("site"), web).await;
+    // As `printf … | socat - OPENSSL:…` does.
+    for _ in 0..10 {
+        let (mut s, _) = tls(&certs, lb.addr("site"), "site.example", &[b"http/1.1"]).await;
+        s.write_all(b"GET /p HTTP/1.1\r\nHost: site.example\r\n\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut out))
+            .await
+            .expect("the proxy closes after the answer");
+        let answer = String::from_utf8_lossy(&out);
+        assert!(status_line(&answer).contains(" 200 "), "{answer:?}");
     }
     lb.shutdown(Duration::from_secs(1)).await;
 }

@@ -9,6 +9,7 @@ pub mod balance;
 mod client_tcp;
 pub mod errors;
 mod h1;
+mod half_close;
 pub mod headers;
 mod idle;
 mod linger;
@@ -54,6 +55,7 @@ use tracing::{debug, info, warn};
 use self::{
     client_tcp::ClientTcp,
     h1::ExchangeError,
+    half_close::HalfClose,
     log::{AccessLog, Attempt, Record, Sink},
     metrics::RequestStats,
     own_answers::OwnAnswers,
@@ -410,6 +412,7 @@ impl Conn {
             tokio::pin!(spent);
             drive(Box::pin(conn), peer, idle, drained, spent).await
         } else {
+            let io = HalfClose::new(io, activity.clone());
             let io = TokioIo::new(OwnAnswers::new(io, activity.clone()));
             let conn = self.http.h1.serve_connection(io, svc).with_upgrades();
             let never = std::future::pending();
@@ -483,7 +486,8 @@ trait Served: Future<Output = Result<(), hyper::Error>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl<S> Served for http1::UpgradeableConnection<TokioIo<OwnAnswers<Box<dyn ClientIo>>>, S>
+impl<S> Served
+    for http1::UpgradeableConnection<TokioIo<OwnAnswers<HalfClose<Box<dyn ClientIo>>>>, S>
 where
     S: hyper::service::HttpService<Incoming, ResBody = ResponseBody>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

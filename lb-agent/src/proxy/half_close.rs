@@ -1,9 +1,13 @@
-//! An HTTP/1 client's end of stream that comes while a request is in flight is held back for
-//! up to `GRACE`. Clients such as `printf … | socat - TCP:…` (or `OPENSSL:…`, which sends
-//! TLS's close_notify) shut their sending side once the request is out and wait for the
-//! answer, which hyper would otherwise never send: it ends a connection whose client closed
-//! mid-request, and the request is logged 499. A client that really left still ends as 499,
-//! `GRACE` later; nothing tells the two apart but the wait.
+//! An HTTP/1 client's end of stream that comes while a request is in flight is held back:
+//! clients such as `printf … | socat - TCP:…` (or `OPENSSL:…`) shut their sending side once
+//! the request is out and wait for the answer, which hyper would otherwise never send (it
+//! ends a connection whose client closed mid-request, and the request is logged 499).
+//! - Until the answer starts, for up to `GRACE`: nothing tells a client that left from one
+//!   that half-closed but this wait, after which the request is given up as before (499).
+//! - Once the answer has started, until it is done: a client that left makes the writes fail.
+//!
+//! TLS without close_notify (a bare FIN) reads as an unexpected end of stream, and is held
+//! the same way.
 
 use std::{
     future::Future,
@@ -16,21 +20,25 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Sleep,
+    time::{Instant, Sleep},
 };
 
 use super::idle::Activity;
 
-/// How long the end of stream waits for the request in flight to be answered: local answers
-/// and quick backends, within socat's own wait (0.5 s); short, so that a request whose
-/// client left is given up soon.
+/// How long the end of stream waits for the answer to start: local answers and quick
+/// backends, within socat's own wait (0.5 s); short, so that a request whose client left is
+/// given up soon.
 const GRACE: Duration = Duration::from_millis(250);
+/// How often a held end of stream looks whether the answer is done (nothing wakes the read
+/// side when it is).
+const RECHECK: Duration = Duration::from_millis(20);
 
 pub struct HalfClose<T> {
     io: T,
     activity: Arc<Activity>,
-    /// The end of stream came with a request in flight: until when it is held.
-    held: Option<Pin<Box<Sleep>>>,
+    /// The end of stream came with a request in flight: when the grace ends, and the timer
+    /// of the next look.
+    held: Option<(Instant, Pin<Box<Sleep>>)>,
 }
 
 impl<T> HalfClose<T> {
@@ -50,26 +58,34 @@ impl<T: AsyncRead + Unpin> AsyncRead for HalfClose<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(grace) = &mut this.held {
-            // Let through once the answer is done (hyper reads on after writing it) or the
-            // grace is over.
-            if this.activity.in_flight() && grace.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+        if this.held.is_none() {
+            let before = buf.filled().len();
+            let end = match ready!(Pin::new(&mut this.io).poll_read(cx, buf)) {
+                Ok(()) => buf.filled().len() == before && buf.remaining() > 0,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => true,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            if !end || !this.activity.in_flight() {
+                return Poll::Ready(Ok(()));
             }
+            let now = Instant::now();
+            this.held = Some((
+                now + GRACE,
+                Box::pin(tokio::time::sleep_until(now + RECHECK)),
+            ));
+        }
+        let Some((grace_end, timer)) = &mut this.held else {
             return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        let eof = buf.filled().len() == before && buf.remaining() > 0;
-        if eof && this.activity.in_flight() {
-            let mut grace = Box::pin(tokio::time::sleep(GRACE));
-            // Polled once, to be woken when it is over.
-            if grace.as_mut().poll(cx).is_pending() {
-                this.held = Some(grace);
-                return Poll::Pending;
+        };
+        loop {
+            let answered = !this.activity.in_flight();
+            let given_up = !this.activity.answering() && Instant::now() >= *grace_end;
+            if answered || given_up {
+                return Poll::Ready(Ok(()));
             }
+            ready!(timer.as_mut().poll(cx));
+            timer.as_mut().reset(Instant::now() + RECHECK);
         }
-        Poll::Ready(Ok(()))
     }
 }
 

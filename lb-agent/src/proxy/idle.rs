@@ -33,6 +33,8 @@ pub struct Activity {
     /// The connection closes lingering: a request's body or head was left unread (see
     /// `InFlight::linger`, `Activity::answered_with`).
     linger: std::sync::atomic::AtomicBool,
+    /// The answer to the request in flight has started (HTTP/1: one at a time).
+    answering: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -45,12 +47,18 @@ impl Activity {
             spent: tokio::sync::Notify::new(),
             own_answer: std::sync::atomic::AtomicU16::new(0),
             linger: std::sync::atomic::AtomicBool::new(false),
+            answering: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Whether the connection is to close lingering (`super::linger::close`).
     pub fn lingers(&self) -> bool {
         self.linger.load(Ordering::Relaxed)
+    }
+
+    /// Whether the answer to the request in flight has started (`InFlight::answering`).
+    pub fn answering(&self) -> bool {
+        self.answering.load(Ordering::Relaxed)
     }
 
     /// How many requests have started.
@@ -95,6 +103,7 @@ impl Activity {
 
     fn end(&self, at: Instant) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.answering.store(false, Ordering::Relaxed);
         let ns = at.saturating_duration_since(self.accepted).as_nanos() as u64;
         self.last_ns.store(ns, Ordering::Relaxed);
     }
@@ -125,6 +134,13 @@ impl Activity {
 pub struct InFlight(Option<Arc<Activity>>);
 
 impl InFlight {
+    /// The request's answer is ready: its head goes out next.
+    pub fn answering(&self) {
+        if let Some(a) = &self.0 {
+            a.answering.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// The request's answer leaves its body unread: the connection is to close lingering.
     pub fn linger(&self) {
         if let Some(a) = &self.0 {

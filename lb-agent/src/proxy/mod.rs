@@ -381,6 +381,7 @@ impl Conn {
                     if res.extensions().get::<UnreadBody>().is_some() {
                         in_flight.linger();
                     }
+                    in_flight.answering();
                     res.body_mut().request = Some(in_flight);
                     Ok(res)
                 }

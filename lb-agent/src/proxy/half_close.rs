@@ -11,15 +11,14 @@
 
 use std::{
     future::Future,
-    io::{self, IoSlice},
+    io,
     pin::Pin,
-    sync::Arc,
     task::{ready, Context, Poll},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, ReadBuf},
     time::{Instant, Sleep},
 };
 
@@ -33,88 +32,51 @@ const GRACE: Duration = Duration::from_millis(250);
 /// side when it is).
 const RECHECK: Duration = Duration::from_millis(20);
 
-pub struct HalfClose<T> {
-    io: T,
-    activity: Arc<Activity>,
+/// A connection's end of stream, as far as it is held.
+#[derive(Default)]
+pub struct HalfClose {
     /// The end of stream came with a request in flight: when the grace ends, and the timer
     /// of the next look.
     held: Option<(Instant, Pin<Box<Sleep>>)>,
 }
 
-impl<T> HalfClose<T> {
-    pub fn new(io: T, activity: Arc<Activity>) -> Self {
-        Self {
-            io,
-            activity,
-            held: None,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for HalfClose<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl HalfClose {
+    /// Reads from `io` into `buf` as `AsyncRead` does, but for an end of stream that comes
+    /// while `activity` has a request in flight, held as described above.
+    pub fn poll_read<T: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut T,
+        activity: &Activity,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.held.is_none() {
+        if self.held.is_none() {
             let before = buf.filled().len();
-            let end = match ready!(Pin::new(&mut this.io).poll_read(cx, buf)) {
+            let end = match ready!(Pin::new(io).poll_read(cx, buf)) {
                 Ok(()) => buf.filled().len() == before && buf.remaining() > 0,
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => true,
                 Err(e) => return Poll::Ready(Err(e)),
             };
-            if !end || !this.activity.in_flight() {
+            if !end || !activity.in_flight() {
                 return Poll::Ready(Ok(()));
             }
             let now = Instant::now();
-            this.held = Some((
+            self.held = Some((
                 now + GRACE,
                 Box::pin(tokio::time::sleep_until(now + RECHECK)),
             ));
         }
-        let Some((grace_end, timer)) = &mut this.held else {
+        let Some((grace_end, timer)) = &mut self.held else {
             return Poll::Ready(Ok(()));
         };
         loop {
-            let answered = !this.activity.in_flight();
-            let given_up = !this.activity.answering() && Instant::now() >= *grace_end;
+            let answered = !activity.in_flight();
+            let given_up = !activity.answering() && Instant::now() >= *grace_end;
             if answered || given_up {
                 return Poll::Ready(Ok(()));
             }
             ready!(timer.as_mut().poll(cx));
             timer.as_mut().reset(Instant::now() + RECHECK);
         }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for HalfClose<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

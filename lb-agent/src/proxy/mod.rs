@@ -55,7 +55,6 @@ use tracing::{debug, info, warn};
 use self::{
     client_tcp::ClientTcp,
     h1::ExchangeError,
-    half_close::HalfClose,
     log::{AccessLog, Attempt, Record, Sink},
     metrics::RequestStats,
     own_answers::OwnAnswers,
@@ -413,7 +412,6 @@ impl Conn {
             tokio::pin!(spent);
             drive(Box::pin(conn), peer, idle, drained, spent).await
         } else {
-            let io = HalfClose::new(io, activity.clone());
             let io = TokioIo::new(OwnAnswers::new(io, activity.clone()));
             let conn = self.http.h1.serve_connection(io, svc).with_upgrades();
             let never = std::future::pending();
@@ -487,8 +485,7 @@ trait Served: Future<Output = Result<(), hyper::Error>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl<S> Served
-    for http1::UpgradeableConnection<TokioIo<OwnAnswers<HalfClose<Box<dyn ClientIo>>>>, S>
+impl<S> Served for http1::UpgradeableConnection<TokioIo<OwnAnswers<Box<dyn ClientIo>>>, S>
 where
     S: hyper::service::HttpService<Incoming, ResBody = ResponseBody>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

@@ -8,6 +8,8 @@
 //! request in flight on the connection (`idle::Activity`), and shaped as hyper writes them
 //! (a 4xx status line, `content-length: 0`). The head they answer is the bytes read while no
 //! request was in flight, kept (up to `KEEP` bytes) to look for the transfer coding.
+//!
+//! Being the HTTP/1 client connection's wrapper, it also reads through `half_close`.
 
 use std::{
     io::{self, IoSlice},
@@ -19,7 +21,7 @@ use std::{
 use hyper::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{errors, idle::Activity};
+use super::{errors, half_close::HalfClose, idle::Activity};
 
 /// How much of a request head is kept to look for its Transfer-Encoding.
 const KEEP: usize = 8 << 10;
@@ -36,6 +38,8 @@ pub struct OwnAnswers<T> {
     page: Option<(Vec<u8>, usize, usize)>,
     /// The connection was upgraded (101): what follows is not HTTP.
     tunnel: bool,
+    /// The client's end of stream, held while a request is in flight.
+    half_close: HalfClose,
 }
 
 impl<T> OwnAnswers<T> {
@@ -47,6 +51,7 @@ impl<T> OwnAnswers<T> {
             started: 0,
             page: None,
             tunnel: false,
+            half_close: HalfClose::default(),
         }
     }
 
@@ -108,7 +113,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for OwnAnswers<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        ready!(this
+            .half_close
+            .poll_read(&mut this.io, &this.activity, cx, buf))?;
         if this.tunnel {
             return Poll::Ready(Ok(()));
         }

@@ -1,6 +1,7 @@
 //! lb-agent: loads the XDP FullNAT program, turns a YAML topology into its map contents and
 //! keeps them there.
 pub mod admin;
+pub mod alloc;
 pub mod batch;
 pub mod cli;
 pub mod clock;

@@ -30,19 +30,8 @@ use nix::{
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
-// glibc's malloc cost the proxy about a tenth of its CPU per request (arena locks and
-// consolidation on the many short-lived buffers of a request); mimalloc's per-thread heaps fit
-// the per-core workers.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Returns what the calling thread freed to the OS now. mimalloc keeps freed pages for reuse
-/// and purges them on the thread's later allocations: what a sweep held (the idle entries it
-/// judges, all of a table's when a flood expires at once) would stay resident between sweeps.
-fn release_freed_memory() {
-    // SAFETY: no preconditions; it only walks the calling thread's heap.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
+static ALLOC: lb_agent::alloc::MiMalloc = lb_agent::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(version, about = "XDP L4 FullNAT load balancer agent")]
@@ -418,7 +407,7 @@ impl Agent {
                     let (dp, plan) = (&mut self.dp, &self.plan);
                     let swept = tokio::task::block_in_place(|| {
                         let r = dp.gc(plan, gc::monotonic_ns());
-                        release_freed_memory();
+                        lb_agent::alloc::release_freed_memory();
                         r
                     });
                     match swept {

@@ -4,7 +4,7 @@
 //! the machine, to BENCHMARKS.md.
 
 mod l4;
-mod l7;
+pub mod l7;
 mod scale;
 
 use std::{

@@ -2,6 +2,7 @@
 //! (install the eBPF toolchain pieces, run as root in network namespaces).
 
 mod bench;
+mod pgo;
 mod setup;
 
 use std::{collections::BTreeMap, path::PathBuf, process::Command};
@@ -22,7 +23,8 @@ enum Cmd {
     Setup,
     /// Build the XDP object alone (target/bpfel-unknown-none/release/lb-ebpf).
     BuildEbpf,
-    /// Build the XDP object and the release agent (target/release/lb-agent).
+    /// Build the XDP object and the release agent (target/release/lb-agent), optimised with
+    /// a profile of its L7 proxy at work (as root; see xtask/src/pgo.rs).
     Build,
     /// Build, create the demo topology in namespaces, send real connections through the LB,
     /// print which backend answered each and the agent's counters, tear everything down.
@@ -49,7 +51,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(true),
         Cmd::BuildEbpf => build_ebpf(),
-        Cmd::Build => build(),
+        Cmd::Build => {
+            setup::run(false)?;
+            println!("{}", pgo::build()?.display());
+            Ok(())
+        }
         Cmd::Demo { connections } => demo(connections),
         Cmd::Test { args } => test(&args),
         Cmd::Bench { which } => bench(which),
@@ -108,17 +114,13 @@ fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
-fn build() -> Result<()> {
+fn demo(connections: usize) -> Result<()> {
+    // Without the profile (see `pgo`): the demo shows the datapath, not the proxy's speed,
+    // and a first run on a fresh machine is minutes shorter.
     setup::run(false)?;
     let mut c = cargo();
     c.args(["build", "--release", "-p", "lb-agent"]);
     status(c)?;
-    println!("{}", root().join("target/release/lb-agent").display());
-    Ok(())
-}
-
-fn demo(connections: usize) -> Result<()> {
-    build()?;
     setup::require_root()?;
     let config =
         std::fs::read_to_string(root().join("examples/demo.yaml")).context("examples/demo.yaml")?;
@@ -170,7 +172,8 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 fn bench(which: Option<bench::Part>) -> Result<()> {
-    build()?;
+    setup::run(false)?;
     setup::require_root()?;
-    bench::run(which, &root().join("target/release/lb-agent"))
+    let agent = pgo::build()?;
+    bench::run(which, &agent)
 }

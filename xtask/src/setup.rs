@@ -5,7 +5,8 @@
 //! - the tools the tests drive (iproute2, ethtool; nginx, socat and curl for the fault
 //!   and abuse suite) and the benchmarks' peers and load generators (wrk, iperf3, haproxy,
 //!   nftables; openssl makes the L7 bench's certificate and the L7 tests' RSA and
-//!   traditionally encoded keys).
+//!   traditionally encoded keys; h2load drives HTTP/2 when the release agent is trained for
+//!   its profile).
 
 use std::{path::Path, process::Command};
 
@@ -25,6 +26,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("nftables", "/usr/sbin/nft"),
     ("openssl", "/usr/bin/openssl"),
+    ("nghttp2-client", "/usr/bin/h2load"),
 ];
 
 /// PATH with LLVM 22 and cargo's bin directory first.

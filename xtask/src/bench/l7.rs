@@ -3,7 +3,7 @@
 //! access-log fields as JSON lines, forwarded headers), in the same run, in a private network
 //! namespace (loopback only): HTTP and HTTPS, keep-alive and a new connection per request.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use lb_tests::{netns::Children, nginx::ok_server, Agent, Netns};
@@ -13,16 +13,15 @@ use super::{wait_listening, wrk, Row, Wrk};
 const BACKENDS: [u16; 2] = [18081, 18082];
 const NGINX_HTTP: u16 = 18080;
 const NGINX_HTTPS: u16 = 18443;
-const AGENT_HTTP: u16 = 18090;
-const AGENT_HTTPS: u16 = 18493;
+pub const AGENT_HTTP: u16 = 18090;
+pub const AGENT_HTTPS: u16 = 18493;
 const SECS: u32 = 6;
 /// Runs of each side per mode, an even number so each side goes first as often; the best one
 /// is kept.
 const ROUNDS: usize = 4;
 
-pub fn run(dir: &Path) -> Result<Vec<Row>> {
-    let ns = Netns::new("bench-l7");
-    let d = dir.display();
+/// An ECDSA P-256 certificate for `localhost` and its key, made with openssl in `dir`.
+pub fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let cert = dir.join("l7.pem");
     let key = dir.join("l7.key");
     let made = std::process::Command::new("openssl")
@@ -42,8 +41,45 @@ pub fn run(dir: &Path) -> Result<Vec<Row>> {
     if !made.status.success() {
         bail!("openssl: {}", String::from_utf8_lossy(&made.stderr));
     }
-    let (cert, key) = (cert.display(), key.display());
+    Ok((cert, key))
+}
 
+/// The agent (`LB_AGENT_BIN`) in `ns` with its HTTP and HTTPS listeners (ports `AGENT_HTTP`,
+/// `AGENT_HTTPS`; the certificate at `cert`) in front of the two nginx backends, all
+/// listening when this returns.
+pub fn agent_site(ns: &Netns, dir: &Path, cert: &Path, key: &Path) -> Result<(Children, Agent)> {
+    let d = dir.display();
+    let (cert, key) = (cert.display(), key.display());
+    let pool: String = BACKENDS
+        .iter()
+        .map(|p| format!("      - {{ address: 127.0.0.1, port: {p} }}\n"))
+        .collect();
+    let config = format!(
+        "agent:\n  interfaces: [lo]\n  xdp_mode: generic\nlisteners:
+  - {{ name: web, protocol: http, vip: 127.0.0.1, port: {AGENT_HTTP}, pool: web, access_log: {d}/agent-access.log }}
+  - {{ name: tls, protocol: https, vip: 127.0.0.1, port: {AGENT_HTTPS}, pool: web, access_log: {d}/agent-access.log,
+      tls: {{ certificates: [{{ cert: {cert}, key: {key} }}] }} }}
+pools:\n  - name: web\n    backends:\n{pool}"
+    );
+    let mut servers = Children(Vec::new());
+    for p in BACKENDS {
+        let name = format!("l7-be{p}");
+        servers
+            .0
+            .push(ok_server(ns, dir, &name, &format!("127.0.0.1:{p}"), 1));
+    }
+    let agent = Agent::start(ns, &config);
+    for p in BACKENDS.into_iter().chain([AGENT_HTTP, AGENT_HTTPS]) {
+        wait_listening(ns, p)?;
+    }
+    Ok((servers, agent))
+}
+
+pub fn run(dir: &Path) -> Result<Vec<Row>> {
+    let ns = Netns::new("bench-l7");
+    let d = dir.display();
+    let (cert_path, key_path) = self_signed(dir)?;
+    let (cert, key) = (cert_path.display(), key_path.display());
     let upstream: String = BACKENDS
         .iter()
         .map(|p| format!("server 127.0.0.1:{p};"))
@@ -86,34 +122,12 @@ http {{
 "
         ),
     )?;
-    let pool: String = BACKENDS
-        .iter()
-        .map(|p| format!("      - {{ address: 127.0.0.1, port: {p} }}\n"))
-        .collect();
-    let config = format!(
-        "agent:\n  interfaces: [lo]\n  xdp_mode: generic\nlisteners:
-  - {{ name: web, protocol: http, vip: 127.0.0.1, port: {AGENT_HTTP}, pool: web, access_log: {d}/agent-access.log }}
-  - {{ name: tls, protocol: https, vip: 127.0.0.1, port: {AGENT_HTTPS}, pool: web, access_log: {d}/agent-access.log,
-      tls: {{ certificates: [{{ cert: {cert}, key: {key} }}] }} }}
-pools:\n  - name: web\n    backends:\n{pool}"
-    );
-
-    let mut servers = Children(Vec::new());
-    for p in BACKENDS {
-        let name = format!("l7-be{p}");
-        servers
-            .0
-            .push(ok_server(&ns, dir, &name, &format!("127.0.0.1:{p}"), 1));
-    }
+    let (mut servers, _agent) = agent_site(&ns, dir, &cert_path, &key_path)?;
     let proxy = dir.join("l7-proxy.conf").display().to_string();
     servers
         .0
         .push(ns.spawn(&["nginx", "-c", &proxy, "-p", &d.to_string()]));
-    let _agent = Agent::start(&ns, &config);
-    for p in BACKENDS
-        .into_iter()
-        .chain([NGINX_HTTP, NGINX_HTTPS, AGENT_HTTP, AGENT_HTTPS])
-    {
+    for p in [NGINX_HTTP, NGINX_HTTPS] {
         wait_listening(&ns, p)?;
     }
 

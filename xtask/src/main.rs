@@ -115,12 +115,10 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn demo(connections: usize) -> Result<()> {
-    // Without the profile (see `pgo`): the demo shows the datapath, not the proxy's speed,
-    // and a first run on a fresh machine is minutes shorter.
+    // No training (see `pgo`): the demo shows the datapath, not the proxy's speed, and a
+    // first run on a fresh machine is minutes shorter.
     setup::run(false)?;
-    let mut c = cargo();
-    c.args(["build", "--release", "-p", "lb-agent"]);
-    status(c)?;
+    pgo::build_as_before()?;
     setup::require_root()?;
     let config =
         std::fs::read_to_string(root().join("examples/demo.yaml")).context("examples/demo.yaml")?;

@@ -26,18 +26,34 @@ use crate::{
 /// Builds target/release/lb-agent, with a profile when it can.
 pub fn build() -> Result<PathBuf> {
     let dir = root().join("target/pgo");
-    let profile = dir.join("lb-agent.profdata");
+    let profile = dir.join(PROFILE);
     match profile_of(&dir, &profile) {
-        Ok(()) => release(Some(&profile)).or_else(|e| {
-            eprintln!("pgo: the build with the profile failed ({e:#}); building without");
-            release(None)
-        }),
+        Ok(()) => with_fallback(Some(&profile)),
         Err(e) => {
             eprintln!("pgo: no profile ({e:#}); building without");
             release(None)
         }
     }?;
     Ok(root().join("target/release/lb-agent"))
+}
+
+/// Builds target/release/lb-agent with the profile an earlier `build` left, if any, without
+/// training: the same flags as that build, so nothing is rebuilt for nothing.
+pub fn build_as_before() -> Result<()> {
+    let profile = root().join("target/pgo").join(PROFILE);
+    with_fallback(profile.exists().then_some(profile.as_path()))
+}
+
+const PROFILE: &str = "lb-agent.profdata";
+
+fn with_fallback(profile: Option<&Path>) -> Result<()> {
+    release(profile).or_else(|e| match profile {
+        Some(_) => {
+            eprintln!("pgo: the build with the profile failed ({e:#}); building without");
+            release(None)
+        }
+        None => Err(e),
+    })
 }
 
 /// The release build, optimised with `profile` if given.

@@ -51,7 +51,7 @@ pub fn render(view: &View) -> String {
         .map(|(l, b)| (l.clone(), &b.traffic))
         .collect();
     traffic(&mut w, "backend", &backend_traffic);
-    let gauges: [BackendGauge; 4] = [
+    let gauges: [BackendGauge; 5] = [
         (
             "lb_backend_up",
             "1 when the backend passes its health checks (or has none), else 0.",
@@ -71,6 +71,12 @@ pub fn render(view: &View) -> String {
             "lb_backend_drained",
             "1 when the backend was drained through the admin API.",
             |b| Some(f64::from(u8::from(b.drained))),
+        ),
+        (
+            "lb_backend_l7_backoff_seconds",
+            "Seconds the L7 proxy still sends the backend no new requests after a failed \
+             connect (0: none).",
+            |b| Some(b.l7_backoff_s.unwrap_or(0.0)),
         ),
     ];
     for (name, help, value) in gauges {

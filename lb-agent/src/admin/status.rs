@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
 };
 
 use lb_common::{
@@ -114,6 +114,10 @@ pub struct Backend {
     /// Takes new flows and requests now: up, weight above 0, and a primary (or a backup while
     /// no primary is).
     pub serving: bool,
+    /// For this many more seconds the L7 proxy sends it no new requests: a connect to it
+    /// failed (refused or timed out), as nginx's `max_fails=1 fail_timeout=10s` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7_backoff_s: Option<f64>,
     /// The datapath's counters for this pool's backend (tcp/udp listeners only).
     pub traffic: Traffic,
 }
@@ -311,6 +315,7 @@ fn pool(i: &Inputs, name: &str) -> Pool {
         .map(|(m, w)| m.is_up() && *w > 0)
         .collect();
     let serving = health::serving(&backup, &available);
+    let now_ms = crate::proxy::upstream::coarse_ms();
     // Backend ids: the datapath counts by them.
     let ids: HashMap<SocketAddr, usize> = i
         .plan
@@ -345,6 +350,10 @@ fn pool(i: &Inputs, name: &str) -> Pool {
                 drained: i.overrides.get(name, m.addr).drained,
                 backup: m.backup,
                 serving,
+                l7_backoff_s: match m.l7_down_until_ms().load(Ordering::Relaxed) {
+                    until if until > now_ms => Some((until - now_ms) as f64 / 1e3),
+                    _ => None,
+                },
                 traffic: Traffic::of(&stats.unwrap_or_default(), active.unwrap_or(0)),
             }
         })

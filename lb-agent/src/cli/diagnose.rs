@@ -528,7 +528,18 @@ fn backend_state(subject: &str, b: &crate::admin::status::Backend) -> Option<Fin
             subject,
             "standby backup (its primaries are up)",
         ),
-        _ => return None,
+        _ => match b.l7_backoff_s {
+            Some(s) => problem(
+                Level::Warn,
+                subject,
+                format!(
+                    "a connect from the L7 proxy failed (refused or timed out): no new requests \
+                     for {s:.0} s more"
+                ),
+                "check the service on the backend; the proxy tries it again after the 10 s",
+            ),
+            None => return None,
+        },
     })
 }
 

@@ -54,7 +54,7 @@ pub fn status_table(s: &Status) -> String {
                     weight_label(b),
                     b.traffic.active_flows,
                     serving_label(b),
-                    b.reason.as_deref().unwrap_or("-")
+                    reason_label(b)
                 );
             }
         }
@@ -79,6 +79,19 @@ fn weight_label(b: &Backend) -> String {
         b.weight.to_string()
     } else {
         format!("{} ({})", b.weight, b.configured_weight)
+    }
+}
+
+/// The last failing probe's reason, and the L7 proxy's back-off after a failed connect.
+fn reason_label(b: &Backend) -> String {
+    let backoff = b
+        .l7_backoff_s
+        .map(|s| format!("L7 connect failed, no requests for {s:.0} s"));
+    match (b.reason.as_deref(), backoff) {
+        (Some(r), Some(o)) => format!("{r}; {o}"),
+        (Some(r), None) => r.into(),
+        (None, Some(o)) => o,
+        (None, None) => "-".into(),
     }
 }
 

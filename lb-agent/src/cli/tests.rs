@@ -106,3 +106,36 @@ fn the_stats_table_has_drops_by_reason_and_traffic_per_listener_and_backend() {
     assert!(table.contains("conntrack: 12 of 1392640 entries\n  ipv4: 8 of 1048576\n"));
     assert!(table.contains("snat 10.0.0.9: 6 ports in use, 4 of 100 towards the busiest backend\n"));
 }
+
+/// The L7 proxy's back-off after a failed connect (kept in the health member) shows in the
+/// status, the metrics and the status table.
+#[test]
+fn an_l7_back_off_shows_in_the_status_the_metrics_and_the_table() {
+    let f = Fixture::new();
+    let api = &f.health.pool("api")[0];
+    let now = crate::proxy::upstream::coarse_ms();
+    api.l7_down_until_ms()
+        .store(now + 7_000, std::sync::atomic::Ordering::Relaxed);
+    let view = f.view(&Overrides::default());
+    let b = view
+        .status
+        .backend("api", "10.0.0.3:81".parse().unwrap())
+        .unwrap();
+    let left = b.l7_backoff_s.unwrap();
+    assert!((6.0..=7.0).contains(&left), "{left}");
+    let others = view.status.backend("web", "10.0.0.1:80".parse().unwrap());
+    assert_eq!(others.unwrap().l7_backoff_s, None);
+    let metrics = crate::admin::metrics::render(&view);
+    assert!(
+        metrics.contains("lb_backend_l7_backoff_seconds{pool=\"api\",backend=\"10.0.0.3:81\"} 6.")
+            && metrics.contains(
+                "lb_backend_l7_backoff_seconds{pool=\"web\",backend=\"10.0.0.1:80\"} 0\n"
+            ),
+        "{metrics}"
+    );
+    let table = status_table(&view.status);
+    assert!(
+        table.contains("L7 connect failed, no requests for 7 s"),
+        "{table}"
+    );
+}

@@ -17,7 +17,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
     task::Poll,
@@ -64,6 +64,10 @@ pub struct Member {
     /// drained it (`crate::overrides`).
     weight_now: AtomicU32,
     status: Mutex<Status>,
+    /// Until when (`crate::proxy::upstream::coarse_ms`) the L7 proxy sends it no new requests
+    /// because a connect to it failed (nginx's `fail_timeout`); 0: never. Here, not in the
+    /// proxy's pools, so every listener using the pool and the status see the same.
+    l7_down_until_ms: AtomicU64,
 }
 
 impl Member {
@@ -78,6 +82,11 @@ impl Member {
 
     pub fn set_weight_now(&self, weight: u32) {
         self.weight_now.store(weight, Ordering::Relaxed);
+    }
+
+    /// See `l7_down_until_ms`.
+    pub fn l7_down_until_ms(&self) -> &AtomicU64 {
+        &self.l7_down_until_ms
     }
 
     pub fn status(&self) -> Status {
@@ -282,6 +291,7 @@ impl Health {
                                 checked,
                                 up: AtomicBool::new(known.map_or(!checked, |m| m.is_up())),
                                 weight_now: AtomicU32::new(b.weight),
+                                l7_down_until_ms: AtomicU64::new(0),
                                 status: Mutex::new(known.map_or(
                                     Status {
                                         state: if checked {

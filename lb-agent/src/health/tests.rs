@@ -76,6 +76,7 @@ fn member(checked: bool) -> Member {
             reason: None,
             latency: None,
         }),
+        l7_down_until_ms: AtomicU64::new(0),
     }
 }
 

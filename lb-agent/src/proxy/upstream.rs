@@ -40,7 +40,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// CLOCK_MONOTONIC in milliseconds at the kernel tick's resolution (a few ms): a read of the
 /// last tick, not of the clock source, for the fail timeout and the idle connections' ages
 /// (tens of seconds), which every request looks at. At least 1, so 0 can mean "never".
-fn coarse_ms() -> u64 {
+pub fn coarse_ms() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).map_or(1, |t| {
         t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1
     })
@@ -78,7 +78,8 @@ pub struct Backend {
     /// Requests in flight (for wlc).
     active: AtomicUsize,
     /// When the fail timeout of a connect failure ends (`coarse_ms`); 0: none. An atomic:
-    /// every request's pick reads it.
+    /// every request's pick reads it. The health member's when there is one (see
+    /// `Backend::down_until_ms`).
     down_until_ms: AtomicU64,
     /// Kept-alive connections in the shard of the worker thread whose runtime drives each
     /// (`super::thread_slot`), with when each went idle (`coarse_ms`) and that thread: a
@@ -120,15 +121,23 @@ impl Backend {
     pub fn available(&self) -> bool {
         self.weight() > 0
             && self.health.as_ref().is_none_or(|h| h.is_up())
-            && match self.down_until_ms.load(Ordering::Relaxed) {
+            && match self.down_until_ms().load(Ordering::Relaxed) {
                 0 => true,
                 until => coarse_ms() >= until,
             }
     }
 
+    /// Where the end of the fail timeout is kept: in the health member, shared by every
+    /// listener of the pool and shown by the status, or (pools built without health) here.
+    fn down_until_ms(&self) -> &AtomicU64 {
+        self.health
+            .as_ref()
+            .map_or(&self.down_until_ms, |h| h.l7_down_until_ms())
+    }
+
     fn mark_failed(&self) {
         let until = coarse_ms() + FAIL_TIMEOUT.as_millis() as u64;
-        self.down_until_ms.store(until, Ordering::Relaxed);
+        self.down_until_ms().store(until, Ordering::Relaxed);
     }
 
     /// Counts a request in flight until the guard drops.
@@ -401,6 +410,36 @@ mod tests {
             count[p.pick(IpAddr::from([10, 0, 0, 1]), &[]).unwrap()] += 1;
         }
         count
+    }
+
+    /// A refused connect keeps new requests away from the backend for the fail timeout in
+    /// every pool holding it (each listener builds its own) and shows in its health member,
+    /// which the status reads.
+    #[tokio::test]
+    async fn a_refused_connect_backs_the_backend_off_for_every_listener_and_the_status() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let text = format!(
+            "agent: {{ interfaces: [lo] }}\nlisteners:\n  - {{ name: site, protocol: http, vip: 127.0.0.1, port: 8080, pool: web }}\npools:\n  - name: web\n    backends:\n      - {{ address: 127.0.0.1, port: {closed} }}\n"
+        );
+        let cfg = config::parse("lb.yaml", &text, &config::Host::default()).expect("valid config");
+        let health = health::Health::new(&cfg);
+        let members = health.pool("web");
+        let [a, b] = [0, 1].map(|_| Pool::new(&cfg.pools[0], Scheduler::Wrr, members));
+        assert!(a.backends[0].available() && b.backends[0].available());
+        let failed = a.backends[0]
+            .connection(Duration::from_secs(1), None)
+            .await
+            .err();
+        assert!(
+            matches!(failed, Some(ConnectError::Io { .. })),
+            "{failed:?}"
+        );
+        assert!(!a.backends[0].available() && !b.backends[0].available());
+        let left = members[0].l7_down_until_ms().load(Ordering::Relaxed) - coarse_ms();
+        assert!((9_000..=10_000).contains(&left), "{left} ms left");
     }
 
     #[test]

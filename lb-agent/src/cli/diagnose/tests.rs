@@ -173,3 +173,26 @@ fn a_backend_that_gets_packets_and_answers_none_is_flagged() {
     assert_eq!(said("tcp", traffic(300, 1)), None, "it answers");
     assert_eq!(said("tcp", traffic(2, 0)), None, "too early to tell");
 }
+
+#[test]
+fn a_backend_the_l7_proxy_backs_off_from_is_a_warning() {
+    let f = crate::admin::tests::Fixture::new();
+    let mut b = f
+        .view(&crate::overrides::Overrides::default())
+        .status
+        .backend("api", "10.0.0.3:81".parse().unwrap())
+        .unwrap()
+        .clone();
+    assert!(
+        backend_state("backend api/10.0.0.3:81", &b).is_none(),
+        "serving, no back-off"
+    );
+    b.l7_backoff_s = Some(6.4);
+    let said = backend_state("backend api/10.0.0.3:81", &b)
+        .unwrap()
+        .to_string();
+    assert!(
+        said.starts_with("WARN  backend api/10.0.0.3:81: a connect from the L7 proxy failed (refused or timed out): no new requests for 6 s more"),
+        "{said}"
+    );
+}

@@ -96,6 +96,7 @@ pub fn run(which: Option<Part>, agent: &Path) -> Result<()> {
 /// `cargo bench --bench xdp` (tests/bench_xdp.rs), whose `row` lines become table rows.
 fn xdp() -> Result<Vec<Row>> {
     let mut c = crate::cargo();
+    crate::pgo::same_flags(&mut c);
     c.args(["bench", "-p", "lb-tests", "--bench", "xdp"])
         .stderr(Stdio::inherit());
     let out = c.output().context("cargo bench --bench xdp")?;
@@ -267,6 +268,8 @@ Tools: {wrk}; {iperf3}; {haproxy}; {nginx}; {nft}.
   alternating which goes first (nginx, agent, agent, nginx, ...), both access logs emptied
   after every run, and its best run (with that run's p99) is kept; every run is printed. This VM goes through slower phases
   lasting minutes in which every side loses 10-20%: single runs differ more than the sides.
+  The agent is the one `cargo xtask build` makes: profile-guided, trained on this same site
+  (see the README); nginx is Debian's package.
 - **scale**: one backend namespace answering on 1000 addresses (nginx, two workers), the agent
   configured with 10, 100 and 1000 of them: new connections per second as in l4, the agent's
   RSS and the kernel memory of its maps (`memlock` of the map descriptors, fully preallocated).

@@ -12,6 +12,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    process::Command,
     time::SystemTime,
 };
 
@@ -25,8 +26,8 @@ use crate::{
 
 /// Builds target/release/lb-agent, with a profile when it can.
 pub fn build() -> Result<PathBuf> {
+    let profile = profile_path();
     let dir = root().join("target/pgo");
-    let profile = dir.join(PROFILE);
     match profile_of(&dir, &profile) {
         Ok(()) => with_fallback(Some(&profile)),
         Err(e) => {
@@ -40,11 +41,27 @@ pub fn build() -> Result<PathBuf> {
 /// Builds target/release/lb-agent with the profile an earlier `build` left, if any, without
 /// training: the same flags as that build, so nothing is rebuilt for nothing.
 pub fn build_as_before() -> Result<()> {
-    let profile = root().join("target/pgo").join(PROFILE);
+    let profile = profile_path();
     with_fallback(profile.exists().then_some(profile.as_path()))
 }
 
-const PROFILE: &str = "lb-agent.profdata";
+/// Gives `c` (a cargo build in target/release, e.g. a benchmark's) the flags the agent's
+/// build with the profile had, if there is a profile: other flags would make cargo rebuild
+/// every dependency there, and the agent's next build rebuild them again.
+pub fn same_flags(c: &mut Command) {
+    let profile = profile_path();
+    if profile.exists() {
+        c.env("RUSTFLAGS", use_flags(&profile));
+    }
+}
+
+fn profile_path() -> PathBuf {
+    root().join("target/pgo/lb-agent.profdata")
+}
+
+fn use_flags(profile: &Path) -> String {
+    format!("-Cprofile-use={}", profile.display())
+}
 
 fn with_fallback(profile: Option<&Path>) -> Result<()> {
     release(profile).or_else(|e| match profile {
@@ -60,7 +77,7 @@ fn with_fallback(profile: Option<&Path>) -> Result<()> {
 fn release(profile: Option<&Path>) -> Result<()> {
     let mut c = cargo();
     if let Some(p) = profile {
-        c.env("RUSTFLAGS", format!("-Cprofile-use={}", p.display()));
+        c.env("RUSTFLAGS", use_flags(p));
     }
     c.args(["build", "--release", "-p", "lb-agent"]);
     status(c)
@@ -84,7 +101,7 @@ fn profile_of(dir: &Path, profile: &Path) -> Result<()> {
     // The build scripts ran instrumented too: only the agent's run counts.
     let _ = std::fs::remove_dir_all(&raw);
     train(&instrumented)?;
-    let mut merge = std::process::Command::new("llvm-profdata");
+    let mut merge = Command::new("llvm-profdata");
     merge
         .env("PATH", setup::path())
         .arg("merge")

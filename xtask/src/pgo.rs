@@ -6,9 +6,10 @@
 //! misses: the workers' code (tokio, hyper, rustls, the proxy) outgrows the L1 instruction
 //! cache, nginx's does not.
 //!
-//! Training needs root (namespaces), nginx and wrk (`cargo xtask setup`); without them, or if
-//! a step fails (an LLVM whose profile format rustc's does not read), the agent is built
-//! without a profile, saying why.
+//! Training needs root (namespaces), nginx, wrk and h2load (`cargo xtask setup`); without
+//! them the agent is built with the profile an earlier training left, if any, and if the build
+//! with a profile fails (an LLVM whose profile format rustc's does not read), without one;
+//! each time saying why.
 
 use std::{
     path::{Path, PathBuf},
@@ -31,8 +32,8 @@ pub fn build() -> Result<PathBuf> {
     match profile_of(&dir, &profile) {
         Ok(()) => with_fallback(Some(&profile)),
         Err(e) => {
-            eprintln!("pgo: no profile ({e:#}); building without");
-            release(None)
+            eprintln!("pgo: not trained ({e:#}); building with an earlier profile if any");
+            build_as_before()
         }
     }?;
     Ok(root().join("target/release/lb-agent"))

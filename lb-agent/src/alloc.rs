@@ -28,26 +28,34 @@ fn plain(align: usize, size: usize) -> bool {
     align <= MALLOC_ALIGN && align <= size
 }
 
+/// A block from `plain_call(size)` when `malloc`'s alignment serves `layout`, else from
+/// `aligned_call(size, align)`. Inlined with its arguments: no call through a pointer.
+#[inline(always)]
+unsafe fn new_block(
+    layout: Layout,
+    plain_call: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    if plain(align, size) {
+        plain_call(size).cast()
+    } else {
+        aligned_call(size, align).cast()
+    }
+}
+
 // SAFETY: every block comes from mimalloc and goes back to it (`mi_free` takes blocks from
 // the plain and the aligned calls alike); the aligned calls honour any alignment, the plain
 // ones only those `plain` admits, which `malloc`'s contract guarantees.
 unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if plain(layout.align(), layout.size()) {
-            mi::mi_malloc(layout.size()).cast()
-        } else {
-            mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
-        }
+        new_block(layout, mi::mi_malloc, mi::mi_malloc_aligned)
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if plain(layout.align(), layout.size()) {
-            mi::mi_zalloc(layout.size()).cast()
-        } else {
-            mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-        }
+        new_block(layout, mi::mi_zalloc, mi::mi_zalloc_aligned)
     }
 
     #[inline]

@@ -504,6 +504,9 @@ async fn requests_without_a_valid_host_get_400_but_http_1_0_needs_none() {
         "GET / HTTP/1.1\r\nHost: evil\"><x\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: a..example\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+        // The authority form is CONNECT's alone: not a host to route by (nginx: 400).
+        "GET foo HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET evil.example.com HTTP/1.1\r\nHost: a\r\n\r\n",
     ] {
         let answer = raw(a, head.as_bytes()).await;
         assert!(status_line(&answer).contains(" 400 "), "{head:?}: {answer}");
@@ -525,10 +528,10 @@ async fn requests_without_a_valid_host_get_400_but_http_1_0_needs_none() {
     .await;
     assert!(answer.contains("path: /first"), "{answer}");
     assert!(answer.contains("<h1>400 Bad Request</h1>"), "{answer}");
-    let lines = lb.log_lines(9).await;
+    let lines = lb.log_lines(11).await;
     assert_eq!(
         lines.iter().filter(|l| l["status"] == 400).count(),
-        7,
+        9,
         "{lines:?}"
     );
     // Not sent: `-`, as every field without a value.
@@ -663,6 +666,38 @@ async fn connect_is_refused_with_405_and_never_reaches_a_backend() {
     let lines = lb.log_lines(1).await;
     assert_eq!(lines[0]["status"], 405);
     assert_eq!(lines[0]["upstream_addr"], "-");
+    lb.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A backend's 204 that says a length (RFC 9110 §8.6 forbids it) reaches an HTTP/2 client
+/// without it: the client would refuse the stream (and HTTP/1's encoder drops it anyway).
+#[tokio::test]
+async fn a_204_with_a_content_length_reaches_http2_clients_without_it() {
+    let nc = raw_backend(|mut s| async move {
+        while read_request_head(&mut s).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let lb = site(&pool("web", &[nc])).await;
+    let (mut tx, _conn) = h2_prior_knowledge(lb.addr("site")).await;
+    for _ in 0..2 {
+        let res = tx
+            .send_request(get("h2.example", "http://h2.example/nc"))
+            .await
+            .expect("the stream is not refused");
+        let answer = read_answer(res).await;
+        assert_eq!(answer.status, 204);
+        assert_eq!(
+            answer.headers.get("content-length"),
+            None,
+            "{:?}",
+            answer.headers
+        );
+        assert_eq!(answer.body, "");
+    }
     lb.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -131,7 +131,13 @@ pub fn stats_table(s: &Status) -> String {
         match (&l.traffic, l.requests) {
             (Some(t), _) => row(&mut out, &l.name, t),
             (None, n) => {
-                let _ = writeln!(out, "  {:<36} {} requests (http)", l.name, n.unwrap_or(0));
+                let _ = writeln!(
+                    out,
+                    "  {:<36} {} requests ({})",
+                    l.name,
+                    n.unwrap_or(0),
+                    l.protocol
+                );
             }
         }
     }

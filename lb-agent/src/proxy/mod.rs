@@ -1096,6 +1096,11 @@ impl Site {
             }
         }
         headers::strip_hop_by_hop(res.headers_mut(), upgraded);
+        // A 204 has no content and must not say a length (RFC 9110 §8.6): HTTP/2 clients
+        // refuse the stream when it does (hyper's HTTP/1 drops it itself).
+        if status == StatusCode::NO_CONTENT {
+            res.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         if let Some(p) = &self.persistence {
             match p.kind {
                 // Not on 4xx answers (as the vendors do): those may come from anywhere.
@@ -1162,6 +1167,11 @@ fn request_host(req: &Request<Incoming>) -> Result<String, ()> {
         return Err(());
     }
     let host = match (req.uri().authority(), header) {
+        // An authority without a scheme is the authority form (`GET foo`), which only
+        // CONNECT may use (RFC 9112 §3.2.3); CONNECT itself is refused further on.
+        (Some(_), _) if req.uri().scheme().is_none() && req.method() != Method::CONNECT => {
+            return Err(())
+        }
         (Some(a), _) => a.as_str(),
         (None, Some(h)) => h.to_str().map_err(|_| ())?,
         (None, None) if req.version() == Version::HTTP_10 => return Ok(String::new()),

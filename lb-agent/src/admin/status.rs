@@ -23,6 +23,7 @@ use crate::{
     overrides::Overrides,
     plan::Plan,
     proxy::metrics::RequestStats,
+    proxy::upstream::down_for,
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -315,7 +316,6 @@ fn pool(i: &Inputs, name: &str) -> Pool {
         .map(|(m, w)| m.is_up() && *w > 0)
         .collect();
     let serving = health::serving(&backup, &available);
-    let now_ms = crate::proxy::upstream::coarse_ms();
     // Backend ids: the datapath counts by them.
     let ids: HashMap<SocketAddr, usize> = i
         .plan
@@ -350,10 +350,8 @@ fn pool(i: &Inputs, name: &str) -> Pool {
                 drained: i.overrides.get(name, m.addr).drained,
                 backup: m.backup,
                 serving,
-                l7_backoff_s: match m.l7_down_until_ms().load(Ordering::Relaxed) {
-                    until if until > now_ms => Some((until - now_ms) as f64 / 1e3),
-                    _ => None,
-                },
+                l7_backoff_s: down_for(m.l7_down_until_ms().load(Ordering::Relaxed))
+                    .map(|d| d.as_secs_f64()),
                 traffic: Traffic::of(&stats.unwrap_or_default(), active.unwrap_or(0)),
             }
         })

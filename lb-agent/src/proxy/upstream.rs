@@ -46,6 +46,15 @@ pub fn coarse_ms() -> u64 {
     })
 }
 
+/// What is left of a fail timeout that ends at `until_ms` (`coarse_ms`; 0: none), if any.
+pub fn down_for(until_ms: u64) -> Option<Duration> {
+    if until_ms == 0 {
+        return None;
+    }
+    let now = coarse_ms();
+    (until_ms > now).then(|| Duration::from_millis(until_ms - now))
+}
+
 /// Whether connection `c`, idle since `since_ms` (`coarse_ms`), can take a request at
 /// `now_ms`: not idle past the idle timeout, and nothing (the backend's close among it) came.
 fn reusable(c: &h1::Conn, since_ms: u64, now_ms: u64) -> bool {
@@ -121,10 +130,7 @@ impl Backend {
     pub fn available(&self) -> bool {
         self.weight() > 0
             && self.health.as_ref().is_none_or(|h| h.is_up())
-            && match self.down_until_ms().load(Ordering::Relaxed) {
-                0 => true,
-                until => coarse_ms() >= until,
-            }
+            && down_for(self.down_until_ms().load(Ordering::Relaxed)).is_none()
     }
 
     /// Where the end of the fail timeout is kept: in the health member, shared by every
